@@ -1,0 +1,80 @@
+"""Statistics of the inputs of one Linear layer, collected over calibration tokens.
+
+Collectors are separate from pruners so that one pass over the calibration data serves
+every pruner (and later every allocator) that needs the same numbers: Wanda's input
+feature norms and SparseGPT's Hessian are both built here, once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class InputStats:
+    """Running sums over the rows ``x`` (one per token) of a Linear layer's input ``X``.
+
+    Args:
+        in_features: width of the layer input (columns of the weight matrix).
+        hessian: also accumulate ``sum_t x_t x_t^T`` (needed by SparseGPT; ``in_features^2``
+            floats of memory).
+        device: where the sums live (default: the device of the first batch).
+
+    Attributes:
+        ntokens: number of token rows seen so far (int).
+        sq_norm: ``[in_features]`` float32, ``sum_t x_tj^2``; ``sq_norm.sqrt()`` is Wanda's
+            ``||X_j||_2`` (Sun et al. 2023, "A Simple and Effective Pruning Approach for LLMs", Eq. 1).
+        xtx: ``[in_features, in_features]`` float32, ``sum_t x_t x_t^T`` (unnormalised
+            Hessian ``X X^T`` of the layer-wise least-squares problem, Frantar & Alistarh 2023,
+            "SparseGPT", Sec. 3), or ``None`` when ``hessian=False``.
+    """
+
+    def __init__(self, in_features: int, hessian: bool = False, device: torch.device | None = None):
+        self.in_features = in_features
+        self.want_hessian = hessian
+        self.device = device
+        self.ntokens = 0
+        self.sq_norm: torch.Tensor | None = None
+        self.xtx: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate a batch of inputs.
+
+        Args:
+            x: ``[..., in_features]`` in any float dtype; every leading index is one token.
+
+        Raises:
+            ValueError: if the last dimension is not ``in_features``.
+        """
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected inputs with last dim {self.in_features}, got shape {tuple(x.shape)}")
+        x = x.detach().reshape(-1, self.in_features).float()
+        if self.device is not None:
+            x = x.to(self.device)
+        if self.sq_norm is None:
+            self.sq_norm = torch.zeros(self.in_features, dtype=torch.float32, device=x.device)
+            if self.want_hessian:
+                self.xtx = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=x.device)
+        self.sq_norm += x.square().sum(dim=0)
+        if self.xtx is not None:
+            self.xtx.addmm_(x.t(), x)
+        self.ntokens += x.shape[0]
+
+    def col_norm(self) -> torch.Tensor:
+        """``||X_j||_2`` for every input feature j: ``[in_features]`` float32.
+
+        Raises:
+            RuntimeError: if no input was added.
+        """
+        if self.sq_norm is None:
+            raise RuntimeError("no calibration input reached this layer")
+        return self.sq_norm.sqrt()
+
+    def hessian(self) -> torch.Tensor:
+        """``X X^T / ntokens``: ``[in_features, in_features]`` float32.
+
+        Raises:
+            RuntimeError: if collected without ``hessian=True`` or with no input.
+        """
+        if self.xtx is None:
+            raise RuntimeError("Hessian not collected for this layer (InputStats(hessian=True) needed)")
+        return self.xtx / max(self.ntokens, 1)
