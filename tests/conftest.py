@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny random-init models built from real architecture configs, and the real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+DATA_DIR = Path(os.environ.get("ATPRUNE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+WIKITEXT = DATA_DIR / "wikitext-2-raw-v1"
+
+
+def tiny_model(arch: str, layers: int = 3, seed: int = 0):
+    """A random-init causal LM of family ``arch`` (llama, qwen2, mistral) small enough for unit tests,
+    with grouped-query attention (k/v narrower than q)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch](**common)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture
+def llama():
+    return tiny_model("llama")
+
+
+def require_data(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"data not found: {path} (set ATPRUNE_DATA_DIR)")
+    return path

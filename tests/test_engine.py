@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from atprune.engine import first_block_inputs, sequential
+from atprune.models import Adapter
+from tests.conftest import tiny_model
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_sequential_at_sparsity_zero_reproduces_full_model(arch):
+    model = tiny_model(arch, layers=4)
+    adapter = Adapter.for_model(model)
+    windows = torch.randint(0, 128, (5, 32), generator=torch.Generator().manual_seed(1))
+    # reference: the last block's outputs in one ordinary forward pass
+    ref = []
+    h = adapter.blocks[-1].register_forward_hook(lambda m, a, out: ref.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        model(input_ids=windows, use_cache=False)
+    h.remove()
+    touched = []
+    outs = sequential(adapter, windows, lambda i, block, linears, stats: touched.append((i, sorted(linears))),
+                      needs_hessian=True, batch_size=2)
+    got = torch.cat(outs)
+    assert got.shape == ref[0].shape == (5, 32, 64)
+    assert (got - ref[0]).abs().max().item() < 1e-4
+    assert [i for i, _ in touched] == [0, 1, 2, 3]
+    assert touched[0][1] == sorted(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"])
+
+
+def test_stats_reach_every_linear_with_all_tokens(llama):
+    adapter = Adapter.for_model(llama)
+    windows = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(2))
+    seen = {}
+
+    def record(i, block, linears, stats):
+        seen[i] = {n: (s.ntokens, s.xtx is not None) for n, s in stats.items()}
+
+    sequential(adapter, windows, record, needs_hessian=False, batch_size=2)
+    assert set(seen) == {0, 1, 2}
+    for per_block in seen.values():
+        assert all(v == (48, False) for v in per_block.values())
+
+
+def test_block_zero_kwargs_are_captured(llama):
+    adapter = Adapter.for_model(llama)
+    inputs = first_block_inputs(adapter, torch.zeros(2, 8, dtype=torch.long), batch_size=1)
+    assert len(inputs.hidden) == 2 and inputs.hidden[0].shape == (1, 8, 64)
+    cos, sin = inputs.kwargs[0]["position_embeddings"]
+    assert cos.shape[-2:] == (8, 16)
+    assert inputs.kwargs[0]["use_cache"] is False
