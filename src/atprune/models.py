@@ -170,9 +170,12 @@ def load_model(source: ModelSource | str, dtype: torch.dtype = torch.float32, de
     where, kwargs = source.from_pretrained_args()
     tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
-    # a GGUF checkpoint is dequantised on load; the saved sparse model must not claim to be GGUF
-    if getattr(model.config, "quantization_config", None) and source.kind == "gguf":
-        del model.config.quantization_config
+    if source.kind == "gguf":
+        # transformers dequantises GGUF weights into plain Linear layers; the model is no longer "quantized"
+        # and must save as an ordinary safetensors checkpoint
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     model.config.use_cache = False
     model.eval().to(device)
     return model, tokenizer

@@ -47,7 +47,7 @@ def inverse_hessian_cholesky(h: torch.Tensor, percdamp: float, max_tries: int = 
                 return upper, damp
         if attempt + 1 < max_tries:
             log.warning("SparseGPT: Cholesky failed with damping %.3g of mean diag; retrying with %.3g", damp, damp * 10)
-            damp *= 10
+            damp = damp * 10 if damp > 0 else 1e-6
     raise torch.linalg.LinAlgError(f"SparseGPT: Hessian not positive definite even with damping {damp:.3g}")
 
 
@@ -73,14 +73,19 @@ class SparseGPTPruner:
             raise RuntimeError("sparsegpt needs the layer's Hessian (InputStats(hessian=True))")
         w = weight.detach().float().clone()
         rows, cols = w.shape
+        blocksize = self.blocksize
+        if pattern.structured:
+            pattern.check_width(cols)
+            # N:M groups are chosen inside a block: blocks must not split a group of M columns.
+            blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
         h = stats.hessian().to(w.device).clone()
         dead = torch.diag(h) == 0
         h[dead, dead] = 1.0
         w[:, dead] = 0.0
         hinv, self.last_damping = inverse_hessian_cholesky(h, self.percdamp)
         pruned = torch.zeros_like(w, dtype=torch.bool)
-        for i1 in range(0, cols, self.blocksize):
-            i2 = min(i1 + self.blocksize, cols)
+        for i1 in range(0, cols, blocksize):
+            i2 = min(i1 + blocksize, cols)
             w1 = w[:, i1:i2].clone()
             q1 = torch.zeros_like(w1)
             err1 = torch.zeros_like(w1)

@@ -1,0 +1,196 @@
+"""The Python API: ``prune()`` an in-memory transformers model, ``evaluate_perplexity()`` it.
+
+    >>> from atprune import load_model, prune, evaluate_perplexity
+    >>> model, tok = load_model("smollm2-135m")
+    >>> result = prune(model, tok, method="wanda", sparsity=0.7, allocation="atp", beta=0.01,
+    ...                calib="wikitext2", nsamples=32, seqlen=512, data_dir="../shared/data")
+    >>> result.overall_sparsity
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from atprune import data as data_mod
+from atprune.allocators import get_allocator
+from atprune.engine import BlockInputs, sequential
+from atprune.errors import ConfigError
+from atprune.evaluate import perplexity
+from atprune.models import Adapter
+from atprune.pruners import Pattern, check_sparsity, get_pruner
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """A validated pruning request: what to prune with, at which rates."""
+
+    method: str
+    sparsity: float
+    pattern: Pattern
+    allocation: str
+    beta: float | None
+    rates: tuple[float, ...]
+
+    def describe(self) -> dict:
+        return {"method": self.method, "sparsity": self.sparsity, "pattern": str(self.pattern),
+                "allocation": self.allocation, "beta": self.beta}
+
+
+def plan(method: str, sparsity: float | None, num_blocks: int, *, allocation: str = "uniform",
+         beta: float | None = None, pattern: str | Pattern = "unstructured") -> PruneSpec:
+    """Check every pruning option and compute the per-block sparsity ratios, without touching a model.
+
+    Args:
+        method: pruner name (``magnitude``, ``wanda``, ``sparsegpt``).
+        sparsity: target sparsity ratio S in [0, 1); for an N:M pattern it may be None (taken as 1 - N/M).
+        num_blocks: L, the model's number of decoder blocks.
+        allocation: allocator name (``uniform``, ``atp``).
+        beta: ATP step (required for ``atp``).
+        pattern: ``"unstructured"`` or ``"N:M"``.
+
+    Raises:
+        ConfigError: unknown method or allocation, sparsity outside [0, 1), illegal beta (the message gives the
+            legal range for this S and L), malformed N:M, an N:M pattern with a different sparsity or with a
+            non-uniform allocation.
+    """
+    get_pruner(method)
+    pattern = pattern if isinstance(pattern, Pattern) else Pattern.parse(pattern)
+    if pattern.structured:
+        implied = pattern.sparsity
+        if sparsity is not None and abs(sparsity - implied) > 1e-9:
+            raise ConfigError(f"pattern {pattern} fixes the sparsity ratio at {implied:g}; got --sparsity {sparsity:g}")
+        if allocation != "uniform":
+            raise ConfigError(f"pattern {pattern} prunes every layer at {implied:g}; use allocation 'uniform', not {allocation!r}")
+        sparsity = implied
+    if sparsity is None:
+        raise ConfigError("a sparsity ratio is required for unstructured pruning (e.g. 0.5)")
+    check_sparsity(sparsity)
+    if allocation == "atp" and beta is None:
+        raise ConfigError("allocation 'atp' needs a beta, e.g. --beta 0.01 (0 is uniform)")
+    if allocation != "atp" and beta is not None:
+        raise ConfigError(f"--beta applies to allocation 'atp' only, not {allocation!r}")
+    allocator = get_allocator(allocation, beta=beta)
+    rates = allocator.rates(sparsity, num_blocks)
+    return PruneSpec(method, float(sparsity), pattern, allocation, beta, tuple(rates))
+
+
+@dataclass
+class PruneResult:
+    """What a pruning run did.
+
+    ``blocks[i]`` holds ``target`` (rate given by the allocator), ``achieved`` (zero fraction over the block's
+    pruned Linear weights), ``params`` and ``zeros`` (counts) and ``layers`` (per layer achieved sparsity).
+    ``overall_sparsity`` is parameter-weighted over all pruned layers (embeddings and lm_head excluded).
+    """
+
+    spec: dict
+    blocks: list[dict]
+    overall_sparsity: float
+    pruned_params: int
+    seconds: float
+    calibration: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _as_windows(calib, tokenizer, nsamples, seqlen, seed, data_dir, strict) -> tuple[torch.Tensor, dict]:
+    if isinstance(calib, data_mod.TokenWindows):
+        return calib.windows, calib.info
+    if isinstance(calib, torch.Tensor):
+        if calib.dim() != 2 or calib.dtype != torch.long:
+            raise ConfigError(f"calib tensor must be [nsamples, seqlen] int64, got {tuple(calib.shape)} {calib.dtype}")
+        return calib, {"dataset": "tensor", "nsamples": calib.shape[0], "seqlen": calib.shape[1]}
+    if tokenizer is None:
+        raise ConfigError("calib given as a data name or path needs the tokenizer")
+    source = data_mod.load_text(calib or "c4", "train", data_dir)
+    tw = data_mod.calibration_windows(tokenizer, source, nsamples, seqlen, seed, strict)
+    return tw.windows, tw.info
+
+
+def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | None = 0.5, allocation: str = "uniform",
+          beta: float | None = None, pattern: str = "unstructured", calib=None, nsamples: int = 128,
+          seqlen: int = 2048, seed: int = 0, batch_size: int = 1, data_dir: str | None = None, strict: bool = False,
+          block_inputs: BlockInputs | None = None, progress: bool = True) -> PruneResult:
+    """Prune ``model`` in place, block by block, with per-block sparsity ratios from an allocator.
+
+    Args:
+        model: a transformers causal LM (in memory, any device; weights are changed in place).
+        tokenizer: needed when ``calib`` is a data name or path.
+        method, sparsity, allocation, beta, pattern: see :func:`plan`.
+        calib: ``[nsamples, seqlen]`` int64 tensor, :class:`atprune.data.TokenWindows`, a data spec
+            (``"c4"``, ``"wikitext2"``, a file) or None (C4).
+        nsamples, seqlen, seed: calibration windows to draw when ``calib`` is a spec.
+        batch_size: calibration windows per forward pass.
+        data_dir: local data folder for named data sets.
+        strict: fewer calibration tokens than asked is an error instead of a warning.
+        block_inputs: block-0 inputs already captured for these windows (reused between runs).
+
+    Returns:
+        :class:`PruneResult`.
+
+    Raises:
+        ConfigError: bad options (see :func:`plan`), an N:M pattern a layer width does not divide, bad data.
+    """
+    adapter = Adapter.for_model(model)
+    spec = plan(method, sparsity, adapter.num_blocks, allocation=allocation, beta=beta, pattern=pattern)
+    for i, block in enumerate(adapter.blocks):
+        for name, lin in adapter.linears(block).items():
+            spec.pattern.check_width(lin.in_features, f"block {i} {name}")
+    pruner = get_pruner(method)
+    windows, calib_info = _as_windows(calib, tokenizer, nsamples, seqlen, seed, data_dir, strict)
+    blocks: list[dict] = []
+
+    def prune_block(i, block, linears, stats):
+        rate = spec.rates[i]
+        layers, params, zeros = {}, 0, 0
+        for name, lin in linears.items():
+            lin.weight.data = pruner.prune(lin.weight.data, stats[name] if stats else None, rate, spec.pattern)
+            n, z = lin.weight.numel(), int((lin.weight == 0).sum())
+            layers[name] = z / n
+            params, zeros = params + n, zeros + z
+        blocks.append({"index": i, "target": rate, "achieved": zeros / params, "params": params, "zeros": zeros,
+                       "layers": layers})
+
+    start = time.perf_counter()
+    bar = tqdm(total=adapter.num_blocks, desc=f"{method} {spec.allocation}", unit="block", disable=not progress)
+    try:
+        sequential(adapter, windows, prune_block, needs_stats=pruner.needs_stats, needs_hessian=pruner.needs_hessian,
+                   batch_size=batch_size, inputs=block_inputs, progress=lambda i: bar.update(1))
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    params = sum(b["params"] for b in blocks)
+    zeros = sum(b["zeros"] for b in blocks)
+    return PruneResult(spec.describe() | {"rates": list(spec.rates)}, blocks, zeros / params, params, seconds, calib_info)
+
+
+def evaluate_perplexity(model, tokenizer, data: str | data_mod.EvalSet = "wikitext2", *, split: str = "test", seqlen: int = 2048,
+                        data_dir: str | None = None, batch_size: int = 1, max_windows: int | None = None,
+                        progress: bool = True) -> dict:
+    """Perplexity of ``model`` on a text set (default WikiText-2 raw test), see :func:`atprune.evaluate.perplexity`.
+
+    ``data`` is a data spec (see :func:`atprune.data.load_text`) or an already tokenized
+    :class:`atprune.data.EvalSet` (to evaluate several models on the same tokens).
+
+    Returns:
+        The dict of :func:`atprune.evaluate.perplexity` plus the data description (dataset, split, origin,
+        BOS policy).
+    """
+    evalset = data if isinstance(data, data_mod.EvalSet) else data_mod.eval_set(tokenizer, data, split, data_dir)
+    bar = tqdm(desc=f"ppl {evalset.info['dataset']}", unit="win", disable=not progress)
+
+    def tick(done, total):
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        result = perplexity(model, evalset.tokens, seqlen, batch_size=batch_size, max_windows=max_windows, progress=tick)
+    finally:
+        bar.close()
+    return result | evalset.info

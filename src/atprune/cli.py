@@ -1,0 +1,95 @@
+"""Command line: ``atprune prune ...`` (a thin layer over :mod:`atprune.pipeline`).
+
+Bad input is one line on stderr and exit code 2, before any heavy work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from atprune.allocators import ALLOCATORS
+from atprune.errors import ConfigError
+from atprune.pruners import PRUNERS
+
+
+def _add_prune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="alias (smollm2-135m), .gguf file, model folder or Hugging Face id")
+    p.add_argument("--method", default="wanda", help=f"pruner: {', '.join(PRUNERS)} (default wanda)")
+    p.add_argument("--sparsity", type=float, default=None, help="target sparsity ratio S in [0, 1) (default 0.5; "
+                   "implied by an N:M pattern)")
+    p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4, 4:8")
+    p.add_argument("--allocation", default="uniform", help=f"per-block sparsity allocation: {', '.join(ALLOCATORS)}")
+    p.add_argument("--beta", type=float, default=None, help="ATP step between consecutive blocks; legal range "
+                   "[0, min(2S, 2(1-S))/(L-1)]")
+    p.add_argument("--calib-data", default="c4", help="calibration text: c4, wikitext2, or a .raw/.txt/.jsonl/"
+                   ".json(.gz)/.parquet file (default c4)")
+    p.add_argument("--eval-data", default="wikitext2", help="perplexity text (test split): wikitext2, a file or a "
+                   "data folder (default wikitext2)")
+    p.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
+    p.add_argument("--no-eval-dense", action="store_true", help="skip the dense model's perplexity")
+    p.add_argument("--data-dir", default=None, help="local data folder for named sets (default $ATPRUNE_DATA_DIR)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sample and eval window (default 2048)")
+    p.add_argument("--eval-seqlen", type=int, default=None, help="eval window length (default: --seqlen)")
+    p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows (quick checks)")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    p.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16 (default on CUDA), float16")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--out", default=None, help="folder for the pruned model, tokenizer and report.json")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--strict", action="store_true", help="fewer calibration tokens than asked is an error")
+    p.add_argument("--json", action="store_true", help="print the whole report as JSON instead of the table")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="atprune", description="One-shot LLM pruning with layer-wise sparsity "
+                                     "allocation (ATP).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_prune_args(sub.add_parser("prune", help="prune a model block by block and report perplexity"))
+    return parser
+
+
+def _job_from_args(args):
+    from atprune.pipeline import PruneJob
+
+    sparsity = args.sparsity
+    if sparsity is None and args.pattern.strip().lower() in ("unstructured", "none", ""):
+        sparsity = 0.5
+    return PruneJob(model=args.model, method=args.method, sparsity=sparsity, pattern=args.pattern,
+                    allocation=args.allocation, beta=args.beta, calib_data=args.calib_data,
+                    eval_data=None if args.no_eval else args.eval_data, data_dir=args.data_dir,
+                    nsamples=args.nsamples, seqlen=args.seqlen, eval_seqlen=args.eval_seqlen,
+                    eval_windows=args.eval_windows, eval_dense=not args.no_eval_dense, seed=args.seed,
+                    batch_size=args.batch_size, dtype=args.dtype, device=args.device, out=args.out,
+                    overwrite=args.overwrite, strict=args.strict, progress=not args.quiet)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``atprune`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from atprune.pipeline import run_prune_job
+    from atprune.report import format_table
+
+    try:
+        report = run_prune_job(_job_from_args(args))
+    except ConfigError as err:
+        print(f"atprune: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_table(report))
+        if args.out:
+            print(f"saved: {os.path.abspath(args.out)} (model.safetensors, tokenizer, report.json)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""Text sources and token windows for calibration and evaluation.
+
+A data spec is a name (``wikitext2``, ``c4``), a file (``.raw``/``.txt``/``.jsonl``/``.json``/``.json.gz``/
+``.jsonl.gz``/``.parquet``) or a folder. Named sets are read from a local data folder when one is given
+(``data_dir`` / ``$ATPRUNE_DATA_DIR``, laid out like ``wikitext-2-raw-v1/wiki.test.raw``, ``c4/...``) and
+otherwise from the Hugging Face hub through ``datasets``.
+
+WikiText rows follow the Hugging Face ``wikitext-2-raw-v1`` layout: a whitespace-only line becomes ``""``,
+every other line keeps its ``"\\n"``; the standard evaluation text is ``"\\n\\n".join(rows)``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from atprune.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+WIKITEXT_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw", "test": "wiki.test.raw"}
+C4_FILES = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
+NAMES = {"wikitext2": "wikitext2", "wikitext-2": "wikitext2", "wikitext": "wikitext2", "c4": "c4"}
+TEXT_SUFFIXES = (".raw", ".txt", ".jsonl", ".json", ".json.gz", ".jsonl.gz", ".parquet")
+
+
+@dataclass
+class TextSource:
+    """Documents of one data split. ``joined`` says whether ``documents`` is one ``"\\n\\n"``-joined text."""
+
+    name: str
+    split: str
+    origin: str
+    documents: list[str] = field(repr=False)
+    joined: bool = False
+
+    def describe(self) -> dict:
+        return {"dataset": self.name, "split": self.split, "origin": self.origin, "documents": len(self.documents)}
+
+
+def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The local data folder: ``data_dir`` if given, else ``$ATPRUNE_DATA_DIR``, else None."""
+    value = data_dir or os.environ.get("ATPRUNE_DATA_DIR")
+    return Path(value).expanduser() if value else None
+
+
+def wikitext_rows(text: str) -> list[str]:
+    """Rows of a WikiText ``.raw`` file as Hugging Face ``datasets`` has them."""
+    return [line if line.strip() else "" for line in text.splitlines(keepends=True)]
+
+
+def _read_records(path: Path) -> list[str]:
+    """``text`` fields of a JSON-lines, JSON-array, gzip'ed JSON or parquet file."""
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if "text" not in table.column_names:
+            raise ConfigError(f"{path}: parquet file has no 'text' column (columns: {table.column_names})")
+        return [t for t in table.column("text").to_pylist() if t]
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        raw = fh.read()
+    stripped = raw.lstrip()
+    if stripped.startswith("["):
+        records = json.loads(stripped)
+    else:
+        records = [json.loads(line) for line in raw.splitlines() if line.strip()]
+    texts = [r.get("text") if isinstance(r, dict) else None for r in records]
+    if not texts or any(t is None for t in texts):
+        raise ConfigError(f"{path}: every record needs a 'text' field")
+    return [t for t in texts if t]
+
+
+def check_readable(spec: str) -> None:
+    """Fail fast on a data spec that names a local path that cannot be read.
+
+    Raises:
+        ConfigError: for a missing path, a directory without known files, or an unsupported suffix.
+    """
+    if spec.lower() in NAMES:
+        return
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ConfigError(f"data not found: {spec} (give wikitext2, c4, a .raw/.txt/.jsonl/.json(.gz)/.parquet file or a data folder)")
+    if path.is_file():
+        if not path.name.lower().endswith(TEXT_SUFFIXES):
+            raise ConfigError(f"unsupported data file {spec}; use one of {', '.join(TEXT_SUFFIXES)}")
+        if not os.access(path, os.R_OK):
+            raise ConfigError(f"data file not readable: {spec}")
+
+
+def load_text(spec: str, split: str, data_dir: str | os.PathLike | None = None) -> TextSource:
+    """Load the documents of ``spec`` for ``split`` (``train``, ``validation`` or ``test``).
+
+    A folder spec is treated as a data folder for WikiText-2 (``wiki.<split>.raw`` inside it or in its
+    ``wikitext-2-raw-v1/`` subfolder).
+
+    Raises:
+        ConfigError: unknown name, unreadable file, unsupported format, no text.
+    """
+    check_readable(spec)
+    key = NAMES.get(spec.lower())
+    local = default_data_dir(data_dir)
+    if key is None:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            key, local = "wikitext2", path
+        else:
+            return _load_file(path, split)
+    if key == "wikitext2":
+        return _load_wikitext(split, local)
+    return _load_c4(split, local)
+
+
+def _load_file(path: Path, split: str) -> TextSource:
+    name = path.name.lower()
+    if name.endswith(".raw"):
+        text = "\n\n".join(wikitext_rows(path.read_text(encoding="utf-8")))
+        return TextSource(path.name, split, str(path), [text], joined=True)
+    if name.endswith(".txt"):
+        return TextSource(path.name, split, str(path), [path.read_text(encoding="utf-8")], joined=True)
+    docs = _read_records(path)
+    if not docs:
+        raise ConfigError(f"{path}: no text found")
+    return TextSource(path.name, split, str(path), docs)
+
+
+def _load_wikitext(split: str, local: Path | None) -> TextSource:
+    if split not in WIKITEXT_FILES:
+        raise ConfigError(f"wikitext2 has splits {', '.join(WIKITEXT_FILES)}; got {split!r}")
+    if local is not None:
+        for folder in (local / "wikitext-2-raw-v1", local):
+            path = folder / WIKITEXT_FILES[split]
+            if path.is_file():
+                source = _load_file(path, split)
+                source.name = "wikitext2"
+                return source
+        raise ConfigError(f"wikitext2 {split} not found in data folder {local} (looked for wikitext-2-raw-v1/{WIKITEXT_FILES[split]})")
+    from datasets import load_dataset
+
+    rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
+    return TextSource("wikitext2", split, "hf:wikitext/wikitext-2-raw-v1", ["\n\n".join(rows)], joined=True)
+
+
+def _load_c4(split: str, local: Path | None) -> TextSource:
+    if split not in C4_FILES:
+        raise ConfigError(f"c4 has splits {', '.join(C4_FILES)}; got {split!r}")
+    if local is not None:
+        folder = local / "c4"
+        exact = folder / Path(C4_FILES[split]).name
+        if exact.is_file():
+            return TextSource("c4", split, str(exact), _read_records(exact))
+        others = sorted(folder.glob("*.json.gz")) + sorted(folder.glob("*.jsonl"))
+        if others:
+            warnings.warn(f"C4 shard {Path(C4_FILES[split]).name} not in {folder}; using {others[0].name}, "
+                          "whose numbers are not comparable with published C4-calibrated results")
+            return TextSource("c4", split, str(others[0]), _read_records(others[0]))
+        raise ConfigError(f"c4 not found in data folder {local} (looked for c4/{Path(C4_FILES[split]).name})")
+    from datasets import load_dataset
+
+    ds = load_dataset("allenai/c4", data_files={split: C4_FILES[split]}, split=split)
+    return TextSource("c4", split, f"hf:allenai/c4/{C4_FILES[split]}", list(ds["text"]))
+
+
+@dataclass
+class TokenWindows:
+    """``windows``: ``[n, seqlen]`` int64 token ids; ``info``: what was asked and what was used."""
+
+    windows: torch.Tensor
+    info: dict
+
+
+def _bos_added(tokenizer) -> bool:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    probe = tokenizer("a")["input_ids"]
+    return bos is not None and len(probe) > 0 and probe[0] == bos
+
+
+def token_stream(tokenizer, source: TextSource, max_tokens: int | None = None, seed: int = 0) -> torch.Tensor:
+    """Tokenize the documents of ``source`` into one ``[N]`` int64 stream.
+
+    Documents are taken in a seeded random order (in file order when ``source.joined``) and concatenated,
+    an EOS token between them when the tokenizer adds no BOS; tokenization stops once ``max_tokens``
+    tokens are reached, so a large corpus costs only what is needed.
+    """
+    order = torch.randperm(len(source.documents), generator=torch.Generator().manual_seed(seed)).tolist()
+    sep = [] if _bos_added(tokenizer) or tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    pieces, total = [], 0
+    for i in order:
+        ids = tokenizer(source.documents[i], verbose=False)["input_ids"] + (sep if len(source.documents) > 1 else [])
+        pieces.append(torch.tensor(ids, dtype=torch.long))
+        total += len(ids)
+        if max_tokens is not None and total >= max_tokens:
+            break
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+
+
+def sample_windows(stream: torch.Tensor, seqlen: int, sizes: list[int], seed: int = 0) -> list[torch.Tensor]:
+    """Draw disjoint groups of non-overlapping ``seqlen``-token windows from a token stream.
+
+    The stream is cut into ``N // seqlen`` aligned slots after a random offset; a seeded permutation of
+    the slots is split into consecutive groups of ``sizes[k]`` slots, so no two windows of any group
+    share a token. The sampler is bounded: it never loops looking for text.
+
+    Args:
+        stream: ``[N]`` int64 tokens.
+        seqlen: tokens per window.
+        sizes: windows wanted per group; when fewer slots exist, groups are filled in order and the
+            later ones come back short.
+
+    Returns:
+        One ``[n_k, seqlen]`` int64 tensor per group (``n_k <= sizes[k]``).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    slots = stream.numel() // seqlen
+    spare = stream.numel() - slots * seqlen
+    offset = int(torch.randint(0, spare + 1, (1,), generator=gen)) if spare else 0
+    perm = torch.randperm(slots, generator=gen)
+    groups, start = [], 0
+    for size in sizes:
+        idx = perm[start : start + size]
+        start += len(idx)
+        groups.append(torch.stack([stream[offset + j * seqlen : offset + (j + 1) * seqlen] for j in idx.tolist()])
+                      if len(idx) else torch.zeros(0, seqlen, dtype=torch.long))
+    return groups
+
+
+def calibration_windows(tokenizer, source: TextSource, nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
+                        strict: bool = False) -> TokenWindows:
+    """``nsamples`` random windows of exactly ``seqlen`` tokens from ``source`` (seeded, no padding).
+
+    Raises:
+        ConfigError: no full window can be cut, or fewer than ``nsamples`` and ``strict`` is set.
+            Without ``strict`` a shortfall is a warning and the count used goes into ``info``.
+    """
+    stream = token_stream(tokenizer, source, max_tokens=4 * nsamples * seqlen, seed=seed)
+    (windows,) = sample_windows(stream, seqlen, [nsamples], seed=seed)
+    used = windows.shape[0]
+    if used == 0:
+        raise ConfigError(f"too few calibration tokens: {source.origin} gives {stream.numel()} tokens, "
+                          f"less than one window of seqlen {seqlen}")
+    if used < nsamples:
+        msg = (f"calibration data {source.origin} has {stream.numel()} tokens: only {used} windows of {seqlen} "
+               f"tokens instead of {nsamples}")
+        if strict:
+            raise ConfigError(msg + " (--strict)")
+        warnings.warn(msg)
+    info = source.describe() | {"seqlen": seqlen, "nsamples_requested": nsamples, "nsamples": used,
+                                "tokens": used * seqlen, "tokens_available": int(stream.numel()), "seed": seed,
+                                "bos_added": _bos_added(tokenizer)}
+    return TokenWindows(windows, info)
+
+
+@dataclass
+class EvalSet:
+    """A tokenized evaluation text: ``tokens`` ``[N]`` int64 and its description ``info``."""
+
+    tokens: torch.Tensor
+    info: dict
+
+
+def eval_set(tokenizer, spec: str, split: str = "test", data_dir: str | os.PathLike | None = None) -> EvalSet:
+    """Load and tokenize an evaluation text once (see :func:`load_text`, :func:`evaluation_tokens`)."""
+    return EvalSet(*evaluation_tokens(tokenizer, load_text(spec, split, data_dir)))
+
+
+def evaluation_tokens(tokenizer, source: TextSource) -> tuple[torch.Tensor, dict]:
+    """The whole evaluation text as one ``[N]`` int64 stream and its description.
+
+    Several documents are joined with ``"\n\n"`` in file order, then tokenized once (the tokenizer's default
+    special tokens, i.e. at most one BOS at the very start).
+    """
+    text = source.documents[0] if source.joined else "\n\n".join(source.documents)
+    ids = torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
+    bos = _bos_added(tokenizer)
+    return ids, source.describe() | {
+        "bos_policy": "tokenizer default on the joined text: " + ("one BOS at the start" if bos else "no BOS"),
+    }

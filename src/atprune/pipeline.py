@@ -1,0 +1,145 @@
+"""The whole ``atprune prune`` job as one function: check, load, calibrate, evaluate, prune, evaluate, save.
+
+Every check that can fail on user input runs in :func:`check_job` before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from atprune import data as data_mod
+from atprune.api import evaluate_perplexity, plan, prune
+from atprune.errors import ConfigError
+from atprune.export import check_output_dir, save_pruned
+from atprune.models import load_model, num_blocks, resolve_device, resolve_dtype, resolve_model
+from atprune.report import build_report
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneJob:
+    """Options of one prune run (the CLI flags, one to one)."""
+
+    model: str
+    method: str = "wanda"
+    sparsity: float | None = 0.5
+    pattern: str = "unstructured"
+    allocation: str = "uniform"
+    beta: float | None = None
+    calib_data: str = "c4"
+    eval_data: str | None = "wikitext2"
+    data_dir: str | None = None
+    nsamples: int = 128
+    seqlen: int = 2048
+    eval_seqlen: int | None = None
+    eval_windows: int | None = None
+    eval_dense: bool = True
+    seed: int = 0
+    batch_size: int = 1
+    dtype: str | None = None
+    device: str = "auto"
+    out: str | None = None
+    overwrite: bool = False
+    strict: bool = False
+    progress: bool = True
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_job(job: PruneJob):
+    """Validate everything that can be checked without loading the model.
+
+    Returns:
+        ``(source, spec, device, dtype)``: the resolved model source, the :class:`atprune.api.PruneSpec`
+        (rates for the model's number of blocks), the torch device and dtype.
+
+    Raises:
+        ConfigError: the first problem found, as one line.
+    """
+    for name in ("nsamples", "seqlen", "eval_seqlen", "eval_windows", "batch_size"):
+        _positive(name.replace("_", "-"), getattr(job, name))
+    device = resolve_device(job.device)
+    dtype = resolve_dtype(job.dtype, device)
+    if job.data_dir and not Path(job.data_dir).expanduser().is_dir():
+        raise ConfigError(f"data folder not found: {job.data_dir}")
+    data_mod.check_readable(job.calib_data)
+    if job.eval_data:
+        data_mod.check_readable(job.eval_data)
+    plan(job.method, job.sparsity, 2, allocation=job.allocation, beta=0.0 if job.beta is not None else None,
+         pattern=job.pattern)  # names, sparsity and pattern, before the model source is touched
+    source = resolve_model(job.model)
+    if job.out:
+        check_output_dir(job.out, job.overwrite, inputs=(source.path,) if source.kind != "hub" else ())
+    spec = plan(job.method, job.sparsity, num_blocks(source), allocation=job.allocation, beta=job.beta,
+                pattern=job.pattern)
+    return source, spec, device, dtype
+
+
+def run_prune_job(job: PruneJob) -> dict:
+    """Run the job and return its report (also written to ``job.out/report.json`` with the model).
+
+    Raises:
+        ConfigError: bad options or data (before the model is loaded whenever possible).
+    """
+    source, spec, device, dtype = check_job(job)
+    timings: dict[str, float] = {}
+    run_warnings: list[str] = []
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(source, dtype=dtype, device=device)
+    timings["load"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        calib_source = data_mod.load_text(job.calib_data, "train", job.data_dir)
+        calib = data_mod.calibration_windows(tokenizer, calib_source, job.nsamples, job.seqlen, job.seed, job.strict)
+    for w in caught:
+        run_warnings.append(str(w.message))
+        log.warning("%s", w.message)
+    timings["calibration_data"] = time.perf_counter() - t0
+
+    eval_seqlen = job.eval_seqlen or job.seqlen
+    evaluation = {"dense": None, "sparse": None}
+
+    evalset = data_mod.eval_set(tokenizer, job.eval_data, "test", job.data_dir) if job.eval_data else None
+
+    def evaluate(tag: str):
+        t = time.perf_counter()
+        evaluation[tag] = evaluate_perplexity(model, tokenizer, evalset, seqlen=eval_seqlen,
+                                              data_dir=job.data_dir, batch_size=job.batch_size,
+                                              max_windows=job.eval_windows, progress=job.progress)
+        timings[f"eval_{tag}"] = time.perf_counter() - t
+
+    if job.eval_data and job.eval_dense:
+        evaluate("dense")
+    result = prune(model, tokenizer, method=spec.method, sparsity=spec.sparsity, allocation=spec.allocation,
+                   beta=spec.beta, pattern=spec.pattern, calib=calib, batch_size=job.batch_size,
+                   progress=job.progress)
+    timings["prune"] = result.seconds
+    if job.eval_data:
+        evaluate("sparse")
+        ppl = evaluation["sparse"]["ppl"]
+        if not math.isfinite(ppl):
+            msg = f"SPARSE PERPLEXITY IS {ppl}: the pruned model diverged (try a lower sparsity or beta)"
+            run_warnings.append(msg)
+            log.warning("!" * 20 + " %s " + "!" * 20, msg)
+
+    config = asdict(job) | {"eval_seqlen": eval_seqlen, "dtype": str(dtype).removeprefix("torch."), "device": str(device)}
+    model_info = {"spec": job.model, "source": source.kind, "path": source.path, "class": type(model).__name__,
+                  "blocks": len(spec.rates)}
+    report = build_report(config=config, prune_result=result.to_dict(), evaluation=evaluation, timings=timings,
+                          model=model_info, warnings=run_warnings)
+    if job.out:
+        t = time.perf_counter()
+        save_pruned(model, tokenizer, job.out, report, overwrite=job.overwrite)
+        timings["save"] = time.perf_counter() - t
+    return report

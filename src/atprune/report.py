@@ -1,0 +1,69 @@
+"""The JSON report of a run, in one place, and its short human-readable table."""
+
+from __future__ import annotations
+
+import math
+import platform
+import sys
+from datetime import datetime, timezone
+
+SCHEMA = "atprune.report/1"
+
+
+def versions() -> dict:
+    """Versions of Python and the libraries that decide the numbers."""
+    import torch
+    import transformers
+
+    import atprune
+
+    return {"atprune": atprune.__version__, "python": sys.version.split()[0], "torch": torch.__version__,
+            "transformers": transformers.__version__, "platform": platform.platform()}
+
+
+def build_report(*, config: dict, prune_result: dict | None, evaluation: dict, timings: dict, model: dict,
+                 warnings: list[str] | None = None) -> dict:
+    """Assemble the report (``schema`` = ``atprune.report/1``).
+
+    Args:
+        config: the options of the run as the user gave them (plus resolved defaults, seed included).
+        prune_result: :meth:`atprune.api.PruneResult.to_dict` (None for an evaluation-only run).
+        evaluation: ``{"dense": ppl dict or None, "sparse": ppl dict or None}``.
+        timings: seconds per phase (``load``, ``calibration_data``, ``prune``, ``eval_dense``, ...).
+        model: what was loaded (spec, source kind, path, class, blocks, dtype, device).
+        warnings: messages the run raised that a reader of the numbers must see.
+    """
+    return {"schema": SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions(), "config": config, "model": model, "pruning": prune_result,
+            "evaluation": evaluation, "timings_s": timings, "warnings": warnings or []}
+
+
+def _fmt_ppl(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if math.isfinite(value) else str(value)
+
+
+def format_table(report: dict) -> str:
+    """A short plain-text summary: per-block target/achieved sparsity, overall sparsity, ppl, times."""
+    lines = []
+    pr = report.get("pruning")
+    if pr:
+        spec = pr["spec"]
+        beta = f" beta={spec['beta']:g}" if spec.get("beta") is not None else ""
+        lines.append(f"method={spec['method']} pattern={spec['pattern']} allocation={spec['allocation']}{beta} "
+                     f"target={spec['sparsity']:g}")
+        lines.append(f"{'block':>5} {'target':>8} {'achieved':>9}")
+        for b in pr["blocks"]:
+            lines.append(f"{b['index']:>5} {b['target']:>8.4f} {b['achieved']:>9.4f}")
+        lines.append(f"overall sparsity (pruned layers, parameter-weighted): {pr['overall_sparsity']:.4f} "
+                     f"of {pr['pruned_params']:,} weights")
+    ev = report.get("evaluation", {})
+    for key in ("dense", "sparse"):
+        e = ev.get(key)
+        if e:
+            lines.append(f"{key:>6} perplexity {e['dataset']} {e['split']}: {_fmt_ppl(e['ppl'])} "
+                         f"({e['windows']}/{e['windows_total']} windows x {e['seqlen']} tokens)")
+    times = " ".join(f"{k}={v:.1f}s" for k, v in report.get("timings_s", {}).items())
+    lines.append(f"time: {times}")
+    return "\n".join(lines)

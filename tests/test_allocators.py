@@ -1,0 +1,157 @@
+"""Layer-wise sparsity allocators: uniform and ATP (arithmetic progression)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+
+from atprune.allocators import ALLOCATORS, ATPAllocator, UniformAllocator, atp_rates, beta_max, get_allocator
+from atprune.errors import ConfigError
+
+# (S, L) pairs from the spec plus a few edge-ish ones
+PAIRS = [(0.5, 32), (0.7, 30), (0.2, 12), (0.9, 80), (0.6, 2), (0.05, 7)]
+
+
+def _expected_beta_max(s: float, n: int) -> float:
+    return min(2 * s, 2 * (1 - s)) / (n - 1)
+
+
+def _numbers(msg: str) -> list[float]:
+    return [float(t) for t in re.findall(r"[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?", msg)]
+
+
+# ---------------------------------------------------------------- beta_max
+
+@pytest.mark.parametrize("s,n", PAIRS)
+def test_beta_max_formula(s, n):
+    assert beta_max(s, n) == pytest.approx(_expected_beta_max(s, n), rel=1e-12, abs=0)
+
+
+def test_beta_max_single_block_is_zero():
+    assert beta_max(0.5, 1) == 0.0
+    assert atp_rates(0.5, 1, 0.0) == [0.5]
+    with pytest.raises(ConfigError):
+        atp_rates(0.5, 1, 0.01)
+
+
+# ---------------------------------------------------------------- atp_rates
+
+@pytest.mark.parametrize("s,n", PAIRS)
+@pytest.mark.parametrize("frac", [0.1, 0.5, 0.999])
+def test_atp_rates_progression(s, n, frac):
+    beta = frac * _expected_beta_max(s, n)
+    rates = atp_rates(s, n, beta)
+    assert len(rates) == n
+    assert all(isinstance(r, float) for r in rates)
+    assert sum(rates) / n == pytest.approx(s, abs=1e-9)
+    assert rates[0] == pytest.approx(s - beta * (n - 1) / 2, abs=1e-12)
+    steps = [b - a for a, b in zip(rates, rates[1:])]
+    assert all(d > 0 for d in steps), "rates must be strictly increasing"
+    for d in steps:
+        assert d == pytest.approx(beta, rel=1e-9, abs=1e-12)
+    assert all(0.0 <= r <= 1.0 for r in rates)
+
+
+@pytest.mark.parametrize("s,n", PAIRS)
+def test_atp_beta_zero_equals_uniform(s, n):
+    rates = atp_rates(s, n, 0.0)
+    assert rates == UniformAllocator().rates(s, n)
+    assert rates == [s] * n
+
+
+@pytest.mark.parametrize("s,n", PAIRS)
+def test_atp_at_beta_max_stays_in_unit_interval_and_hits_endpoint(s, n):
+    bm = _expected_beta_max(s, n)
+    rates = atp_rates(s, n, bm)
+    assert all(0.0 <= r <= 1.0 for r in rates)
+    assert sum(rates) / n == pytest.approx(s, abs=1e-9)
+    hits_zero = rates[0] == pytest.approx(0.0, abs=1e-9)
+    hits_one = rates[-1] == pytest.approx(1.0, abs=1e-9)
+    assert hits_zero or hits_one
+    # which endpoint is hit follows from which side of 0.5 the target lies on
+    if s < 0.5:
+        assert hits_zero and not hits_one
+    elif s > 0.5:
+        assert hits_one and not hits_zero
+    else:
+        assert hits_zero and hits_one
+
+
+@pytest.mark.parametrize("s,n", PAIRS)
+def test_atp_beta_above_max_raises_with_bound_in_message(s, n):
+    bm = _expected_beta_max(s, n)
+    with pytest.raises(ConfigError) as exc:
+        atp_rates(s, n, bm * 1.01)
+    nums = _numbers(str(exc.value))
+    assert any(math.isclose(x, bm, rel_tol=1e-5) for x in nums), (str(exc.value), bm)
+
+
+@pytest.mark.parametrize("s,n", PAIRS)
+@pytest.mark.parametrize("beta", [-1e-6, -0.01, -1.0])
+def test_atp_negative_beta_raises_with_bound_in_message(s, n, beta):
+    bm = _expected_beta_max(s, n)
+    with pytest.raises(ConfigError) as exc:
+        atp_rates(s, n, beta)
+    nums = _numbers(str(exc.value))
+    assert any(math.isclose(x, bm, rel_tol=1e-5) for x in nums), (str(exc.value), bm)
+
+
+@pytest.mark.parametrize("s", [-0.1, 1.0, 1.5, float("nan"), float("inf")])
+def test_atp_illegal_sparsity_raises(s):
+    with pytest.raises(ConfigError):
+        atp_rates(s, 10, 0.0)
+    with pytest.raises(ConfigError):
+        ATPAllocator(beta=0.0).check(s, 10)
+    with pytest.raises(ConfigError):
+        UniformAllocator().rates(s, 10)
+    with pytest.raises(ConfigError):
+        UniformAllocator().check(s, 10)
+
+
+def test_atp_zero_blocks_raises():
+    with pytest.raises(ConfigError):
+        atp_rates(0.5, 0, 0.0)
+
+
+def test_atp_allocator_object_matches_function():
+    alloc = ATPAllocator(beta=0.01)
+    assert alloc.rates(0.5, 32) == atp_rates(0.5, 32, 0.01)
+    alloc.check(0.5, 32)  # legal: 0.01 < 1/31
+    with pytest.raises(ConfigError):
+        ATPAllocator(beta=0.1).check(0.5, 32)  # 0.1 > 1/31
+    assert alloc.describe() == {"name": "atp", "beta": 0.01}
+
+
+def test_uniform_rates():
+    assert UniformAllocator().rates(0.3, 5) == [0.3] * 5
+    assert UniformAllocator().rates(0.0, 3) == [0.0] * 3
+    assert UniformAllocator().describe() == {"name": "uniform"}
+
+
+# ---------------------------------------------------------------- registry
+
+def test_get_allocator_known_names():
+    assert isinstance(get_allocator("uniform"), UniformAllocator)
+    a = get_allocator("atp", beta=0.02)
+    assert isinstance(a, ATPAllocator) and a.beta == 0.02
+    # beta=None is treated as "not given" -> default 0 (uniform progression)
+    assert get_allocator("atp", beta=None).rates(0.4, 4) == [0.4] * 4
+
+
+@pytest.mark.parametrize("name", ["bogus", "ATP", "", "owl"])
+def test_get_allocator_unknown_name_lists_known(name):
+    with pytest.raises(ConfigError) as exc:
+        get_allocator(name)
+    msg = str(exc.value)
+    assert set(ALLOCATORS) == {"uniform", "atp"}
+    for known in ALLOCATORS:
+        assert known in msg
+
+
+def test_get_allocator_unknown_option_is_config_error():
+    with pytest.raises(ConfigError):
+        get_allocator("uniform", beta=0.1)
+    with pytest.raises(ConfigError):
+        get_allocator("atp", gamma=0.1)
