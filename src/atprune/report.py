@@ -56,6 +56,10 @@ def format_table(report: dict) -> str:
         lines.append(f"{'block':>5} {'target':>8} {'achieved':>9}")
         for b in pr["blocks"]:
             lines.append(f"{b['index']:>5} {b['target']:>8.4f} {b['achieved']:>9.4f}")
+        cal = pr.get("calibration") or {}
+        if cal:
+            lines.append(f"calibration: {cal.get('dataset')} {cal.get('nsamples')} samples x {cal.get('seqlen')} tokens "
+                         f"(seed {cal.get('seed', '-')})")
         lines.append(f"overall sparsity (pruned layers, parameter-weighted): {pr['overall_sparsity']:.4f} "
                      f"of {pr['pruned_params']:,} weights")
     ev = report.get("evaluation", {})
