@@ -37,3 +37,25 @@ def require_data(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"data not found: {path} (set ATPRUNE_DATA_DIR)")
     return path
+
+
+def char_tokenizer(bos: bool = True):
+    """A character-level ``PreTrainedTokenizerFast`` built offline: ``<unk>``=0, ``<s>``=1, ``</s>``=2, then one
+    id per printable ASCII character (100 ids in all, so it fits the vocab-128 tiny models). With ``bos`` it
+    puts one ``<s>`` before every encoded text; without it, it adds no special token."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in string.printable:
+        if ch not in "\r\x0b\x0c":
+            vocab[ch] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")

@@ -12,6 +12,7 @@ every other line keeps its ``"\\n"``; the standard evaluation text is ``"\\n\\n"
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import logging
 import os
@@ -52,8 +53,12 @@ def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
 
 
 def wikitext_rows(text: str) -> list[str]:
-    """Rows of a WikiText ``.raw`` file as Hugging Face ``datasets`` has them."""
-    return [line if line.strip() else "" for line in text.splitlines(keepends=True)]
+    """Rows of a WikiText ``.raw`` file as Hugging Face ``datasets`` has them.
+
+    Lines are split the way iterating the opened file splits them (at ``\\n``, ``\\r\\n`` or ``\\r``), not at the
+    other characters ``str.splitlines`` treats as breaks (``\\x0c``, ``\\x85``, ``\\u2028``, ...).
+    """
+    return [line if line.strip() else "" for line in io.StringIO(text, newline=None)]
 
 
 def _read_records(path: Path) -> list[str]:
@@ -98,6 +103,60 @@ def check_readable(spec: str) -> None:
             raise ConfigError(f"data file not readable: {spec}")
 
 
+def _named(spec: str, data_dir) -> tuple[str | None, Path | None]:
+    """(name key or None for a plain file, local data folder or None)."""
+    key = NAMES.get(spec.lower())
+    local = default_data_dir(data_dir)
+    if key is None and Path(spec).expanduser().is_dir():
+        return "wikitext2", Path(spec).expanduser()
+    return key, local
+
+
+def eval_split(spec: str) -> str:
+    """The split a perplexity evaluation uses: ``validation`` for C4 (as the papers do), else ``test``."""
+    return "validation" if NAMES.get(spec.lower()) == "c4" else "test"
+
+
+def _local_file(key: str, split: str, local: Path) -> Path:
+    """The file of named set ``key`` / ``split`` in data folder ``local`` (C4: exact shard, else a sample).
+
+    Raises:
+        ConfigError: unknown split, or nothing suitable in the folder.
+    """
+    files = WIKITEXT_FILES if key == "wikitext2" else C4_FILES
+    if split not in files:
+        raise ConfigError(f"{key} has splits {', '.join(files)}; got {split!r}")
+    name = Path(files[split]).name
+    if key == "wikitext2":
+        candidates = [local / "wikitext-2-raw-v1" / name, local / name]
+    else:
+        folder = local / "c4"
+        candidates = [folder / name] + sorted(folder.glob("*.json.gz")) + sorted(folder.glob("*.jsonl"))
+    for path in candidates:
+        if path.is_file():
+            return path
+    sub = "wikitext-2-raw-v1" if key == "wikitext2" else "c4"
+    raise ConfigError(f"{key} {split} not found in data folder {local} (looked for {sub}/{name})")
+
+
+def check_available(spec: str, split: str, data_dir: str | os.PathLike | None = None) -> None:
+    """Everything :func:`load_text` can check without reading the text: file readable, split known, the
+    named set present in the local data folder. Hub downloads are not checked.
+
+    Raises:
+        ConfigError: see :func:`load_text`.
+    """
+    check_readable(spec)
+    key, local = _named(spec, data_dir)
+    if key is None:
+        return
+    files = WIKITEXT_FILES if key == "wikitext2" else C4_FILES
+    if split not in files:
+        raise ConfigError(f"{key} has splits {', '.join(files)}; got {split!r}")
+    if local is not None:
+        _local_file(key, split, local)
+
+
 def load_text(spec: str, split: str, data_dir: str | os.PathLike | None = None) -> TextSource:
     """Load the documents of ``spec`` for ``split`` (``train``, ``validation`` or ``test``).
 
@@ -107,18 +166,24 @@ def load_text(spec: str, split: str, data_dir: str | os.PathLike | None = None) 
     Raises:
         ConfigError: unknown name, unreadable file, unsupported format, no text.
     """
-    check_readable(spec)
-    key = NAMES.get(spec.lower())
-    local = default_data_dir(data_dir)
+    check_available(spec, split, data_dir)
+    key, local = _named(spec, data_dir)
     if key is None:
-        path = Path(spec).expanduser()
-        if path.is_dir():
-            key, local = "wikitext2", path
-        else:
-            return _load_file(path, split)
+        return _load_file(Path(spec).expanduser(), split)
+    if local is not None:
+        path = _local_file(key, split, local)
+        if key == "c4" and path.name != Path(C4_FILES[split]).name:
+            warnings.warn(f"C4 shard {Path(C4_FILES[split]).name} not in {path.parent}; using {path.name}, "
+                          "whose numbers are not comparable with published C4-calibrated results")
+        source = _load_file(path, split)
+        source.name = key
+        return source
     if key == "wikitext2":
-        return _load_wikitext(split, local)
-    return _load_c4(split, local)
+        from datasets import load_dataset
+
+        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
+        return TextSource("wikitext2", split, "hf:wikitext/wikitext-2-raw-v1", ["\n\n".join(rows)], joined=True)
+    return _load_c4_hub(split)
 
 
 def _load_file(path: Path, split: str) -> TextSource:
@@ -134,37 +199,7 @@ def _load_file(path: Path, split: str) -> TextSource:
     return TextSource(path.name, split, str(path), docs)
 
 
-def _load_wikitext(split: str, local: Path | None) -> TextSource:
-    if split not in WIKITEXT_FILES:
-        raise ConfigError(f"wikitext2 has splits {', '.join(WIKITEXT_FILES)}; got {split!r}")
-    if local is not None:
-        for folder in (local / "wikitext-2-raw-v1", local):
-            path = folder / WIKITEXT_FILES[split]
-            if path.is_file():
-                source = _load_file(path, split)
-                source.name = "wikitext2"
-                return source
-        raise ConfigError(f"wikitext2 {split} not found in data folder {local} (looked for wikitext-2-raw-v1/{WIKITEXT_FILES[split]})")
-    from datasets import load_dataset
-
-    rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
-    return TextSource("wikitext2", split, "hf:wikitext/wikitext-2-raw-v1", ["\n\n".join(rows)], joined=True)
-
-
-def _load_c4(split: str, local: Path | None) -> TextSource:
-    if split not in C4_FILES:
-        raise ConfigError(f"c4 has splits {', '.join(C4_FILES)}; got {split!r}")
-    if local is not None:
-        folder = local / "c4"
-        exact = folder / Path(C4_FILES[split]).name
-        if exact.is_file():
-            return TextSource("c4", split, str(exact), _read_records(exact))
-        others = sorted(folder.glob("*.json.gz")) + sorted(folder.glob("*.jsonl"))
-        if others:
-            warnings.warn(f"C4 shard {Path(C4_FILES[split]).name} not in {folder}; using {others[0].name}, "
-                          "whose numbers are not comparable with published C4-calibrated results")
-            return TextSource("c4", split, str(others[0]), _read_records(others[0]))
-        raise ConfigError(f"c4 not found in data folder {local} (looked for c4/{Path(C4_FILES[split]).name})")
+def _load_c4_hub(split: str) -> TextSource:
     from datasets import load_dataset
 
     ds = load_dataset("allenai/c4", data_files={split: C4_FILES[split]}, split=split)

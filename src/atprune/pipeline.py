@@ -71,9 +71,9 @@ def check_job(job: PruneJob):
     dtype = resolve_dtype(job.dtype, device)
     if job.data_dir and not Path(job.data_dir).expanduser().is_dir():
         raise ConfigError(f"data folder not found: {job.data_dir}")
-    data_mod.check_readable(job.calib_data)
+    data_mod.check_available(job.calib_data, "train", job.data_dir)
     if job.eval_data:
-        data_mod.check_readable(job.eval_data)
+        data_mod.check_available(job.eval_data, data_mod.eval_split(job.eval_data), job.data_dir)
     plan(job.method, job.sparsity, 2, allocation=job.allocation, beta=0.0 if job.beta is not None else None,
          pattern=job.pattern)  # names, sparsity and pattern, before the model source is touched
     source = resolve_model(job.model)
@@ -110,7 +110,7 @@ def run_prune_job(job: PruneJob) -> dict:
     eval_seqlen = job.eval_seqlen or job.seqlen
     evaluation = {"dense": None, "sparse": None}
 
-    evalset = data_mod.eval_set(tokenizer, job.eval_data, "test", job.data_dir) if job.eval_data else None
+    evalset = data_mod.eval_set(tokenizer, job.eval_data, data_mod.eval_split(job.eval_data), job.data_dir) if job.eval_data else None
 
     def evaluate(tag: str):
         t = time.perf_counter()
