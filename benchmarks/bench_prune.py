@@ -5,7 +5,8 @@
 
 With ``--config`` the model is built with random weights from an architecture config (the work per block is the
 same as for the real weights, so timings transfer; perplexities would not). Calibration windows are random
-tokens unless ``--calib-data`` is given. Each method starts from the same weights. Peak memory is the process's
+tokens unless ``--calib-data`` is given. Each method starts from the same weights, after one untimed warm-up
+pass of every method on a single short window. Peak memory is the process's
 peak resident set size on CPU (reset before each method through /proc/self/clear_refs) and
 ``torch.cuda.max_memory_allocated`` on CUDA.
 """
@@ -81,6 +82,10 @@ def main() -> None:
     else:
         windows = torch.randint(0, vocab, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0))
     dense = copy.deepcopy(model.state_dict())
+    for method in args.methods:  # warm-up (CUDA context, cuSOLVER/cuBLAS handles, allocator) outside the timings
+        atprune.prune(model, method=method, sparsity=args.sparsity, calib=windows[:1, : min(args.seqlen, 64)],
+                      progress=False)
+        model.load_state_dict(dense)
     rows = []
     for method in args.methods:
         model.load_state_dict(dense)

@@ -59,3 +59,17 @@ def char_tokenizer(bos: bool = True):
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                            special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def random_text(n: int, seed: int) -> str:
+    """``n`` random characters from a small alphabet (letters, space, punctuation, newlines)."""
+    g = torch.Generator().manual_seed(seed)
+    alphabet = "abcdefghij klmnopqrstuvwxyz,.\nABC"
+    return "".join(alphabet[i] for i in torch.randint(0, len(alphabet), (n,), generator=g).tolist())
+
+
+def save_tiny_model(folder: Path, layers: int = 3, seed: int = 1) -> Path:
+    """Save a tiny random llama with the char tokenizer into ``folder`` (a model folder for ``--model``)."""
+    tiny_model("llama", layers=layers, seed=seed).save_pretrained(folder)
+    char_tokenizer(bos=True).save_pretrained(folder)
+    return folder

@@ -14,16 +14,10 @@ import atprune.models
 import atprune.pipeline
 from atprune.allocators import atp_rates, beta_max
 from atprune.cli import main
-from tests.conftest import DATA_DIR, WIKITEXT, char_tokenizer, require_data, tiny_model
+from tests.conftest import DATA_DIR, WIKITEXT, random_text, require_data, save_tiny_model
 
 LAYERS = 3
 LINEAR = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.\w+_proj\.weight$")
-
-
-def _random_text(n: int, seed: int) -> str:
-    g = torch.Generator().manual_seed(seed)
-    alphabet = "abcdefghij klmnopqrstuvwxyz,.\nABC"
-    return "".join(alphabet[i] for i in torch.randint(0, len(alphabet), (n,), generator=g).tolist())
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +25,10 @@ def files(tmp_path_factory):
     """A tiny random llama saved with its char tokenizer, plus calibration / evaluation texts."""
     root = tmp_path_factory.mktemp("cli")
     model_dir = root / "model"
-    model = tiny_model("llama", layers=LAYERS, seed=1)
-    model.save_pretrained(model_dir)
-    char_tokenizer(bos=True).save_pretrained(model_dir)
+    save_tiny_model(model_dir, layers=LAYERS, seed=1)
     calib, evalf = root / "calib.txt", root / "eval.txt"
-    calib.write_text(_random_text(2000, seed=1))
-    evalf.write_text(_random_text(16 * 12 + 5, seed=2))
+    calib.write_text(random_text(2000, seed=1))
+    evalf.write_text(random_text(16 * 12 + 5, seed=2))
     holder = root / "holder"  # an output folder that already holds a model
     holder.mkdir()
     (holder / "config.json").write_text("{}")

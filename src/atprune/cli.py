@@ -47,12 +47,88 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_common_args(p: argparse.ArgumentParser, method: bool = True) -> None:
+    p.add_argument("--model", required=True, help="alias (smollm2-135m), .gguf file, model folder or Hugging Face id")
+    p.add_argument("--method", default="wanda", help=f"pruner: {', '.join(PRUNERS)} (default wanda)")
+    p.add_argument("--sparsity", type=float, default=0.5, help="target sparsity ratio S in [0, 1) (default 0.5)")
+    p.add_argument("--calib-data", default="c4", help="calibration text: c4, wikitext2 or a file (default c4)")
+    p.add_argument("--data-dir", default=None, help="local data folder for named sets (default $ATPRUNE_DATA_DIR)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per sample / window (default 2048)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    p.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16 (default on CUDA), float16")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atprune", description="One-shot LLM pruning with layer-wise sparsity "
                                      "allocation (ATP).")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prune_args(sub.add_parser("prune", help="prune a model block by block and report perplexity"))
+    s = sub.add_parser("search", help="choose ATP's beta on held-out data, then prune and evaluate with it")
+    _add_common_args(s)
+    s.add_argument("--select-data", default=None, help="selection text (validation split of a named set, or a file); "
+                   "default: windows of the calibration source disjoint from the calibration samples")
+    s.add_argument("--nselect", type=int, default=16, help="selection windows of --seqlen tokens (default 16)")
+    s.add_argument("--select-on-test", action="store_true", help="select on the evaluation split (the reference "
+                   "protocol); every report is marked 'selected on test'")
+    s.add_argument("--eval-data", default="wikitext2", help="final evaluation text (default wikitext2 test)")
+    s.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows")
+    s.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    s.add_argument("--strategy", default="golden", help="golden (default) or grid (step --step until illegal)")
+    s.add_argument("--max-trials", type=int, default=6, help="prune passes of the golden search (default 6)")
+    s.add_argument("--step", type=float, default=0.002, help="grid step (default 0.002, as the reference)")
+    s.add_argument("--metric", default="ppl", help="ppl (selection perplexity, default) or kl (to the dense model)")
+    s.add_argument("--resume", action="store_true", help="continue the search recorded in OUT/search.json")
+    a = sub.add_parser("analyze", help="local vs accumulated reconstruction error per block, per allocation")
+    _add_common_args(a)
+    a.add_argument("--allocations", nargs="+", default=["uniform"], help="e.g. uniform atp:0.01 atp:0.015")
     return parser
+
+
+def _run_search(args) -> int:
+    from atprune.search_job import SearchJob, run_search_job
+
+    job = SearchJob(model=args.model, method=args.method, sparsity=args.sparsity, calib_data=args.calib_data,
+                    select_data=args.select_data, eval_data=None if args.no_eval else args.eval_data,
+                    select_on_test=args.select_on_test, data_dir=args.data_dir, nsamples=args.nsamples,
+                    nselect=args.nselect, seqlen=args.seqlen, seed=args.seed, strategy=args.strategy,
+                    max_trials=args.max_trials, step=args.step, metric=args.metric, eval_windows=args.eval_windows,
+                    batch_size=args.batch_size, dtype=args.dtype, device=args.device, out=args.out,
+                    overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+    state = run_search_job(job)
+    mark = "  [SELECTED ON TEST]" if state["selected_on_test"] else ""
+    print(f"{'beta':>8} {'metric':>12} {'seconds':>8}{mark}")
+    for t in sorted(state["trials"], key=lambda t: t["beta"]):
+        print(f"{t['beta']:>8.4f} {t['metric']:>12.4f} {t['seconds']:>8.1f}")
+    print(f"chosen beta {state['chosen']['beta']:.4f} ({args.metric} {state['chosen']['metric']:.4f}) after "
+          f"{len(state['trials'])} trials, {state['search_seconds']:.0f}s")
+    final = state.get("final_evaluation")
+    if final:
+        print(f"final perplexity {final['dataset']} {final['split']}: {final['ppl']:.3f} "
+              f"({final['windows']}/{final['windows_total']} windows x {final['seqlen']} tokens){mark}")
+    print(f"saved: {os.path.abspath(args.out)} (model, search.json, search.png, report.json)")
+    return 0
+
+
+def _run_analyze(args) -> int:
+    from atprune.analysis import run_analyze
+
+    result = run_analyze(model=args.model, method=args.method, sparsity=args.sparsity, allocations=args.allocations,
+                         calib_data=args.calib_data, data_dir=args.data_dir, nsamples=args.nsamples, seqlen=args.seqlen,
+                         seed=args.seed, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
+                         out=args.out, overwrite=args.overwrite)
+    names = list(result["curves"])
+    print("block " + " ".join(f"{n + ' local':>18} {n + ' accum':>18}" for n in names))
+    for i in range(len(result["curves"][names[0]]["local"])):
+        print(f"{i:>5} " + " ".join(f"{result['curves'][n]['local'][i]:>18.5f} {result['curves'][n]['accumulated'][i]:>18.5f}"
+                                     for n in names))
+    print(f"saved: {os.path.abspath(args.out)} (analysis.json, analysis.png)")
+    return 0
 
 
 def _job_from_args(args):
@@ -74,14 +150,22 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``atprune`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from atprune.pipeline import run_prune_job
-    from atprune.report import format_table
-
     try:
-        report = run_prune_job(_job_from_args(args))
+        if args.command == "search":
+            return _run_search(args)
+        if args.command == "analyze":
+            return _run_analyze(args)
+        return _run_prune(args)
     except ConfigError as err:
         print(f"atprune: error: {err}", file=sys.stderr)
         return 2
+
+
+def _run_prune(args) -> int:
+    from atprune.pipeline import run_prune_job
+    from atprune.report import format_table
+
+    report = run_prune_job(_job_from_args(args))
     if args.json:
         print(json.dumps(report, indent=2))
     else:

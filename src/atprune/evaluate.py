@@ -58,3 +58,40 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int, *, batch_size: int = 1,
     mean = nll / predicted
     return {"ppl": _exp(mean), "nll_sum": nll, "predicted_tokens": predicted, "windows": nwin, "windows_total": total,
             "seqlen": seqlen, "tokens_total": int(tokens.numel())}
+
+
+def next_token_logprobs(model, windows: torch.Tensor, *, batch_size: int = 1, dtype: torch.dtype = torch.float16) -> list[torch.Tensor]:
+    """Log-probabilities of the next token at every position, kept on the CPU to compare models later.
+
+    Args:
+        windows: ``[n, seqlen]`` int64 token ids.
+        dtype: storage dtype (float16 halves the memory of float32; ``n * seqlen * vocab`` values in all).
+
+    Returns:
+        One ``[batch, seqlen, vocab]`` tensor per batch of ``batch_size`` windows.
+    """
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for batch in windows.split(batch_size):
+            logits = model(input_ids=batch.to(device), use_cache=False).logits
+            out.append(F.log_softmax(logits.float(), dim=-1).to("cpu", dtype))
+    return out
+
+
+def kl_to_reference(model, windows: torch.Tensor, reference: list[torch.Tensor], *, batch_size: int = 1) -> float:
+    """Mean over all positions of ``KL(p_ref || p_model)`` of the next-token distributions, in nats.
+
+    A label-free selection metric: how far the (pruned) model's predictions moved from the reference (dense)
+    model's on the same tokens. ``reference`` comes from :func:`next_token_logprobs` with the same windows and
+    ``batch_size``.
+    """
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch, ref in zip(windows.split(batch_size), reference):
+            logq = F.log_softmax(model(input_ids=batch.to(device), use_cache=False).logits.float(), dim=-1)
+            logp = ref.to(device, torch.float32)
+            total += (logp.exp() * (logp - logq)).sum().item()
+            count += batch.numel()
+    return total / count

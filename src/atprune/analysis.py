@@ -1,0 +1,155 @@
+"""Reconstruction error per block: the "reconstruction error explosion" that motivates ATP.
+
+For block i with dense input X_i (from the dense model) and sparse input X^s_i (from the model pruned up to
+block i-1), and dense / pruned weights W / W_s:
+
+* local error       ||B_i(X_i; W) - B_i(X_i; W_s)||^2   / ||B_i(X_i; W)||^2   (same dense input)
+* accumulated error ||B_i(X_i; W) - B_i(X^s_i; W_s)||^2 / ||B_i(X_i; W)||^2   (input from the sparse model)
+
+Both are measured while pruning in the usual sequential way (statistics from the sparse stream X^s_i), so the
+pruned model is exactly the one :func:`atprune.prune` would produce.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from atprune.api import plan
+from atprune.engine import BlockInputs, collect_stats, first_block_inputs, run_block
+from atprune.models import Adapter
+from atprune.pruners import get_pruner
+
+
+def _sq(tensors: list[torch.Tensor]) -> float:
+    return sum(t.double().square().sum().item() for t in tensors)
+
+
+def _sq_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return sum((x.double() - y.double()).square().sum().item() for x, y in zip(a, b))
+
+
+def reconstruction_errors(model, windows: torch.Tensor, *, method: str, sparsity: float, allocation: str = "uniform",
+                          beta: float | None = None, pattern: str = "unstructured", batch_size: int = 1,
+                          inputs: BlockInputs | None = None) -> dict:
+    """Prune ``model`` in place block by block and measure the local and accumulated error of every block.
+
+    Args:
+        model: transformers causal LM (its weights are pruned in place).
+        windows: ``[nsamples, seqlen]`` int64 calibration token ids.
+        method, sparsity, allocation, beta, pattern: as for :func:`atprune.prune`.
+        inputs: block-0 inputs already captured for ``windows``.
+
+    Returns:
+        ``{"rates": [L floats], "local": [L floats], "accumulated": [L floats]}`` (relative squared errors, unitless).
+
+    Raises:
+        ConfigError: bad options (see :func:`atprune.api.plan`).
+    """
+    adapter = Adapter.for_model(model)
+    spec = plan(method, sparsity, adapter.num_blocks, allocation=allocation, beta=beta, pattern=pattern)
+    pruner = get_pruner(method)
+    dense_in = inputs or first_block_inputs(adapter, windows, batch_size)
+    sparse_in = BlockInputs(list(dense_in.hidden), dense_in.kwargs)
+    local, accumulated = [], []
+    for i, block in enumerate(adapter.blocks):
+        linears = adapter.linears(block)
+        dense_out = run_block(block, dense_in)
+        stats = collect_stats(block, linears, sparse_in, pruner.needs_hessian) if pruner.needs_stats else None
+        for name, lin in linears.items():
+            lin.weight.data = pruner.prune(lin.weight.data, stats[name] if stats else None, spec.rates[i], spec.pattern)
+        del stats
+        local_out = run_block(block, dense_in)
+        sparse_out = run_block(block, sparse_in)
+        norm = _sq(dense_out)
+        local.append(_sq_diff(dense_out, local_out) / norm)
+        accumulated.append(_sq_diff(dense_out, sparse_out) / norm)
+        dense_in = BlockInputs(dense_out, dense_in.kwargs)
+        sparse_in = BlockInputs(sparse_out, sparse_in.kwargs)
+    return {"rates": list(spec.rates), "local": local, "accumulated": accumulated}
+
+
+def plot_errors(curves: dict[str, dict], path: str | Path, title: str) -> None:
+    """PNG with local (dashed) and accumulated (solid) error against block index, one colour per allocation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k, (label, c) in enumerate(curves.items()):
+        color = f"C{k}"
+        xs = range(len(c["local"]))
+        ax.plot(xs, c["accumulated"], "-", color=color, label=f"{label}: accumulated")
+        ax.plot(xs, c["local"], "--", color=color, label=f"{label}: local")
+    ax.set_yscale("log")
+    ax.set_xlabel("block index i (input side first)")
+    ax.set_ylabel("relative squared error ||B(X;W) - B(.;W_s)||^2 / ||B(X;W)||^2")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def parse_allocation(text: str) -> tuple[str, float | None]:
+    """``"uniform"`` -> ("uniform", None); ``"atp:0.01"`` -> ("atp", 0.01).
+
+    Raises:
+        ConfigError: for anything else.
+    """
+    from atprune.errors import ConfigError
+
+    name, _, value = text.partition(":")
+    if not value:
+        return name, None
+    try:
+        return name, float(value)
+    except ValueError:
+        raise ConfigError(f"allocation must look like 'uniform' or 'atp:0.01', got {text!r}") from None
+
+
+def run_analyze(*, model: str, method: str, sparsity: float, allocations: list[str], calib_data: str,
+                data_dir: str | None = None, nsamples: int = 32, seqlen: int = 512, seed: int = 0, batch_size: int = 1,
+                dtype: str | None = None, device: str = "auto", out: str, overwrite: bool = False) -> dict:
+    """Measure local and accumulated errors for each allocation (same calibration windows, same dense start)
+    and write ``analysis.json`` and ``analysis.png`` into ``out``.
+
+    Raises:
+        ConfigError: bad options, checked for every allocation before the model is loaded.
+    """
+    from atprune import data as data_mod
+    from atprune.export import check_output_dir, write_json
+    from atprune.models import load_model, num_blocks
+    from atprune.pipeline import PruneJob, check_job
+
+    source, spec, dev, dt = check_job(PruneJob(model=model, method=method, sparsity=sparsity, calib_data=calib_data,
+                                               eval_data=None, data_dir=data_dir, nsamples=nsamples, seqlen=seqlen,
+                                               batch_size=batch_size, dtype=dtype, device=device))
+    parsed = [parse_allocation(a) for a in allocations]
+    for name, beta in parsed:
+        plan(method, sparsity, len(spec.rates), allocation=name, beta=beta)
+    out_dir = check_output_dir(out, overwrite, inputs=(source.path,) if source.kind != "hub" else ())
+    lm, tokenizer = load_model(source, dtype=dt, device=dev)
+    windows = data_mod.calibration_windows(tokenizer, data_mod.load_text(calib_data, "train", data_dir), nsamples,
+                                           seqlen, seed)
+    adapter = Adapter.for_model(lm)
+    inputs = first_block_inputs(adapter, windows.windows, batch_size)
+    dense = {k: v.detach().to("cpu", copy=True) for k, v in lm.state_dict().items()}
+    curves = {}
+    for text, (name, beta) in zip(allocations, parsed):
+        lm.load_state_dict(dense)
+        curves[text] = reconstruction_errors(lm, windows.windows, method=method, sparsity=sparsity, allocation=name,
+                                             beta=beta, batch_size=batch_size, inputs=inputs)
+    result = {"schema": "atprune.analysis/1", "model": model, "method": method, "sparsity": sparsity,
+              "calibration": windows.info, "curves": curves}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "analysis.json", result)
+    plot_errors(curves, out_dir / "analysis.png", f"{model} {method} S={sparsity:g}, {windows.info['nsamples']} x "
+                f"{seqlen} calibration tokens")
+    return result

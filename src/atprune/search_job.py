@@ -1,0 +1,267 @@
+"""The ``atprune search`` job: choose ATP's beta on held-out selection data, then prune and evaluate with it.
+
+Selection data is never the evaluation split unless asked for (``select_on_test``, the reference protocol),
+and then every report says so. Work shared by every trial is done once: data loading and tokenization, the
+dense inputs of block 0, the dense weights (restored before each trial), and the dense selection metric and
+next-token distributions. ``search.json`` is rewritten atomically after every trial, so an interrupted search
+resumes (``resume=True``) without redoing finished trials.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from atprune import data as data_mod
+from atprune.allocators import beta_max
+from atprune.api import prune
+from atprune.engine import first_block_inputs
+from atprune.errors import ConfigError
+from atprune.evaluate import kl_to_reference, next_token_logprobs, perplexity
+from atprune.export import check_output_dir, save_pruned, write_json
+from atprune.models import Adapter, load_model
+from atprune.pipeline import PruneJob, check_job
+from atprune.report import build_report
+from atprune.search import STRATEGIES, best_trial, golden_search, grid_betas
+
+SEARCH_SCHEMA = "atprune.search/1"
+# options that must match for a resumed search to reuse recorded trials
+RESUME_KEYS = ("model", "method", "sparsity", "calib_data", "select_data", "select_on_test", "data_dir", "nsamples",
+               "nselect", "seqlen", "seed", "metric", "dtype", "device")
+
+
+@dataclass
+class SearchJob:
+    """Options of one beta search (the CLI flags, one to one)."""
+
+    model: str
+    method: str = "wanda"
+    sparsity: float = 0.5
+    calib_data: str = "c4"
+    select_data: str | None = None  # None: windows of the calibration source disjoint from the calibration samples
+    eval_data: str | None = "wikitext2"
+    select_on_test: bool = False
+    data_dir: str | None = None
+    nsamples: int = 128
+    nselect: int = 16
+    seqlen: int = 2048
+    seed: int = 0
+    strategy: str = "golden"
+    max_trials: int = 6
+    step: float = 0.002
+    metric: str = "ppl"
+    eval_windows: int | None = None
+    batch_size: int = 1
+    dtype: str | None = None
+    device: str = "auto"
+    out: str | None = None
+    overwrite: bool = False
+    resume: bool = False
+    progress: bool = True
+
+
+def _same_data(a: str, b: str) -> bool:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a.lower() == b.lower()
+
+
+def check_search(job: SearchJob):
+    """Validate everything before the model is loaded; returns ``(source, num_blocks, device, dtype, previous)``
+    where ``previous`` are the trials of a resumable ``search.json`` (or ``[]``).
+
+    Raises:
+        ConfigError: the first problem found.
+    """
+    if job.strategy not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {job.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+    if job.metric not in ("ppl", "kl"):
+        raise ConfigError(f"unknown selection metric {job.metric!r}; choose ppl or kl")
+    if job.nselect < 1 or job.max_trials < 1:
+        raise ConfigError("--nselect and --max-trials must be positive integers")
+    if job.select_on_test:
+        if not job.eval_data:
+            raise ConfigError("--select-on-test needs --eval-data")
+        if job.select_data and not _same_data(job.select_data, job.eval_data):
+            raise ConfigError("--select-on-test selects on the evaluation data; do not also give --select-data")
+    elif job.select_data and job.eval_data and _same_data(job.select_data, job.eval_data):
+        raise ConfigError("selection data is the evaluation data; choose held-out data (e.g. a validation split) "
+                          "or pass --select-on-test to reproduce the reference protocol (reports are marked)")
+    prune_job = PruneJob(model=job.model, method=job.method, sparsity=job.sparsity, allocation="uniform",
+                         calib_data=job.calib_data, eval_data=job.eval_data, data_dir=job.data_dir,
+                         nsamples=job.nsamples, seqlen=job.seqlen, eval_windows=job.eval_windows,
+                         batch_size=job.batch_size, dtype=job.dtype, device=job.device)
+    source, spec, device, dtype = check_job(prune_job)
+    if job.select_data and not job.select_on_test:
+        data_mod.check_available(job.select_data, "validation", job.data_dir)
+    previous = []
+    if job.out:
+        out = Path(job.out).expanduser()
+        saved = out / "search.json"
+        if job.resume and saved.is_file():
+            previous = _resumable_trials(saved, job, str(dtype).removeprefix("torch."), str(device))
+        elif not job.resume:
+            check_output_dir(out, job.overwrite, inputs=(source.path,) if source.kind != "hub" else ())
+    return source, len(spec.rates), device, dtype, previous
+
+
+def _config(job: SearchJob, dtype: str, device: str) -> dict:
+    return asdict(job) | {"dtype": dtype, "device": device}
+
+
+def _resumable_trials(path: Path, job: SearchJob, dtype: str, device: str) -> list[dict]:
+    import json
+
+    saved = json.loads(path.read_text())
+    now = _config(job, dtype, device)
+    diff = [k for k in RESUME_KEYS if saved.get("config", {}).get(k) != now[k]]
+    if diff:
+        raise ConfigError(f"cannot resume {path}: options differ ({', '.join(diff)}); use another --out or the same options")
+    return saved.get("trials", [])
+
+
+def _selection_windows(job: SearchJob, tokenizer):
+    """(calibration windows, selection windows, info) with the two sets disjoint when drawn from one source."""
+    calib_source = data_mod.load_text(job.calib_data, "train", job.data_dir)
+    if job.select_on_test or job.select_data:
+        spec = job.eval_data if job.select_on_test else job.select_data
+        split = data_mod.eval_split(spec) if job.select_on_test else "validation"
+        calib = data_mod.calibration_windows(tokenizer, calib_source, job.nsamples, job.seqlen, job.seed)
+        tokens, info = data_mod.evaluation_tokens(tokenizer, data_mod.load_text(spec, split, job.data_dir))
+        nwin = min(job.nselect, tokens.numel() // job.seqlen)
+        if nwin == 0:
+            raise ConfigError(f"selection data {spec} has fewer tokens than one window of {job.seqlen}")
+        select = tokens[: nwin * job.seqlen].view(nwin, job.seqlen)
+        return calib.windows, select, info | {"windows": nwin, "source": "selected on test" if job.select_on_test
+                                              else "held-out data"}
+    stream = data_mod.token_stream(tokenizer, calib_source, max_tokens=4 * (job.nsamples + job.nselect) * job.seqlen,
+                                   seed=job.seed)
+    calib, select = data_mod.sample_windows(stream, job.seqlen, [job.nsamples, job.nselect], seed=job.seed)
+    if calib.shape[0] < job.nsamples or select.shape[0] == 0:
+        raise ConfigError(f"calibration source {calib_source.origin} has {stream.numel()} tokens: not enough for "
+                          f"{job.nsamples} calibration + {job.nselect} selection windows of {job.seqlen}")
+    return calib, select, calib_source.describe() | {"windows": select.shape[0], "source":
+                                                     "calibration source, windows disjoint from the calibration samples"}
+
+
+def _restore(linears: dict[str, torch.nn.Linear], dense: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, lin in linears.items():
+            lin.weight.copy_(dense[name])
+
+
+def plot_search(trials: list[dict], chosen: float, metric: str, path: Path, title: str) -> None:
+    """PNG of the selection metric against beta; uniform (beta = 0) and the chosen beta are marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sorted((t["beta"], t["metric"]) for t in trials if t["metric"] is not None and math.isfinite(t["metric"]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([b for b, _ in pts], [v for _, v in pts], "o-", color="tab:blue", label="trials")
+    for b, v in pts:
+        if b == 0.0:
+            ax.plot([b], [v], "s", color="tab:red", markersize=9, label="uniform (beta = 0)")
+        if b == chosen:
+            ax.plot([b], [v], "*", color="tab:green", markersize=14, label=f"chosen beta = {b:.4g}")
+    ax.set_xlabel("beta")
+    ax.set_ylabel("selection perplexity" if metric == "ppl" else "KL(dense || sparse), nats/token")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def run_search_job(job: SearchJob) -> dict:
+    """Run the search; returns the ``search.json`` content (also written to ``job.out`` with the final model).
+
+    Raises:
+        ConfigError: bad options or data, before the model is loaded whenever possible.
+    """
+    source, num_blocks, device, dtype, previous = check_search(job)
+    hi = beta_max(job.sparsity, num_blocks)
+    config = _config(job, str(dtype).removeprefix("torch."), str(device))
+    out = Path(job.out).expanduser() if job.out else None
+    t_start = time.perf_counter()
+    model, tokenizer = load_model(source, dtype=dtype, device=device)
+    adapter = Adapter.for_model(model)
+    calib, select, select_info = _selection_windows(job, tokenizer)
+    inputs = first_block_inputs(adapter, calib, job.batch_size)  # shared by every trial
+    linears = {f"{i}.{n}": lin for i, b in enumerate(adapter.blocks) for n, lin in adapter.linears(b).items()}
+    dense = {n: lin.weight.detach().to("cpu", copy=True) for n, lin in linears.items()}
+    reference = next_token_logprobs(model, select, batch_size=job.batch_size) if job.metric == "kl" else None
+    dense_select_ppl = perplexity(model, select.flatten(), job.seqlen, batch_size=job.batch_size)["ppl"]
+    state = {"schema": SEARCH_SCHEMA, "config": config, "selected_on_test": job.select_on_test,
+             "selection_data": select_info, "num_blocks": num_blocks, "beta_max": hi,
+             "dense_selection_ppl": dense_select_ppl, "trials": list(previous), "chosen": None}
+    memo = {t["beta"]: t["metric"] for t in previous}
+    budget = job.max_trials if job.strategy == "golden" else len(grid_betas(job.sparsity, num_blocks, job.step))
+    bar = tqdm(total=budget, desc="beta trials", unit="trial", disable=not job.progress)
+    bar.update(len(previous))
+
+    def objective(beta: float) -> float:
+        if beta in memo:
+            return memo[beta]
+        t0 = time.perf_counter()
+        _restore(linears, dense)
+        result = prune(model, method=job.method, sparsity=job.sparsity, allocation="atp", beta=beta, calib=calib,
+                       block_inputs=inputs, batch_size=job.batch_size, progress=False)
+        if job.metric == "kl":
+            value = kl_to_reference(model, select, reference, batch_size=job.batch_size)
+        else:
+            value = perplexity(model, select.flatten(), job.seqlen, batch_size=job.batch_size)["ppl"]
+        memo[beta] = value
+        state["trials"].append({"beta": beta, "rates": result.spec["rates"], "metric": value,
+                                "overall_sparsity": result.overall_sparsity, "seconds": time.perf_counter() - t0})
+        if out is not None:
+            write_json(out / "search.json", state)
+        bar.update(1)
+        return value
+
+    try:
+        if job.strategy == "golden":
+            trials = golden_search(objective, hi, job.max_trials)
+        else:
+            trials = [(b, objective(b)) for b in grid_betas(job.sparsity, num_blocks, job.step)]
+    finally:
+        bar.close()
+    chosen, chosen_value = best_trial(trials)
+    state["chosen"] = {"beta": chosen, "metric": chosen_value}
+    state["search_seconds"] = time.perf_counter() - t_start
+
+    _restore(linears, dense)
+    final = prune(model, method=job.method, sparsity=job.sparsity, allocation="atp", beta=chosen, calib=calib,
+                  block_inputs=inputs, batch_size=job.batch_size, progress=job.progress)
+    evaluation = {"dense": None, "sparse": None}
+    if job.eval_data:
+        from atprune.api import evaluate_perplexity
+
+        evaluation["sparse"] = evaluate_perplexity(model, tokenizer, job.eval_data, split=data_mod.eval_split(job.eval_data),
+                                                   seqlen=job.seqlen, data_dir=job.data_dir, batch_size=job.batch_size,
+                                                   max_windows=job.eval_windows, progress=job.progress)
+        evaluation["sparse"]["selected_on_test"] = job.select_on_test
+    state["final_evaluation"] = evaluation["sparse"]
+    notes = ["SELECTED ON TEST: beta was chosen on the evaluation split (reference protocol)"] if job.select_on_test else []
+    if out is not None:
+        report = build_report(config=config | {"allocation": "atp", "beta": chosen}, prune_result=final.to_dict(),
+                              evaluation=evaluation, timings={"search": state["search_seconds"], "prune": final.seconds},
+                              model={"spec": job.model, "source": source.kind, "path": source.path,
+                                     "class": type(model).__name__, "blocks": num_blocks}, warnings=notes)
+        report["selected_on_test"] = job.select_on_test
+        save_pruned(model, tokenizer, out, report, overwrite=True)
+        write_json(out / "search.json", state)
+        title = (f"{job.model} {job.method} S={job.sparsity:g} ({job.strategy}, {len(state['trials'])} trials)"
+                 + (" - SELECTED ON TEST" if job.select_on_test else ""))
+        plot_search(state["trials"], chosen, job.metric, out / "search.png", title)
+    return state

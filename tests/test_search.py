@@ -1,0 +1,158 @@
+import json
+import math
+
+import pytest
+import torch
+
+import atprune.search_job as search_job
+from atprune import data as data_mod
+from atprune.allocators import beta_max
+from atprune.analysis import reconstruction_errors
+from atprune.cli import main
+from atprune.errors import ConfigError
+from atprune.search import GOLDEN, best_trial, golden_search, grid_betas
+from atprune.search_job import SearchJob, run_search_job
+from tests.conftest import random_text, save_tiny_model, tiny_model
+
+
+@pytest.mark.parametrize("s,L", [(0.7, 30), (0.5, 32), (0.2, 12), (0.9, 80)])
+def test_grid_is_the_reference_grid_up_to_the_legal_bound(s, L):
+    hi = min(2 * s, 2 * (1 - s)) / (L - 1)
+    betas = grid_betas(s, L)
+    assert betas[0] == 0.0
+    assert betas[1:] == pytest.approx([0.002 * k for k in range(1, len(betas))])
+    assert betas[-1] <= hi + 1e-12 and 0.002 * len(betas) > hi
+
+
+@pytest.mark.parametrize("where", [0.0, 0.05, 0.2, 0.381966, 0.5, 0.7, 0.9, 1.0])
+@pytest.mark.parametrize("budget", [4, 6, 8])
+def test_golden_finds_minimum_of_unimodal_function_within_budget(where, budget):
+    hi = beta_max(0.7, 30)
+    target = where * hi
+    calls = []
+
+    def f(beta):
+        calls.append(beta)
+        return 3.0 + abs(beta - target) ** 1.5 * 1e3
+
+    trials = golden_search(f, hi, max_trials=budget)
+    assert len(calls) == len(trials) <= budget
+    assert all(0.0 <= b <= hi for b, _ in trials)  # never an illegal beta
+    best, _ = best_trial(trials)
+    assert abs(best - target) <= GOLDEN ** (budget - 2) * hi + 1e-15
+
+
+def test_golden_rejects_tiny_budget_and_best_trial_skips_nan():
+    with pytest.raises(ConfigError, match="max-trials >= 3"):
+        golden_search(lambda b: b, 0.01, max_trials=2)
+    assert best_trial([(0.0, 5.0), (0.01, math.nan), (0.02, 4.0)]) == (0.02, 4.0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    model = save_tiny_model(root / "model", layers=3)
+    calib = root / "calib.txt"
+    calib.write_text(random_text(3000, seed=3))
+    evalf = root / "eval.txt"
+    evalf.write_text(random_text(400, seed=4))
+    return {"root": root, "model": str(model), "calib": str(calib), "eval": str(evalf)}
+
+
+def _job(tiny, out, **kw):
+    base = dict(model=tiny["model"], method="wanda", sparsity=0.6, calib_data=tiny["calib"], eval_data=tiny["eval"],
+                nsamples=4, nselect=3, seqlen=32, max_trials=4, out=str(out), progress=False)
+    return SearchJob(**(base | kw))
+
+
+def test_selection_windows_are_disjoint_from_calibration(tiny, monkeypatch):
+    monkeypatch.setattr(data_mod, "token_stream", lambda tok, src, max_tokens=None, seed=0: torch.arange(1000))
+    calib, select, info = search_job._selection_windows(_job(tiny, tiny["root"] / "unused", nsamples=10, nselect=5), None)
+    assert calib.shape == (10, 32) and select.shape == (5, 32)
+    positions_c, positions_s = set(calib.flatten().tolist()), set(select.flatten().tolist())
+    assert len(positions_c) == 320 and len(positions_s) == 160 and not positions_c & positions_s
+    assert "disjoint" in info["source"]
+
+
+def test_search_then_resume_skips_finished_trials(tiny, monkeypatch):
+    out = tiny["root"] / "run"
+    state = run_search_job(_job(tiny, out))
+    assert len(state["trials"]) == 4 and not state["selected_on_test"]
+    hi = state["beta_max"]
+    assert [t["beta"] for t in state["trials"][:3]] == pytest.approx([0.0, (1 - GOLDEN) * hi, GOLDEN * hi])
+    assert state["chosen"]["metric"] == min(t["metric"] for t in state["trials"])
+    for t in state["trials"]:
+        assert sum(t["rates"]) / len(t["rates"]) == pytest.approx(0.6)
+    assert (out / "search.png").stat().st_size > 1000 and (out / "model.safetensors").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["beta"] == state["chosen"]["beta"]
+
+    saved = json.loads((out / "search.json").read_text())
+    saved["trials"] = saved["trials"][:2]
+    (out / "search.json").write_text(json.dumps(saved))
+    calls = []
+    real = search_job.prune
+    monkeypatch.setattr(search_job, "prune", lambda *a, **k: calls.append(k["beta"]) or real(*a, **k))
+    again = run_search_job(_job(tiny, out, resume=True))
+    # 2 trials redone + the final prune; the 2 recorded ones are not
+    assert len(calls) == 3 and calls[:2] == pytest.approx([t["beta"] for t in state["trials"][2:]])
+    assert [t["metric"] for t in again["trials"]] == pytest.approx([t["metric"] for t in state["trials"]])
+
+
+def test_resume_refuses_different_options(tiny):
+    out = tiny["root"] / "run"
+    with pytest.raises(ConfigError, match="cannot resume.*nsamples"):
+        run_search_job(_job(tiny, out, resume=True, nsamples=5))
+
+
+def test_selection_on_evaluation_data_is_refused_unless_marked(tiny, capsys):
+    with pytest.raises(ConfigError, match="select-on-test"):
+        run_search_job(_job(tiny, tiny["root"] / "a", select_data=tiny["eval"]))
+    out = tiny["root"] / "b"
+    state = run_search_job(_job(tiny, out, select_on_test=True, max_trials=3))
+    assert state["selected_on_test"] and state["selection_data"]["source"] == "selected on test"
+    report = json.loads((out / "report.json").read_text())
+    assert report["selected_on_test"] is True and any("SELECTED ON TEST" in w for w in report["warnings"])
+
+
+def test_search_cli_kl_metric_and_grid(tiny, capsys):
+    out = tiny["root"] / "kl"
+    code = main(["search", "--model", tiny["model"], "--method", "magnitude", "--sparsity", "0.5", "--calib-data",
+                 tiny["calib"], "--eval-data", tiny["eval"], "--nsamples", "3", "--nselect", "2", "--seqlen", "32",
+                 "--strategy", "grid", "--step", "0.1", "--metric", "kl", "--out", str(out), "--quiet"])
+    assert code == 0
+    state = json.loads((out / "search.json").read_text())
+    assert [t["beta"] for t in state["trials"]] == pytest.approx(grid_betas(0.5, 3, 0.1))
+    assert all(t["metric"] > 0 for t in state["trials"])  # pruned at 50%: predictions moved from the dense model
+    assert "chosen beta" in capsys.readouterr().out
+
+
+def test_search_rejects_unknown_strategy_before_loading(tiny, capsys):
+    code = main(["search", "--model", tiny["model"], "--calib-data", tiny["calib"], "--strategy", "random",
+                 "--out", str(tiny["root"] / "z")])
+    assert code == 2 and "unknown strategy 'random'" in capsys.readouterr().err
+
+
+def test_reconstruction_error_is_zero_at_sparsity_zero_and_grows_otherwise():
+    windows = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(5))
+    zero = reconstruction_errors(tiny_model("llama", layers=4), windows, method="sparsegpt", sparsity=0.0)
+    assert zero["local"] == [0.0] * 4 and zero["accumulated"] == [0.0] * 4
+    errs = reconstruction_errors(tiny_model("llama", layers=4), windows, method="wanda", sparsity=0.6)
+    assert errs["accumulated"][0] == errs["local"][0] > 0  # block 0 sees the dense input either way
+    assert all(a > 0 for a in errs["accumulated"])
+    assert errs["accumulated"][-1] > errs["local"][-1]
+
+
+def test_analyze_cli_writes_curves_per_allocation(tiny, capsys):
+    out = tiny["root"] / "analyze"
+    code = main(["analyze", "--model", tiny["model"], "--method", "wanda", "--sparsity", "0.6", "--allocations",
+                 "uniform", "atp:0.2", "--calib-data", tiny["calib"], "--nsamples", "3", "--seqlen", "32",
+                 "--out", str(out), "--quiet"])
+    assert code == 0
+    result = json.loads((out / "analysis.json").read_text())
+    assert list(result["curves"]) == ["uniform", "atp:0.2"]
+    assert result["curves"]["atp:0.2"]["rates"] == pytest.approx([0.4, 0.6, 0.8])
+    assert (out / "analysis.png").stat().st_size > 1000
+    code = main(["analyze", "--model", tiny["model"], "--sparsity", "0.6", "--allocations", "atp:0.9",
+                 "--calib-data", tiny["calib"], "--out", str(tiny["root"] / "bad")])
+    assert code == 2 and "illegal beta 0.9" in capsys.readouterr().err
