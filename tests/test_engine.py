@@ -6,9 +6,11 @@ from atprune.models import Adapter
 from tests.conftest import tiny_model
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-def test_sequential_at_sparsity_zero_reproduces_full_model(arch):
+def test_sequential_at_sparsity_zero_reproduces_full_model(arch, attn):
     model = tiny_model(arch, layers=4)
+    model.config._attn_implementation = attn
     adapter = Adapter.for_model(model)
     windows = torch.randint(0, 128, (5, 32), generator=torch.Generator().manual_seed(1))
     # reference: the last block's outputs in one ordinary forward pass
@@ -49,3 +51,26 @@ def test_block_zero_kwargs_are_captured(llama):
     cos, sin = inputs.kwargs[0]["position_embeddings"]
     assert cos.shape[-2:] == (8, 16)
     assert inputs.kwargs[0]["use_cache"] is False
+
+
+class TupleBlock(torch.nn.Module):
+    """Wraps a decoder layer the way older transformers returned it: a tuple ``(hidden_states,)``."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, hidden_states, **kwargs):
+        out = self.inner(hidden_states, **kwargs)
+        return (out[0] if isinstance(out, tuple) else out,)
+
+
+def test_blocks_returning_tuples_are_handled():
+    model = tiny_model("llama", layers=3)
+    adapter = Adapter.for_model(model)
+    windows = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(6))
+    plain = torch.cat(sequential(adapter, windows, lambda *a: None, needs_stats=False))
+    for i, block in enumerate(list(adapter.blocks)):
+        adapter.blocks[i] = TupleBlock(block)
+    wrapped = torch.cat(sequential(adapter, windows, lambda *a: None, needs_stats=False))
+    assert torch.equal(plain, wrapped)
