@@ -72,13 +72,10 @@ def reconstruction_errors(model, windows: torch.Tensor, *, method: str, sparsity
 
 def plot_errors(curves: dict[str, dict], path: str | Path, title: str) -> None:
     """PNG with local (dashed) and accumulated (solid) error against block index, one colour per allocation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from atprune.plotting import new_figure, save_png
 
     path = Path(path)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = new_figure(7, 4.5)
     for k, (label, c) in enumerate(curves.items()):
         color = f"C{k}"
         xs = range(len(c["local"]))
@@ -90,11 +87,7 @@ def plot_errors(curves: dict[str, dict], path: str | Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_png(fig, path)
 
 
 def parse_allocation(text: str) -> tuple[str, float | None]:

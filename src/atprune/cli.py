@@ -16,52 +16,40 @@ from atprune.errors import ConfigError
 from atprune.pruners import PRUNERS
 
 
-def _add_prune_args(p: argparse.ArgumentParser) -> None:
+def _add_common_args(p: argparse.ArgumentParser, *, sparsity_default: float | None = 0.5, out_required: bool = True) -> None:
+    """Options every subcommand shares: model, pruner, calibration data, sampling, device, output."""
     p.add_argument("--model", required=True, help="alias (smollm2-135m), .gguf file, model folder or Hugging Face id")
     p.add_argument("--method", default="wanda", help=f"pruner: {', '.join(PRUNERS)} (default wanda)")
-    p.add_argument("--sparsity", type=float, default=None, help="target sparsity ratio S in [0, 1) (default 0.5; "
-                   "implied by an N:M pattern)")
-    p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4, 4:8")
-    p.add_argument("--allocation", default="uniform", help=f"per-block sparsity allocation: {', '.join(ALLOCATORS)}")
-    p.add_argument("--beta", type=float, default=None, help="ATP step between consecutive blocks; legal range "
-                   "[0, min(2S, 2(1-S))/(L-1)]")
+    p.add_argument("--sparsity", type=float, default=sparsity_default, help="target sparsity ratio S in [0, 1) "
+                   "(default 0.5" + ("; implied by an N:M pattern)" if sparsity_default is None else ")"))
     p.add_argument("--calib-data", default="c4", help="calibration text: c4, wikitext2, or a .raw/.txt/.jsonl/"
                    ".json(.gz)/.parquet file (default c4)")
-    p.add_argument("--eval-data", default="wikitext2", help="perplexity text (test split): wikitext2, a file or a "
-                   "data folder (default wikitext2)")
-    p.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
-    p.add_argument("--no-eval-dense", action="store_true", help="skip the dense model's perplexity")
     p.add_argument("--data-dir", default=None, help="local data folder for named sets (default $ATPRUNE_DATA_DIR)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sample and eval window (default 2048)")
-    p.add_argument("--eval-seqlen", type=int, default=None, help="eval window length (default: --seqlen)")
-    p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows (quick checks)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     p.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16 (default on CUDA), float16")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--out", default=None, help="folder for the pruned model, tokenizer and report.json")
+    p.add_argument("--out", required=out_required, default=None, help="output folder (model, tokenizer, reports)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_prune_args(p: argparse.ArgumentParser) -> None:
+    _add_common_args(p, sparsity_default=None, out_required=False)
+    p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4, 4:8")
+    p.add_argument("--allocation", default="uniform", help=f"per-block sparsity allocation: {', '.join(ALLOCATORS)}")
+    p.add_argument("--beta", type=float, default=None, help="ATP step between consecutive blocks; legal range "
+                   "[0, min(2S, 2(1-S))/(L-1)]")
+    p.add_argument("--eval-data", default="wikitext2", help="perplexity text (test split): wikitext2, a file or a "
+                   "data folder (default wikitext2)")
+    p.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
+    p.add_argument("--no-eval-dense", action="store_true", help="skip the dense model's perplexity")
+    p.add_argument("--eval-seqlen", type=int, default=None, help="eval window length (default: --seqlen)")
+    p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows (quick checks)")
     p.add_argument("--strict", action="store_true", help="fewer calibration tokens than asked is an error")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON instead of the table")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def _add_common_args(p: argparse.ArgumentParser, method: bool = True) -> None:
-    p.add_argument("--model", required=True, help="alias (smollm2-135m), .gguf file, model folder or Hugging Face id")
-    p.add_argument("--method", default="wanda", help=f"pruner: {', '.join(PRUNERS)} (default wanda)")
-    p.add_argument("--sparsity", type=float, default=0.5, help="target sparsity ratio S in [0, 1) (default 0.5)")
-    p.add_argument("--calib-data", default="c4", help="calibration text: c4, wikitext2 or a file (default c4)")
-    p.add_argument("--data-dir", default=None, help="local data folder for named sets (default $ATPRUNE_DATA_DIR)")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per sample / window (default 2048)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
-    p.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16 (default on CUDA), float16")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:

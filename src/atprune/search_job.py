@@ -158,13 +158,10 @@ def _restore(linears: dict[str, torch.nn.Linear], dense: dict[str, torch.Tensor]
 
 def plot_search(trials: list[dict], chosen: float, metric: str, path: Path, title: str) -> None:
     """PNG of the selection metric against beta; uniform (beta = 0) and the chosen beta are marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from atprune.plotting import new_figure, save_png
 
     pts = sorted((t["beta"], t["metric"]) for t in trials if t["metric"] is not None and math.isfinite(t["metric"]))
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure(6, 4)
     ax.plot([b for b, _ in pts], [v for _, v in pts], "o-", color="tab:blue", label="trials")
     for b, v in pts:
         if b == 0.0:
@@ -176,11 +173,7 @@ def plot_search(trials: list[dict], chosen: float, metric: str, path: Path, titl
     ax.set_title(title, fontsize=9)
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_png(fig, path)
 
 
 def run_search_job(job: SearchJob) -> dict:
