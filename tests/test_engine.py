@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from atprune.engine import first_block_inputs, sequential
+from atprune.engine import first_block_inputs, run_block, sequential
 from atprune.models import Adapter
 from tests.conftest import tiny_model
 
@@ -48,9 +48,42 @@ def test_block_zero_kwargs_are_captured(llama):
     adapter = Adapter.for_model(llama)
     inputs = first_block_inputs(adapter, torch.zeros(2, 8, dtype=torch.long), batch_size=1)
     assert len(inputs.hidden) == 2 and inputs.hidden[0].shape == (1, 8, 64)
-    cos, sin = inputs.kwargs[0]["position_embeddings"]
+    cos, sin = inputs.kwargs(0, 1)["position_embeddings"]
     assert cos.shape[-2:] == (8, 16)
-    assert inputs.kwargs[0]["use_cache"] is False
+    assert inputs.kwargs(0, 1)["use_cache"] is False
+    assert inputs.overrides == {1: {}}  # llama: every block gets block 0's arguments
+
+
+def _per_layer_type_model(kind: str):
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, Qwen2Config
+
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256)
+    if kind == "gemma3":
+        config = Gemma3TextConfig(**common, head_dim=16, sliding_window=8,
+                                  layer_types=["sliding_attention", "full_attention"] * 2)
+    else:
+        config = Qwen2Config(**common, use_sliding_window=True, sliding_window=8, max_window_layers=2)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "qwen2-sliding"])
+def test_per_layer_attention_types_get_their_own_mask(kind):
+    """Sliding-window and full-attention blocks receive different masks; replaying block 0's would be wrong."""
+    model = _per_layer_type_model(kind)
+    adapter = Adapter.for_model(model)
+    windows = torch.randint(0, 128, (3, 32), generator=torch.Generator().manual_seed(7))
+    ref = []
+    h = adapter.blocks[-1].register_forward_hook(lambda m, a, out: ref.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        model(input_ids=windows, use_cache=False)
+    h.remove()
+    inputs = first_block_inputs(adapter, windows, batch_size=2)
+    assert any(inputs.overrides[2].values()) and any(inputs.overrides[1].values())  # some blocks differ
+    got = torch.cat(sequential(adapter, windows, lambda *a: None, needs_stats=False, batch_size=2, inputs=inputs))
+    assert (got - ref[0]).abs().max().item() < 1e-4
 
 
 class TupleBlock(torch.nn.Module):
@@ -69,8 +102,8 @@ def test_blocks_returning_tuples_are_handled():
     model = tiny_model("llama", layers=3)
     adapter = Adapter.for_model(model)
     windows = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(6))
-    plain = torch.cat(sequential(adapter, windows, lambda *a: None, needs_stats=False))
-    for i, block in enumerate(list(adapter.blocks)):
-        adapter.blocks[i] = TupleBlock(block)
-    wrapped = torch.cat(sequential(adapter, windows, lambda *a: None, needs_stats=False))
-    assert torch.equal(plain, wrapped)
+    inputs = first_block_inputs(adapter, windows, batch_size=1)
+    block = adapter.blocks[0]
+    plain = run_block(block, 0, inputs)
+    wrapped = run_block(TupleBlock(block), 0, inputs)
+    assert len(plain) == len(wrapped) == 2 and all(torch.equal(a, b) for a, b in zip(plain, wrapped))

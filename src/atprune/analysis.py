@@ -51,22 +51,22 @@ def reconstruction_errors(model, windows: torch.Tensor, *, method: str, sparsity
     spec = plan(method, sparsity, adapter.num_blocks, allocation=allocation, beta=beta, pattern=pattern)
     pruner = get_pruner(method)
     dense_in = inputs or first_block_inputs(adapter, windows, batch_size)
-    sparse_in = BlockInputs(list(dense_in.hidden), dense_in.kwargs)
+    sparse_in = dense_in.with_hidden(list(dense_in.hidden))
     local, accumulated = [], []
     for i, block in enumerate(adapter.blocks):
         linears = adapter.linears(block)
-        dense_out = run_block(block, dense_in)
-        stats = collect_stats(block, linears, sparse_in, pruner.needs_hessian) if pruner.needs_stats else None
+        dense_out = run_block(block, i, dense_in)
+        stats = collect_stats(block, i, linears, sparse_in, pruner.needs_hessian) if pruner.needs_stats else None
         for name, lin in linears.items():
             lin.weight.data = pruner.prune(lin.weight.data, stats[name] if stats else None, spec.rates[i], spec.pattern)
         del stats
-        local_out = run_block(block, dense_in)
-        sparse_out = run_block(block, sparse_in)
+        local_out = run_block(block, i, dense_in)
+        sparse_out = run_block(block, i, sparse_in)
         norm = _sq(dense_out)
         local.append(_sq_diff(dense_out, local_out) / norm)
         accumulated.append(_sq_diff(dense_out, sparse_out) / norm)
-        dense_in = BlockInputs(dense_out, dense_in.kwargs)
-        sparse_in = BlockInputs(sparse_out, sparse_in.kwargs)
+        dense_in = dense_in.with_hidden(dense_out)
+        sparse_in = sparse_in.with_hidden(sparse_out)
     return {"rates": list(spec.rates), "local": local, "accumulated": accumulated}
 
 

@@ -1,8 +1,9 @@
 """The sequential block-by-block engine.
 
-1. Run the model on the calibration windows until block 0 and keep, per batch, the hidden states and
-   every keyword argument the model passes to the block (attention mask, possibly ``None``; position
-   embeddings computed at model level; position ids; cache arguments, with the KV cache off).
+1. Run the model on the calibration windows until block 0 and keep, per batch, the hidden states, and
+   every keyword argument the model passes to each block (attention mask, possibly ``None``; position
+   embeddings computed at model level; position ids; cache arguments, with the KV cache off); blocks of
+   another attention type (sliding window) get their own mask and rotary table.
 2. For block i: collect input statistics of its Linear sublayers with forward hooks (one pass with the
    current, already sparse-fed, inputs), call ``prune_block(i, block, stats)``, then recompute the block's
    outputs with the pruned weights; they are the next block's inputs.
@@ -30,15 +31,73 @@ class _StopForward(Exception):
 
 @dataclass
 class BlockInputs:
-    """Inputs of the current block: ``hidden[k]`` is ``[batch, seqlen, hidden]`` and ``kwargs[k]`` the
-    keyword arguments that go with it."""
+    """Inputs of the current block.
+
+    Attributes:
+        hidden: one ``[batch, seqlen, hidden]`` tensor per calibration batch.
+        shared: keyword arguments of block 0 per batch size (identical for every batch of that size, since
+            windows have one length and no padding).
+        overrides: per batch size, ``{block index: {name: value}}`` for the keyword arguments a block receives
+            that differ from block 0's (models with per-layer attention types, e.g. sliding-window layers,
+            pass a different mask or rotary table to some blocks); empty for most models.
+    """
 
     hidden: list[torch.Tensor]
-    kwargs: list[dict]
+    shared: dict[int, dict]
+    overrides: dict[int, dict[int, dict]]
+
+    def kwargs(self, block: int, batch: int) -> dict:
+        """Keyword arguments for ``block`` and a batch of ``batch`` windows."""
+        return self.shared[batch] | self.overrides[batch].get(block, {})
+
+    def with_hidden(self, hidden: list[torch.Tensor]) -> "BlockInputs":
+        return BlockInputs(hidden, self.shared, self.overrides)
+
+
+def _same(a, b) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b
+
+
+def _record_all_blocks(adapter: Adapter, batch: torch.Tensor) -> tuple[torch.Tensor, dict, dict[int, dict]]:
+    """One full forward pass of one batch with pre-hooks on every block: block 0's input, block 0's keyword
+    arguments, and per block the keyword arguments that differ from block 0's."""
+    seen: list[tuple] = [None] * adapter.num_blocks
+
+    def make_hook(i):
+        def hook(module, args, kwargs):
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            seen[i] = (hidden.detach() if i == 0 else None, kwargs | {"use_cache": False})
+
+        return hook
+
+    handles = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(adapter.blocks)]
+    try:
+        with torch.no_grad():
+            adapter.model(input_ids=batch, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    hidden, base = seen[0]
+    overrides = {}
+    for i in range(1, adapter.num_blocks):
+        diff = {k: v for k, v in seen[i][1].items() if k not in base or not _same(v, base[k])}
+        if diff:
+            overrides[i] = diff
+    return hidden, base, overrides
 
 
 def first_block_inputs(adapter: Adapter, windows: torch.Tensor, batch_size: int = 1) -> BlockInputs:
-    """Capture what block 0 receives when the model runs on ``windows``.
+    """Capture what the blocks receive when the model runs on ``windows``.
+
+    The first batch of each size runs through the whole model with hooks on every block (so per-block keyword
+    arguments are known); every other batch stops right after block 0's inputs are captured.
 
     Args:
         windows: ``[nsamples, seqlen]`` int64 token ids (no padding).
@@ -47,50 +106,53 @@ def first_block_inputs(adapter: Adapter, windows: torch.Tensor, batch_size: int 
     Returns:
         :class:`BlockInputs` on the model's device.
     """
-    model = adapter.model
-    device = next(model.parameters()).device
-    captured = BlockInputs([], [])
+    device = next(adapter.model.parameters()).device
+    captured = BlockInputs([], {}, {})
 
     def grab(module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.hidden.append(hidden.detach())
-        captured.kwargs.append({k: v for k, v in kwargs.items()} | {"use_cache": False})
+        captured.hidden.append((args[0] if args else kwargs["hidden_states"]).detach())
         raise _StopForward
 
-    handle = adapter.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for batch in windows.split(batch_size):
-                try:
-                    model(input_ids=batch.to(device), use_cache=False)
-                except _StopForward:
-                    pass
-    finally:
-        handle.remove()
+    for batch in windows.split(batch_size):
+        batch = batch.to(device)
+        size = batch.shape[0]
+        if size not in captured.shared:
+            hidden, captured.shared[size], captured.overrides[size] = _record_all_blocks(adapter, batch)
+            captured.hidden.append(hidden)
+            continue
+        handle = adapter.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                adapter.model(input_ids=batch, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
     return captured
 
 
-def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
-    """Outputs of ``block`` for every captured batch; tuple outputs are reduced to their first item."""
+def run_block(block: nn.Module, index: int, inputs: BlockInputs) -> list[torch.Tensor]:
+    """Outputs of ``block`` (number ``index``) for every batch of ``inputs``, each ``[batch, seqlen, hidden]``;
+    tuple outputs are reduced to their first item."""
     outs = []
     with torch.no_grad():
-        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
-            out = block(hidden, **kwargs)
+        for hidden in inputs.hidden:
+            out = block(hidden, **inputs.kwargs(index, hidden.shape[0]))
             outs.append(out[0] if isinstance(out, (tuple, list)) else out)
     return outs
 
 
-def collect_stats(block: nn.Module, linears: dict[str, nn.Linear], inputs: BlockInputs, hessian: bool) -> dict[str, InputStats]:
-    """One forward pass of ``block`` over ``inputs`` with hooks that accumulate :class:`InputStats`
-    for every layer in ``linears``."""
+def collect_stats(block: nn.Module, index: int, linears: dict[str, nn.Linear], inputs: BlockInputs,
+                  hessian: bool) -> dict[str, InputStats]:
+    """One forward pass of ``block`` (number ``index``) over ``inputs`` with hooks that accumulate
+    :class:`InputStats` (fp32) for every layer in ``linears``."""
     stats = {name: InputStats(lin.in_features, hessian=hessian) for name, lin in linears.items()}
     handles = [
         lin.register_forward_hook(lambda mod, args, out, s=stats[name]: s.add(args[0]))
         for name, lin in linears.items()
     ]
     try:
-        run_block(block, inputs)
+        run_block(block, index, inputs)
     finally:
         for h in handles:
             h.remove()
@@ -128,13 +190,13 @@ def sequential(
     """
     if inputs is None:
         inputs = first_block_inputs(adapter, windows, batch_size)
-    current = BlockInputs(list(inputs.hidden), inputs.kwargs)
+    current = inputs.with_hidden(list(inputs.hidden))
     for i, block in enumerate(adapter.blocks):
         linears = adapter.linears(block)
-        stats = collect_stats(block, linears, current, needs_hessian) if needs_stats else None
+        stats = collect_stats(block, i, linears, current, needs_hessian) if needs_stats else None
         prune_block(i, block, linears, stats)
         del stats
-        current = BlockInputs(run_block(block, current), current.kwargs)
+        current = current.with_hidden(run_block(block, i, current))
         if progress is not None:
             progress(i)
     return current.hidden
