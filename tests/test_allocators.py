@@ -136,8 +136,10 @@ def test_get_allocator_known_names():
     assert isinstance(get_allocator("uniform"), UniformAllocator)
     a = get_allocator("atp", beta=0.02)
     assert isinstance(a, ATPAllocator) and a.beta == 0.02
-    # beta=None is treated as "not given" -> default 0 (uniform progression)
-    assert get_allocator("atp", beta=None).rates(0.4, 4) == [0.4] * 4
+    # atp without a beta is an error, not a silent uniform
+    with pytest.raises(ConfigError, match="needs --beta"):
+        get_allocator("atp", beta=None)
+    assert get_allocator("atp", beta=0.0).rates(0.4, 4) == [0.4] * 4
 
 
 @pytest.mark.parametrize("name", ["bogus", "ATP", "", "owl"])

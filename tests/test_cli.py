@@ -207,3 +207,22 @@ def test_named_calib_split_missing_from_data_dir_fails_before_loading(files, no_
 def test_eval_on_c4_missing_from_data_dir_fails_before_loading(files, no_load, capsys, tmp_path):
     args = _replace(_base(files), "--eval-data", "c4") + ["--data-dir", str(tmp_path)]
     _assert_one_line_error(*_run(capsys, args), r"c4 validation not found in data folder")
+
+
+def test_magnitude_needs_no_calibration_data(files, capsys, monkeypatch):
+    import atprune.engine
+
+    monkeypatch.setattr(atprune.engine, "first_block_inputs", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    out = files["root"] / "mag"
+    code, _, err = _run(capsys, _base(files) + ["--method", "magnitude", "--sparsity", "0.5", "--no-eval", "--out",
+                                                str(out)])
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["pruning"]["calibration"] == {} and report["pruning"]["overall_sparsity"] == 0.5
+
+
+def test_evaluation_text_shorter_than_a_window_is_a_config_error(files, capsys, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("abc")
+    code, out, err = _run(capsys, _replace(_base(files), "--eval-data", str(short)))
+    assert code == 2 and "less than one window of 16" in err

@@ -159,11 +159,23 @@ def test_c4_name_with_only_the_sample_warns_and_uses_it():
     with open(C4_SAMPLE, encoding="utf-8") as fh:
         expected = [json.loads(line)["text"] for line in fh if line.strip()]
     assert len(expected) == 1000
-    for split in ("train", "validation"):
-        with pytest.warns(UserWarning, match="not comparable"):
-            src = load_text("c4", split, data_dir=DATA_DIR)
-        assert src.name == "c4" and src.documents == expected and not src.joined
-        assert "c4-sample" in src.origin
+    with pytest.warns(UserWarning, match="not comparable"):
+        src = load_text("c4", "train", data_dir=DATA_DIR)
+    assert src.name == "c4" and src.documents == expected and not src.joined
+    assert "c4-sample" in src.origin
+    # evaluation never falls back to a file that is not a validation shard (it may be the calibration text)
+    with pytest.raises(ConfigError, match="c4 validation not found"):
+        load_text("c4", "validation", data_dir=DATA_DIR)
+
+
+def test_c4_splits_never_cross(tmp_path):
+    folder = tmp_path / "c4"
+    folder.mkdir()
+    (folder / "c4-validation.00001-of-00008.jsonl").write_text(json.dumps({"text": "val doc"}) + "\n")
+    with pytest.raises(ConfigError, match="c4 train not found"):
+        load_text("c4", "train", data_dir=tmp_path)
+    with pytest.warns(UserWarning, match="not comparable"):
+        assert load_text("c4", "validation", data_dir=tmp_path).documents == ["val doc"]
 
 
 def test_c4_exact_shard_is_used_without_warning(tmp_path):
@@ -349,3 +361,21 @@ def test_eval_set_reads_a_txt_file_once(tmp_path):
 def test_check_readable_accepts_names_and_folders(tmp_path):
     for spec in ("c4", "wikitext2", "WikiText", str(tmp_path)):
         data_mod.check_readable(spec)
+
+
+def test_c4_evaluation_follows_sparsegpt_protocol(tmp_path):
+    from atprune.api import evaluate_perplexity
+    from tests.conftest import tiny_model
+
+    folder = tmp_path / "c4"
+    folder.mkdir()
+    docs = [f"doc{i} text" for i in range(1200)]
+    with open(folder / "c4-validation.00000-of-00008.jsonl", "w") as fh:
+        for d in docs:
+            fh.write(json.dumps({"text": d}) + "\n")
+    tok = char_tokenizer(bos=False)
+    es = eval_set(tok, "c4", "validation", data_dir=tmp_path)
+    expected = tok(" ".join(docs[:1100]))["input_ids"]
+    assert es.tokens.tolist() == expected and es.info["max_windows"] == 256
+    result = evaluate_perplexity(tiny_model("llama"), tok, es, seqlen=8, progress=False)
+    assert result["windows"] == 256 < result["windows_total"]

@@ -126,11 +126,13 @@ def test_check_output_dir_refuses_the_input_model(tmp_path):
     for bad in (model_dir, model_dir / "pruned", model_dir / "a" / "b", tmp_path):
         with pytest.raises(ConfigError, match="overlaps the input model"):
             check_output_dir(bad, overwrite=True, inputs=(str(model_dir),))
-    # a GGUF file stands for its folder
+    # a GGUF file: a folder that would contain it is refused, a folder beside it is fine
     gguf = model_dir / "m.gguf"
     gguf.write_bytes(b"GGUF")
-    with pytest.raises(ConfigError, match="overlaps the input model"):
-        check_output_dir(model_dir / "out", inputs=(str(gguf),))
+    for bad in (model_dir, tmp_path):
+        with pytest.raises(ConfigError, match="overlaps the input model"):
+            check_output_dir(bad, overwrite=True, inputs=(str(gguf),))
+    assert check_output_dir(model_dir / "out", inputs=(str(gguf),)) == (model_dir / "out").resolve()
     ok = tmp_path / "sibling"
     assert check_output_dir(ok, inputs=(str(model_dir),)) == ok.resolve()
     assert not ok.exists()  # checking creates nothing

@@ -156,3 +156,37 @@ def test_analyze_cli_writes_curves_per_allocation(tiny, capsys):
     code = main(["analyze", "--model", tiny["model"], "--sparsity", "0.6", "--allocations", "atp:0.9",
                  "--calib-data", tiny["calib"], "--out", str(tiny["root"] / "bad")])
     assert code == 2 and "illegal beta 0.9" in capsys.readouterr().err
+
+
+def test_resume_never_touches_the_input_model_and_accepts_nonfinite_trials(tiny):
+    with pytest.raises(ConfigError, match="overlaps the input model"):
+        run_search_job(_job(tiny, tiny["model"], resume=True))
+    out = tiny["root"] / "nan"
+    first = run_search_job(_job(tiny, out, max_trials=3))
+    saved = json.loads((out / "search.json").read_text())
+    saved["trials"][1]["metric"] = None  # as write_json stores a non-finite metric
+    (out / "search.json").write_text(json.dumps(saved))
+    again = run_search_job(_job(tiny, out, max_trials=3, resume=True))
+    assert math.isinf(again["trials"][1]["metric"])
+    assert again["chosen"]["beta"] in (first["trials"][0]["beta"], first["trials"][2]["beta"])
+
+
+def test_selection_identity_compares_the_text_actually_read(tiny, tmp_path):
+    import shutil
+
+    copy = tmp_path / "same.txt"
+    shutil.copyfile(tiny["eval"], copy)
+    link = tmp_path / "link.txt"
+    link.symlink_to(tiny["eval"])
+    with pytest.raises(ConfigError, match="selection data is the evaluation data"):
+        search_job.check_search(_job(tiny, tmp_path / "o1", select_data=str(link)))
+    # a different file (even with equal content) is a different text: allowed
+    search_job.check_search(_job(tiny, tmp_path / "o2", select_data=str(copy)))
+    assert data_mod.identity("wikitext2", "validation", "/nowhere") != data_mod.identity("wikitext2", "test", "/nowhere")
+
+
+def test_search_validates_step_and_trials_before_loading(tiny):
+    with pytest.raises(ConfigError, match="max-trials >= 3"):
+        search_job.check_search(_job(tiny, tiny["root"] / "t", max_trials=2))
+    with pytest.raises(ConfigError, match="grid step must be > 0"):
+        search_job.check_search(_job(tiny, tiny["root"] / "t", strategy="grid", step=0.0))

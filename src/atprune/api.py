@@ -135,14 +135,19 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
 
     Raises:
         ConfigError: bad options (see :func:`plan`), an N:M pattern a layer width does not divide, bad data.
+        torch.linalg.LinAlgError: SparseGPT's Hessian stays singular even after raising the damping.
     """
+    model.eval()
     adapter = Adapter.for_model(model)
     spec = plan(method, sparsity, adapter.num_blocks, allocation=allocation, beta=beta, pattern=pattern)
     for i, block in enumerate(adapter.blocks):
         for name, lin in adapter.linears(block).items():
             spec.pattern.check_width(lin.in_features, f"block {i} {name}")
     pruner = get_pruner(method)
-    windows, calib_info = _as_windows(calib, tokenizer, nsamples, seqlen, seed, data_dir, strict)
+    if pruner.needs_stats:
+        windows, calib_info = _as_windows(calib, tokenizer, nsamples, seqlen, seed, data_dir, strict)
+    else:
+        windows, calib_info = None, {}
     blocks: list[dict] = []
 
     def prune_block(i, block, linears, stats):
@@ -159,8 +164,13 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
     start = time.perf_counter()
     bar = tqdm(total=adapter.num_blocks, desc=f"{method} {spec.allocation}", unit="block", disable=not progress)
     try:
-        sequential(adapter, windows, prune_block, needs_stats=pruner.needs_stats, needs_hessian=pruner.needs_hessian,
-                   batch_size=batch_size, inputs=block_inputs, progress=lambda i: bar.update(1))
+        if pruner.needs_stats:
+            sequential(adapter, windows, prune_block, needs_hessian=pruner.needs_hessian, batch_size=batch_size,
+                       inputs=block_inputs, progress=lambda i: bar.update(1))
+        else:  # data-free (magnitude): no forward pass at all
+            for i, block in enumerate(adapter.blocks):
+                prune_block(i, block, adapter.linears(block), None)
+                bar.update(1)
     finally:
         bar.close()
     seconds = time.perf_counter() - start
@@ -189,6 +199,9 @@ def evaluate_perplexity(model, tokenizer, data: str | data_mod.EvalSet = "wikite
         bar.n = done
         bar.refresh()
 
+    cap = evalset.info.get("max_windows")
+    if cap is not None:
+        max_windows = cap if max_windows is None else min(max_windows, cap)
     try:
         result = perplexity(model, evalset.tokens, seqlen, batch_size=batch_size, max_windows=max_windows, progress=tick)
     finally:

@@ -112,8 +112,12 @@ def _named(spec: str, data_dir) -> tuple[str | None, Path | None]:
     return key, local
 
 
+C4_EVAL_DOCUMENTS = 1100  # SparseGPT's C4 protocol: the first 1100 validation documents joined with " " ...
+C4_EVAL_WINDOWS = 256  # ... and the first 256 windows of seqlen tokens
+
+
 def eval_split(spec: str) -> str:
-    """The split a perplexity evaluation uses: ``validation`` for C4 (as the papers do), else ``test``."""
+    """The split a perplexity evaluation uses: ``validation`` for C4 (SparseGPT's C4 protocol), else ``test``."""
     return "validation" if NAMES.get(spec.lower()) == "c4" else "test"
 
 
@@ -130,8 +134,13 @@ def _local_file(key: str, split: str, local: Path) -> Path:
     if key == "wikitext2":
         candidates = [local / "wikitext-2-raw-v1" / name, local / name]
     else:
+        # the exact shard, else another shard of the same split; for calibration (train) only, any other C4
+        # file that is not a validation shard (e.g. a sample), never crossing train and validation
         folder = local / "c4"
-        candidates = [folder / name] + sorted(folder.glob("*.json.gz")) + sorted(folder.glob("*.jsonl"))
+        same_split = sorted(folder.glob(f"c4-{split}.*.json.gz")) + sorted(folder.glob(f"c4-{split}.*.jsonl"))
+        others = [p for p in sorted(folder.glob("*.json.gz")) + sorted(folder.glob("*.jsonl"))
+                  if "validation" not in p.name] if split == "train" else []
+        candidates = [folder / name] + same_split + others
     for path in candidates:
         if path.is_file():
             return path
@@ -157,6 +166,22 @@ def check_available(spec: str, split: str, data_dir: str | os.PathLike | None = 
         _local_file(key, split, local)
 
 
+def identity(spec: str, split: str, data_dir: str | os.PathLike | None = None) -> str:
+    """What text ``spec``/``split`` actually reads: the resolved local file, or ``hf:<name>:<split>``.
+
+    Two specs with the same identity read the same text (used to keep selection data off the evaluation data).
+    """
+    key, local = _named(spec, data_dir)
+    if key is None:
+        return str(Path(spec).expanduser().resolve())
+    if local is not None:
+        try:
+            return str(_local_file(key, split, local).resolve())
+        except ConfigError:
+            return f"missing:{key}:{split}"
+    return f"hf:{key}:{split}"
+
+
 def load_text(spec: str, split: str, data_dir: str | os.PathLike | None = None) -> TextSource:
     """Load the documents of ``spec`` for ``split`` (``train``, ``validation`` or ``test``).
 
@@ -172,7 +197,8 @@ def load_text(spec: str, split: str, data_dir: str | os.PathLike | None = None) 
         return _load_file(Path(spec).expanduser(), split)
     if local is not None:
         path = _local_file(key, split, local)
-        if key == "c4" and path.name != Path(C4_FILES[split]).name:
+        shard = Path(C4_FILES[split]).name.split(".json")[0]
+        if key == "c4" and path.name.split(".json")[0] != shard:
             warnings.warn(f"C4 shard {Path(C4_FILES[split]).name} not in {path.parent}; using {path.name}, "
                           "whose numbers are not comparable with published C4-calibrated results")
         source = _load_file(path, split)
@@ -312,11 +338,18 @@ def evaluation_tokens(tokenizer, source: TextSource) -> tuple[torch.Tensor, dict
     """The whole evaluation text as one ``[N]`` int64 stream and its description.
 
     Several documents are joined with ``"\n\n"`` in file order, then tokenized once (the tokenizer's default
-    special tokens, i.e. at most one BOS at the very start).
+    special tokens, i.e. at most one BOS at the very start). C4 follows SparseGPT: the first 1100 documents joined
+    with ``" "``; ``info["max_windows"]`` then caps the evaluation at 256 windows.
     """
-    text = source.documents[0] if source.joined else "\n\n".join(source.documents)
+    extra = {}
+    if source.name == "c4":
+        text = " ".join(source.documents[:C4_EVAL_DOCUMENTS])
+        extra = {"protocol": f"SparseGPT C4: first {C4_EVAL_DOCUMENTS} documents joined with ' ', first "
+                             f"{C4_EVAL_WINDOWS} windows", "max_windows": C4_EVAL_WINDOWS}
+    else:
+        text = source.documents[0] if source.joined else "\n\n".join(source.documents)
     ids = torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
     bos = _bos_added(tokenizer)
-    return ids, source.describe() | {
+    return ids, source.describe() | extra | {
         "bos_policy": "tokenizer default on the joined text: " + ("one BOS at the start" if bos else "no BOS"),
     }

@@ -19,15 +19,19 @@ from atprune.errors import ConfigError
 def check_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: tuple[str, ...] = ()) -> Path:
     """Refuse a destination that would lose data; call before any heavy work.
 
+    Args:
+        inputs: paths of the input model (a folder, or a file such as a ``.gguf``).
+
     Raises:
-        ConfigError: ``out`` is a file; is, contains or lies inside an input path; or is a non-empty folder
-            (e.g. holding a model) and ``overwrite`` is False.
+        ConfigError: ``out`` is a file; is or contains an input file; is, contains or lies inside an input
+            folder; or is a non-empty folder (e.g. holding a model) and ``overwrite`` is False.
     """
     out = Path(out).expanduser().resolve()
     for src in inputs:
         src_path = Path(src).expanduser().resolve()
-        src_dir = src_path if src_path.is_dir() else src_path.parent
-        if out == src_dir or src_dir.is_relative_to(out) or out.is_relative_to(src_dir):
+        overlaps = (src_path.is_relative_to(out) if src_path.is_file()
+                    else out == src_path or src_path.is_relative_to(out) or out.is_relative_to(src_path))
+        if overlaps:
             raise ConfigError(f"output folder {out} overlaps the input model at {src_path}; choose another --out")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path {out} is a file; give a folder")
@@ -63,8 +67,19 @@ def _finite(obj):
     return obj
 
 
-def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrite: bool = False) -> Path:
-    """Save ``model`` (safetensors, tied weights kept tied), ``tokenizer`` and ``report.json`` into ``out``.
+def _public(path: Path) -> None:
+    """Give a folder tree made by mkdtemp/mkstemp (0700/0600) the permissions the user's umask asks for."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [path, *path.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrite: bool = False,
+                extra: dict[str, dict] | None = None, files: dict[str, Path] | None = None) -> Path:
+    """Save ``model`` (safetensors, tied weights kept tied), ``tokenizer``, ``report.json``, the JSON documents
+    in ``extra`` (file name -> content) and copies of ``files`` (file name -> source path) into ``out``, all
+    in one atomic swap.
 
     Returns:
         The resolved output folder.
@@ -80,6 +95,11 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_json(tmp / "report.json", report)
+        for name, payload in (extra or {}).items():
+            write_json(tmp / name, payload)
+        for name, src in (files or {}).items():
+            shutil.copyfile(src, tmp / name)
+        _public(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)

@@ -97,8 +97,10 @@ def num_blocks(source: ModelSource) -> int:
         ConfigError: if the number cannot be read.
     """
     if source.kind == "gguf":
-        from gguf import GGUFReader
-
+        try:
+            from gguf import GGUFReader
+        except ImportError:
+            raise ConfigError("reading .gguf models needs the gguf package: pip install gguf") from None
         fields = GGUFReader(source.path).fields
         arch = fields["general.architecture"].contents()
         key = f"{arch}.block_count"

@@ -17,6 +17,7 @@ from atprune.api import evaluate_perplexity, plan, prune
 from atprune.errors import ConfigError
 from atprune.export import check_output_dir, save_pruned
 from atprune.models import load_model, num_blocks, resolve_device, resolve_dtype, resolve_model
+from atprune.pruners import get_pruner
 from atprune.report import build_report
 
 log = logging.getLogger(__name__)
@@ -98,19 +99,25 @@ def run_prune_job(job: PruneJob) -> dict:
     timings["load"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    calib = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        calib_source = data_mod.load_text(job.calib_data, "train", job.data_dir)
-        calib = data_mod.calibration_windows(tokenizer, calib_source, job.nsamples, job.seqlen, job.seed, job.strict)
+        if get_pruner(spec.method).needs_stats:
+            calib_source = data_mod.load_text(job.calib_data, "train", job.data_dir)
+            calib = data_mod.calibration_windows(tokenizer, calib_source, job.nsamples, job.seqlen, job.seed,
+                                                 job.strict)
     for w in caught:
         run_warnings.append(str(w.message))
         log.warning("%s", w.message)
-    timings["calibration_data"] = time.perf_counter() - t0
-
     eval_seqlen = job.eval_seqlen or job.seqlen
     evaluation = {"dense": None, "sparse": None}
-
-    evalset = data_mod.eval_set(tokenizer, job.eval_data, data_mod.eval_split(job.eval_data), job.data_dir) if job.eval_data else None
+    evalset = None
+    if job.eval_data:
+        evalset = data_mod.eval_set(tokenizer, job.eval_data, data_mod.eval_split(job.eval_data), job.data_dir)
+        if evalset.tokens.numel() < eval_seqlen:
+            raise ConfigError(f"evaluation data {job.eval_data} has {evalset.tokens.numel()} tokens, less than one "
+                              f"window of {eval_seqlen}")
+    timings["data"] = time.perf_counter() - t0
 
     def evaluate(tag: str):
         t = time.perf_counter()

@@ -10,6 +10,7 @@ resumes (``resume=True``) without redoing finished trials.
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from atprune.search import STRATEGIES, best_trial, golden_search, grid_betas
 SEARCH_SCHEMA = "atprune.search/1"
 # options that must match for a resumed search to reuse recorded trials
 RESUME_KEYS = ("model", "method", "sparsity", "calib_data", "select_data", "select_on_test", "data_dir", "nsamples",
-               "nselect", "seqlen", "seed", "metric", "dtype", "device")
+               "nselect", "seqlen", "seed", "metric", "dtype", "device", "batch_size")
 
 
 @dataclass
@@ -65,13 +66,6 @@ class SearchJob:
     progress: bool = True
 
 
-def _same_data(a: str, b: str) -> bool:
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    if pa.exists() and pb.exists():
-        return pa.resolve() == pb.resolve()
-    return a.lower() == b.lower()
-
-
 def check_search(job: SearchJob):
     """Validate everything before the model is loaded; returns ``(source, num_blocks, device, dtype, previous)``
     where ``previous`` are the trials of a resumable ``search.json`` (or ``[]``).
@@ -83,16 +77,22 @@ def check_search(job: SearchJob):
         raise ConfigError(f"unknown strategy {job.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
     if job.metric not in ("ppl", "kl"):
         raise ConfigError(f"unknown selection metric {job.metric!r}; choose ppl or kl")
-    if job.nselect < 1 or job.max_trials < 1:
-        raise ConfigError("--nselect and --max-trials must be positive integers")
+    if job.nselect < 1:
+        raise ConfigError(f"--nselect must be a positive integer, got {job.nselect}")
+    if job.strategy == "golden" and job.max_trials < 3:
+        raise ConfigError(f"golden search needs --max-trials >= 3 (uniform + 2 golden points), got {job.max_trials}")
+    if job.strategy == "grid" and not job.step > 0:
+        raise ConfigError(f"grid step must be > 0, got {job.step}")
     if job.select_on_test:
         if not job.eval_data:
             raise ConfigError("--select-on-test needs --eval-data")
-        if job.select_data and not _same_data(job.select_data, job.eval_data):
+        if job.select_data:
             raise ConfigError("--select-on-test selects on the evaluation data; do not also give --select-data")
-    elif job.select_data and job.eval_data and _same_data(job.select_data, job.eval_data):
-        raise ConfigError("selection data is the evaluation data; choose held-out data (e.g. a validation split) "
-                          "or pass --select-on-test to reproduce the reference protocol (reports are marked)")
+    elif job.select_data and job.eval_data:
+        ident = data_mod.identity(job.select_data, "validation", job.data_dir)
+        if ident == data_mod.identity(job.eval_data, data_mod.eval_split(job.eval_data), job.data_dir):
+            raise ConfigError("selection data is the evaluation data; choose held-out data (e.g. a validation split) "
+                              "or pass --select-on-test to reproduce the reference protocol (reports are marked)")
     prune_job = PruneJob(model=job.model, method=job.method, sparsity=job.sparsity, allocation="uniform",
                          calib_data=job.calib_data, eval_data=job.eval_data, data_dir=job.data_dir,
                          nsamples=job.nsamples, seqlen=job.seqlen, eval_windows=job.eval_windows,
@@ -103,11 +103,11 @@ def check_search(job: SearchJob):
     previous = []
     if job.out:
         out = Path(job.out).expanduser()
-        saved = out / "search.json"
-        if job.resume and saved.is_file():
-            previous = _resumable_trials(saved, job, str(dtype).removeprefix("torch."), str(device))
-        elif not job.resume:
-            check_output_dir(out, job.overwrite, inputs=(source.path,) if source.kind != "hub" else ())
+        resumable = job.resume and (out / "search.json").is_file()
+        # a folder holding this search's own search.json may be continued; anything else follows the usual rule
+        check_output_dir(out, job.overwrite or resumable, inputs=(source.path,) if source.kind != "hub" else ())
+        if resumable:
+            previous = _resumable_trials(out / "search.json", job, str(dtype).removeprefix("torch."), str(device))
     return source, len(spec.rates), device, dtype, previous
 
 
@@ -123,13 +123,18 @@ def _resumable_trials(path: Path, job: SearchJob, dtype: str, device: str) -> li
     diff = [k for k in RESUME_KEYS if saved.get("config", {}).get(k) != now[k]]
     if diff:
         raise ConfigError(f"cannot resume {path}: options differ ({', '.join(diff)}); use another --out or the same options")
-    return saved.get("trials", [])
+    trials = saved.get("trials", [])
+    for t in trials:  # non-finite metrics were written as null
+        t["metric"] = math.inf if t.get("metric") is None else t["metric"]
+    return trials
 
 
 def _selection_windows(job: SearchJob, tokenizer):
     """(calibration windows, selection windows, info) with the two sets disjoint when drawn from one source."""
     calib_source = data_mod.load_text(job.calib_data, "train", job.data_dir)
-    if job.select_on_test or job.select_data:
+    same_as_calib = job.select_data and (data_mod.identity(job.select_data, "validation", job.data_dir)
+                                         == data_mod.identity(job.calib_data, "train", job.data_dir))
+    if job.select_on_test or (job.select_data and not same_as_calib):
         spec = job.eval_data if job.select_on_test else job.select_data
         split = data_mod.eval_split(spec) if job.select_on_test else "validation"
         calib = data_mod.calibration_windows(tokenizer, calib_source, job.nsamples, job.seqlen, job.seed)
@@ -252,9 +257,11 @@ def run_search_job(job: SearchJob) -> dict:
                               model={"spec": job.model, "source": source.kind, "path": source.path,
                                      "class": type(model).__name__, "blocks": num_blocks}, warnings=notes)
         report["selected_on_test"] = job.select_on_test
-        save_pruned(model, tokenizer, out, report, overwrite=True)
-        write_json(out / "search.json", state)
         title = (f"{job.model} {job.method} S={job.sparsity:g} ({job.strategy}, {len(state['trials'])} trials)"
                  + (" - SELECTED ON TEST" if job.select_on_test else ""))
-        plot_search(state["trials"], chosen, job.metric, out / "search.png", title)
+        with tempfile.TemporaryDirectory() as tmp:
+            plot_search(state["trials"], chosen, job.metric, Path(tmp) / "search.png", title)
+            # out was checked before loading (it holds at most this search's own search.json)
+            save_pruned(model, tokenizer, out, report, overwrite=True, extra={"search.json": state},
+                        files={"search.png": Path(tmp) / "search.png"})
     return state

@@ -52,7 +52,7 @@ class ATPAllocator:
 
     name = "atp"
 
-    def __init__(self, beta: float = 0.0):
+    def __init__(self, beta: float | None = None):
         if beta is None:
             raise ConfigError("allocation 'atp' needs --beta (0 gives uniform)")
         self.beta = float(beta)

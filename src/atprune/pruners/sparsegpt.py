@@ -3,7 +3,8 @@
 Frantar & Alistarh 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot",
 Algorithm 1. For each Linear layer, with ``H = X X^T`` (fp32, dampened by ``percdamp`` times the mean
 diagonal), walk the columns in blocks of ``blocksize``; in each block choose the mask by the OBS
-saliency ``w^2 / [H^-1]_jj^2`` (over the whole block for unstructured sparsity, per group of M for N:M),
+saliency ``w^2 / U_jj^2`` with ``U`` the upper Cholesky factor of ``H^-1`` (over the whole block for
+unstructured sparsity, per group of M for N:M),
 zero those weights and spread the error ``(w - 0) / [H^-1]_jj`` onto the columns not yet processed
 through the upper Cholesky factor of ``H^-1``.
 """
@@ -24,7 +25,7 @@ def inverse_hessian_cholesky(h: torch.Tensor, percdamp: float, max_tries: int = 
     """Upper Cholesky factor ``U`` of ``(H + lambda I)^-1`` (``U^T U = (H + lambda I)^-1``).
 
     Args:
-        h: ``[n, n]`` float32 symmetric PSD matrix (modified in place: dead diagonal entries set to 1).
+        h: ``[n, n]`` float32 symmetric PSD matrix (not modified).
         percdamp: ``lambda = percdamp * mean(diag(H))``; multiplied by 10 and retried (logged) whenever
             the Cholesky factorisation fails, up to ``max_tries`` times.
 
@@ -46,8 +47,9 @@ def inverse_hessian_cholesky(h: torch.Tensor, percdamp: float, max_tries: int = 
             if info == 0:
                 return upper, damp
         if attempt + 1 < max_tries:
-            log.warning("SparseGPT: Cholesky failed with damping %.3g of mean diag; retrying with %.3g", damp, damp * 10)
-            damp = damp * 10 if damp > 0 else 1e-6
+            new = damp * 10 if damp > 0 else 1e-6
+            log.warning("SparseGPT: Cholesky failed with damping %.3g of mean diag; retrying with %.3g", damp, new)
+            damp = new
     raise torch.linalg.LinAlgError(f"SparseGPT: Hessian not positive definite even with damping {damp:.3g}")
 
 
