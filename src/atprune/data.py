@@ -197,8 +197,7 @@ def load_text(spec: str, split: str, data_dir: str | os.PathLike | None = None) 
         return _load_file(Path(spec).expanduser(), split)
     if local is not None:
         path = _local_file(key, split, local)
-        shard = Path(C4_FILES[split]).name.split(".json")[0]
-        if key == "c4" and path.name.split(".json")[0] != shard:
+        if key == "c4" and path.name.split(".json")[0] != Path(C4_FILES[split]).name.split(".json")[0]:
             warnings.warn(f"C4 shard {Path(C4_FILES[split]).name} not in {path.parent}; using {path.name}, "
                           "whose numbers are not comparable with published C4-calibrated results")
         source = _load_file(path, split)
