@@ -109,6 +109,7 @@ def run_prune_job(job: PruneJob) -> dict:
     for w in caught:
         run_warnings.append(str(w.message))
         log.warning("%s", w.message)
+    timings["calibration_data"] = time.perf_counter() - t0
     eval_seqlen = job.eval_seqlen or job.seqlen
     evaluation = {"dense": None, "sparse": None}
     evalset = None
@@ -117,7 +118,6 @@ def run_prune_job(job: PruneJob) -> dict:
         if evalset.tokens.numel() < eval_seqlen:
             raise ConfigError(f"evaluation data {job.eval_data} has {evalset.tokens.numel()} tokens, less than one "
                               f"window of {eval_seqlen}")
-    timings["data"] = time.perf_counter() - t0
 
     def evaluate(tag: str):
         t = time.perf_counter()
