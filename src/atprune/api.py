@@ -10,14 +10,15 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
 
 from atprune import data as data_mod
 from atprune.allocators import get_allocator
-from atprune.engine import BlockInputs, sequential
+from atprune.allocators import AllocationContext
+from atprune.engine import BlockInputs, first_block_inputs, sequential
 from atprune.errors import ConfigError
 from atprune.evaluate import perplexity
 from atprune.models import Adapter
@@ -33,24 +34,30 @@ class PruneSpec:
     pattern: Pattern
     allocation: str
     beta: float | None
-    rates: tuple[float, ...]
+    rates: tuple[float, ...]  # empty until the model is seen, for allocators that need it
+    allocator: object = None
 
     def describe(self) -> dict:
+        extra = self.allocator.describe() if self.allocator is not None else {}
         return {"method": self.method, "sparsity": self.sparsity, "pattern": str(self.pattern),
-                "allocation": self.allocation, "beta": self.beta}
+                "allocation": self.allocation, "beta": self.beta} | {f"allocator_{k}": v for k, v in extra.items()
+                                                                      if k != "name"}
 
 
 def plan(method: str, sparsity: float | None, num_blocks: int, *, allocation: str = "uniform",
-         beta: float | None = None, pattern: str | Pattern = "unstructured") -> PruneSpec:
+         beta: float | None = None, pattern: str | Pattern = "unstructured",
+         allocation_options: dict | None = None) -> PruneSpec:
     """Check every pruning option and compute the per-block sparsity ratios, without touching a model.
 
     Args:
         method: pruner name (``magnitude``, ``wanda``, ``sparsegpt``).
         sparsity: target sparsity ratio S in [0, 1); for an N:M pattern it may be None (taken as 1 - N/M).
         num_blocks: L, the model's number of decoder blocks.
-        allocation: allocator name (``uniform``, ``atp``).
+        allocation: allocator name (``uniform``, ``atp``, ``owl``, ``alphapruning``, ``dlp``).
         beta: ATP step (required for ``atp``).
         pattern: ``"unstructured"`` or ``"N:M"``.
+        allocation_options: options of the allocator (``M``, ``lam`` for owl; ``eps`` for alphapruning;
+            ``alpha`` for dlp). Model-dependent allocators leave ``rates`` empty until :func:`prune`.
 
     Raises:
         ConfigError: unknown method or allocation, sparsity outside [0, 1), illegal beta (the message gives the
@@ -73,9 +80,33 @@ def plan(method: str, sparsity: float | None, num_blocks: int, *, allocation: st
         raise ConfigError("allocation 'atp' needs a beta, e.g. --beta 0.01 (0 is uniform)")
     if allocation != "atp" and beta is not None:
         raise ConfigError(f"--beta applies to allocation 'atp' only, not {allocation!r}")
-    allocator = get_allocator(allocation, beta=beta)
-    rates = allocator.rates(sparsity, num_blocks)
-    return PruneSpec(method, float(sparsity), pattern, allocation, beta, tuple(rates))
+    allocator = get_allocator(allocation, beta=beta, **(allocation_options or {}))
+    allocator.check(sparsity, num_blocks)
+    rates = () if allocator.needs_model else tuple(allocator.rates(sparsity, num_blocks))
+    return PruneSpec(method, float(sparsity), pattern, allocation, beta, rates, allocator)
+
+
+DATA_ALLOCATORS = ("owl", "dlp")  # allocators that read calibration activations
+
+
+def needs_calibration(method: str, allocation: str) -> bool:
+    """Whether pruning with ``method`` and ``allocation`` reads calibration data (magnitude + uniform/atp/
+    alphapruning does not)."""
+    return get_pruner(method).needs_stats or allocation in DATA_ALLOCATORS
+
+
+def check_rates(rates, sparsity: float, params: list[int], allocation: str) -> None:
+    """Every allocator must give one rate in [0, 1] per block with parameter-weighted mean ``sparsity``.
+
+    Raises:
+        RuntimeError: if it does not (a bug in the allocator, not bad input).
+    """
+    if len(rates) != len(params) or any(not 0 <= r <= 1 for r in rates):
+        raise RuntimeError(f"allocation {allocation!r} returned {len(rates)} rates for {len(params)} blocks or a rate "
+                           f"outside [0, 1]: {rates}")
+    mean = sum(r * p for r, p in zip(rates, params)) / sum(params)
+    if abs(mean - sparsity) > 1e-6:
+        raise RuntimeError(f"allocation {allocation!r} has parameter-weighted mean {mean:.6f}, not {sparsity:g}")
 
 
 @dataclass
@@ -115,7 +146,8 @@ def _as_windows(calib, tokenizer, nsamples, seqlen, seed, data_dir, strict) -> t
 def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | None = 0.5, allocation: str = "uniform",
           beta: float | None = None, pattern: str = "unstructured", calib=None, nsamples: int = 128,
           seqlen: int = 2048, seed: int = 0, batch_size: int = 1, data_dir: str | None = None, strict: bool = False,
-          block_inputs: BlockInputs | None = None, progress: bool = True) -> PruneResult:
+          block_inputs: BlockInputs | None = None, allocation_options: dict | None = None,
+          progress: bool = True) -> PruneResult:
     """Prune ``model`` in place, block by block, with per-block sparsity ratios from an allocator.
 
     Args:
@@ -139,15 +171,23 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
     """
     model.eval()
     adapter = Adapter.for_model(model)
-    spec = plan(method, sparsity, adapter.num_blocks, allocation=allocation, beta=beta, pattern=pattern)
+    spec = plan(method, sparsity, adapter.num_blocks, allocation=allocation, beta=beta, pattern=pattern,
+                allocation_options=allocation_options)
     for i, block in enumerate(adapter.blocks):
         for name, lin in adapter.linears(block).items():
             spec.pattern.check_width(lin.in_features, f"block {i} {name}")
     pruner = get_pruner(method)
-    if pruner.needs_stats:
+    if needs_calibration(method, allocation):
         windows, calib_info = _as_windows(calib, tokenizer, nsamples, seqlen, seed, data_dir, strict)
     else:
         windows, calib_info = None, {}
+    start = time.perf_counter()
+    if not spec.rates:  # model-dependent allocation (OWL, DLP: dense Wanda statistics; AlphaPruning: spectra)
+        if windows is not None and block_inputs is None:
+            block_inputs = first_block_inputs(adapter, windows, batch_size)
+        context = AllocationContext(adapter, windows, block_inputs)
+        spec = replace(spec, rates=tuple(spec.allocator.rates(spec.sparsity, adapter.num_blocks, context)))
+        check_rates(spec.rates, spec.sparsity, context.block_params(), spec.allocation)
     blocks: list[dict] = []
 
     def prune_block(i, block, linears, stats):
@@ -161,7 +201,6 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
         blocks.append({"index": i, "target": rate, "achieved": zeros / params, "params": params, "zeros": zeros,
                        "layers": layers})
 
-    start = time.perf_counter()
     bar = tqdm(total=adapter.num_blocks, desc=f"{method} {spec.allocation}", unit="block", disable=not progress)
     try:
         if pruner.needs_stats:

@@ -42,6 +42,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allocation", default="uniform", help=f"per-block sparsity allocation: {', '.join(ALLOCATORS)}")
     p.add_argument("--beta", type=float, default=None, help="ATP step between consecutive blocks; legal range "
                    "[0, min(2S, 2(1-S))/(L-1)]")
+    p.add_argument("--alloc-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="allocator option, repeatable: owl M=5 lam=0.08; alphapruning eps=0.3; dlp alpha=0.15")
     p.add_argument("--eval-data", default="wikitext2", help="perplexity text (test split): wikitext2, a file or a "
                    "data folder (default wikitext2)")
     p.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
@@ -119,6 +121,24 @@ def _run_analyze(args) -> int:
     return 0
 
 
+def _alloc_options(items: list[str]) -> dict | None:
+    """``["M=5", "lam=0.08"]`` -> ``{"M": 5.0, "lam": 0.08}``.
+
+    Raises:
+        ConfigError: for an item that is not KEY=NUMBER.
+    """
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            options[key.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--alloc-opt takes KEY=NUMBER (e.g. lam=0.08), got {item!r}") from None
+        if not sep or not key.strip():
+            raise ConfigError(f"--alloc-opt takes KEY=NUMBER (e.g. lam=0.08), got {item!r}")
+    return options or None
+
+
 def _job_from_args(args):
     from atprune.pipeline import PruneJob
 
@@ -126,7 +146,7 @@ def _job_from_args(args):
     if sparsity is None and args.pattern.strip().lower() in ("unstructured", "none", ""):
         sparsity = 0.5
     return PruneJob(model=args.model, method=args.method, sparsity=sparsity, pattern=args.pattern,
-                    allocation=args.allocation, beta=args.beta, calib_data=args.calib_data,
+                    allocation=args.allocation, beta=args.beta, allocation_options=_alloc_options(args.alloc_opt), calib_data=args.calib_data,
                     eval_data=None if args.no_eval else args.eval_data, data_dir=args.data_dir,
                     nsamples=args.nsamples, seqlen=args.seqlen, eval_seqlen=args.eval_seqlen,
                     eval_windows=args.eval_windows, eval_dense=not args.no_eval_dense, seed=args.seed,

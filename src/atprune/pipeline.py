@@ -13,11 +13,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from atprune import data as data_mod
-from atprune.api import evaluate_perplexity, plan, prune
+from atprune.api import evaluate_perplexity, needs_calibration, plan, prune
 from atprune.errors import ConfigError
 from atprune.export import check_output_dir, save_pruned
 from atprune.models import load_model, num_blocks, resolve_device, resolve_dtype, resolve_model
-from atprune.pruners import get_pruner
 from atprune.report import build_report
 
 log = logging.getLogger(__name__)
@@ -33,6 +32,7 @@ class PruneJob:
     pattern: str = "unstructured"
     allocation: str = "uniform"
     beta: float | None = None
+    allocation_options: dict | None = None
     calib_data: str = "c4"
     eval_data: str | None = "wikitext2"
     data_dir: str | None = None
@@ -81,7 +81,7 @@ def check_job(job: PruneJob):
     if job.out:
         check_output_dir(job.out, job.overwrite, inputs=(source.path,) if source.kind != "hub" else ())
     spec = plan(job.method, job.sparsity, num_blocks(source), allocation=job.allocation, beta=job.beta,
-                pattern=job.pattern)
+                pattern=job.pattern, allocation_options=job.allocation_options)
     return source, spec, device, dtype
 
 
@@ -102,7 +102,7 @@ def run_prune_job(job: PruneJob) -> dict:
     calib = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if get_pruner(spec.method).needs_stats:
+        if needs_calibration(spec.method, spec.allocation):
             calib_source = data_mod.load_text(job.calib_data, "train", job.data_dir)
             calib = data_mod.calibration_windows(tokenizer, calib_source, job.nsamples, job.seqlen, job.seed,
                                                  job.strict)
@@ -130,6 +130,7 @@ def run_prune_job(job: PruneJob) -> dict:
         evaluate("dense")
     result = prune(model, tokenizer, method=spec.method, sparsity=spec.sparsity, allocation=spec.allocation,
                    beta=spec.beta, pattern=spec.pattern, calib=calib, batch_size=job.batch_size,
+                   allocation_options=job.allocation_options,
                    progress=job.progress)
     timings["prune"] = result.seconds
     if job.eval_data:

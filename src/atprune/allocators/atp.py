@@ -51,6 +51,7 @@ class ATPAllocator:
     """Arithmetic-progression allocation with step ``beta`` (see module docstring)."""
 
     name = "atp"
+    needs_model = False
 
     def __init__(self, beta: float | None = None):
         if beta is None:
@@ -61,7 +62,7 @@ class ATPAllocator:
         """Raise ConfigError for an illegal S or beta (the message prints the legal range)."""
         atp_rates(sparsity, num_blocks, self.beta)
 
-    def rates(self, sparsity: float, num_blocks: int) -> list[float]:
+    def rates(self, sparsity: float, num_blocks: int, context=None) -> list[float]:
         """Per-block sparsity ratios, see :func:`atp_rates`."""
         return atp_rates(sparsity, num_blocks, self.beta)
 

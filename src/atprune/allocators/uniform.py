@@ -9,12 +9,13 @@ class UniformAllocator:
     """``s_i = S`` for every block i."""
 
     name = "uniform"
+    needs_model = False
 
     def check(self, sparsity: float, num_blocks: int) -> None:
         """Raise ConfigError unless ``0 <= sparsity < 1``."""
         check_sparsity(sparsity)
 
-    def rates(self, sparsity: float, num_blocks: int) -> list[float]:
+    def rates(self, sparsity: float, num_blocks: int, context=None) -> list[float]:
         """Per-block sparsity ratios, a list of ``num_blocks`` floats equal to ``sparsity``."""
         self.check(sparsity, num_blocks)
         return [float(sparsity)] * num_blocks

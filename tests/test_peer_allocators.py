@@ -1,0 +1,113 @@
+"""OWL, AlphaPruning and DLP: invariants on tiny models, and their statistics against hand computations."""
+
+import math
+
+import pytest
+import torch
+
+import atprune
+from atprune.allocators import AllocationContext, get_allocator
+from atprune.allocators.alphapruning import hill_alpha
+from atprune.allocators.dlp import default_alpha
+from atprune.allocators.owl import outlier_ratio
+from atprune.engine import first_block_inputs
+from atprune.errors import ConfigError
+from atprune.models import Adapter
+from tests.conftest import tiny_model
+
+WINDOWS = torch.randint(0, 128, (6, 32), generator=torch.Generator().manual_seed(11))
+
+
+def _context(layers=6, seed=0):
+    adapter = Adapter.for_model(tiny_model("llama", layers=layers, seed=seed))
+    return AllocationContext(adapter, WINDOWS, first_block_inputs(adapter, WINDOWS))
+
+
+@pytest.mark.parametrize("name,options,width", [("owl", {}, 0.16), ("owl", {"lam": 0.05}, 0.10),
+                                                 ("dlp", {}, 0.2), ("dlp", {"alpha": 0.04}, 0.08)])
+@pytest.mark.parametrize("sparsity", [0.5, 0.7])
+def test_window_allocators_invariants(name, options, width, sparsity):
+    ctx = _context()
+    alloc = get_allocator(name, **options)
+    rates = alloc.rates(sparsity, 6, ctx)
+    params = ctx.block_params()
+    if name == "dlp" and not options:
+        width = 2 * default_alpha(sparsity)
+    assert len(rates) == 6 and all(0 <= r < 1 for r in rates)
+    assert sum(r * p for r, p in zip(rates, params)) / sum(params) == pytest.approx(sparsity, abs=1e-12)
+    assert max(rates) - min(rates) == pytest.approx(width, abs=1e-12)
+    stat = alloc.statistic
+    assert len(stat) == 6
+    # more outliers / more importance -> pruned less: the rates are ordered opposite to the statistic
+    order = sorted(range(6), key=lambda i: stat[i])
+    assert [rates[i] for i in order] == sorted(rates, reverse=True)
+
+
+def test_owl_outlier_ratio_is_the_hand_computation():
+    ctx = _context(layers=2)
+    alloc = get_allocator("owl", M=3.0)
+    alloc.rates(0.5, 2, ctx)
+    # by hand: the dense model's block-0 inputs, Wanda scores of all 7 layers, share above 3 x their mean
+    block = ctx.adapter.blocks[0]
+    feats = {}
+    hooks = [lin.register_forward_hook(lambda m, a, o, n=n: feats.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1])))
+             for n, lin in ctx.adapter.linears(block).items()]
+    with torch.no_grad():
+        for h in ctx.block_inputs.hidden:
+            block(h, **ctx.block_inputs.kwargs(0, h.shape[0]))
+    for h in hooks:
+        h.remove()
+    scores = []
+    for n, lin in ctx.adapter.linears(block).items():
+        x = torch.cat(feats[n]).double()
+        scores.append((lin.weight.double().abs() * x.square().sum(0).sqrt()).flatten())
+    s = torch.cat(scores)
+    expected = (s > 3.0 * s.mean()).double().mean().item()
+    assert alloc.statistic[0] == pytest.approx(expected, abs=1e-6)
+    assert outlier_ratio(torch.tensor([1.0, 1.0, 1.0, 9.0]), 2.0) == 0.25  # mean 3: only 9 > 6
+
+
+@pytest.mark.parametrize("planted", [2.5, 4.0, 6.0])
+def test_hill_alpha_recovers_a_planted_power_law(planted):
+    g = torch.Generator().manual_seed(int(planted * 10))
+    n = 512
+    # eigenvalues of W^T W drawn from p(x) ~ x^-planted, x >= 1 (inverse-CDF sampling)
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    eigs = (1 - u) ** (-1 / (planted - 1))
+    q1, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    w = q1 @ torch.diag(eigs.sqrt()) @ q2.T
+    assert hill_alpha(w) == pytest.approx(planted, rel=0.15)
+
+
+def test_alphapruning_orders_rates_by_alpha_and_keeps_the_weighted_mean():
+    ctx = AllocationContext(Adapter.for_model(tiny_model("llama", layers=6, seed=3)))  # no data needed
+    alloc = get_allocator("alphapruning", eps=0.2)
+    rates = alloc.rates(0.6, 6, ctx)
+    params = ctx.block_params()
+    assert sum(r * p for r, p in zip(rates, params)) / sum(params) == pytest.approx(0.6, abs=1e-12)
+    order = sorted(range(6), key=lambda i: alloc.statistic[i])
+    assert [rates[i] for i in order] == sorted(rates)  # higher alpha -> higher sparsity
+    lo, hi = min(rates), max(rates)
+    assert hi / lo == pytest.approx(1.2 / 0.8)  # the [S(1-eps), S(1+eps)] window survives the rescaling
+
+
+def test_prune_with_peer_allocations_end_to_end():
+    for name in ("owl", "dlp", "alphapruning"):
+        model = tiny_model("llama", layers=4)
+        r = atprune.prune(model, method="wanda", sparsity=0.5, allocation=name, calib=WINDOWS, progress=False)
+        assert len(r.spec["rates"]) == 4 and r.spec["rates"] != [0.5] * 4
+        for b, rate in zip(r.blocks, r.spec["rates"]):
+            assert b["target"] == rate and abs(b["achieved"] - rate) < 0.02
+        assert any(k.startswith("allocator_") for k in r.spec)  # the statistic goes to the report
+
+
+def test_peer_allocator_bad_options():
+    with pytest.raises(ConfigError, match="lam < 0.5"):
+        get_allocator("owl", lam=0.7)
+    with pytest.raises(ConfigError, match="does not take options"):
+        get_allocator("owl", eps=0.1)
+    with pytest.raises(ConfigError, match="too wide"):
+        get_allocator("owl", lam=0.4).rates(0.05, 6, _context())
+    with pytest.raises(ConfigError, match="needs the model"):
+        get_allocator("alphapruning").rates(0.5, 4)
