@@ -111,3 +111,35 @@ def test_peer_allocator_bad_options():
         get_allocator("owl", lam=0.4).rates(0.05, 6, _context())
     with pytest.raises(ConfigError, match="needs the model"):
         get_allocator("alphapruning").rates(0.5, 4)
+
+
+def test_compare_cli_writes_tables(tmp_path, capsys):
+    import csv
+    import json
+
+    from atprune.cli import main
+    from tests.conftest import random_text, save_tiny_model
+
+    model = save_tiny_model(tmp_path / "model", layers=3)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(random_text(4000, seed=5))
+    evalf = tmp_path / "eval.txt"
+    evalf.write_text(random_text(300, seed=6))
+    out = tmp_path / "cmp"
+    code = main(["compare", "--model", str(model), "--methods", "wanda", "magnitude", "--sparsities", "0.5",
+                 "--allocations", "uniform", "atp", "owl", "alphapruning", "dlp", "--calib-data", str(calib),
+                 "--eval-data", str(evalf), "--nsamples", "4", "--nselect", "2", "--seqlen", "32", "--max-trials", "3",
+                 "--out", str(out), "--quiet"])
+    assert code == 0
+    state = json.loads((out / "compare.json").read_text())
+    assert len(state["rows"]) == 10
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["method"], r["allocation"]) for r in rows][:5] == [("wanda", a) for a in
+                                                                  ("uniform", "atp", "owl", "alphapruning", "dlp")]
+    for r in state["rows"]:
+        assert r["ppl"] > 0 and abs(sum(r["rates"]) / 3 - 0.5) < 1e-9
+        assert (r["beta"] is not None) == (r["allocation"] == "atp")
+    md = (out / "results.md").read_text()
+    assert md.count("**") == 4  # one best cell per (pruner, sparsity) line
+    assert (out / "rates.png").stat().st_size > 1000
+    assert main(["compare", "--model", str(model), "--allocations", "bogus", "--out", str(tmp_path / "x")]) == 2

@@ -67,7 +67,7 @@ def _job(tiny, out, **kw):
 
 def test_selection_windows_are_disjoint_from_calibration(tiny, monkeypatch):
     monkeypatch.setattr(data_mod, "token_stream", lambda tok, src, max_tokens=None, seed=0: torch.arange(1000))
-    calib, select, info = search_job._selection_windows(_job(tiny, tiny["root"] / "unused", nsamples=10, nselect=5), None)
+    calib, select, info = search_job.selection_windows(_job(tiny, tiny["root"] / "unused", nsamples=10, nselect=5), None)
     assert calib.shape == (10, 32) and select.shape == (5, 32)
     positions_c, positions_s = set(calib.flatten().tolist()), set(select.flatten().tolist())
     assert len(positions_c) == 320 and len(positions_s) == 160 and not positions_c & positions_s

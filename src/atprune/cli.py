@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from atprune.allocators import ALLOCATORS
 from atprune.errors import ConfigError
@@ -74,6 +75,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--step", type=float, default=0.002, help="grid step (default 0.002, as the reference)")
     s.add_argument("--metric", default="ppl", help="ppl (selection perplexity, default) or kl (to the dense model)")
     s.add_argument("--resume", action="store_true", help="continue the search recorded in OUT/search.json")
+    c = sub.add_parser("compare", help="allocations x pruners x sparsities on one model, as Markdown/CSV tables")
+    c.add_argument("--model", required=True, help="alias (smollm2-135m), .gguf file, model folder or Hugging Face id")
+    c.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"], help="pruners (default wanda sparsegpt)")
+    c.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.6, 0.7], help="default 0.5 0.6 0.7")
+    c.add_argument("--allocations", nargs="+", default=["uniform", "atp", "owl", "alphapruning", "dlp"],
+                   help="default: all five; atp's beta is searched (golden) on held-out selection windows")
+    c.add_argument("--calib-data", default="c4", help="calibration text (default c4)")
+    c.add_argument("--eval-data", default="wikitext2", help="evaluation text (default wikitext2 test)")
+    c.add_argument("--data-dir", default=None, help="local data folder for named sets (default $ATPRUNE_DATA_DIR)")
+    c.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
+    c.add_argument("--nselect", type=int, default=16, help="selection windows for ATP's beta search (default 16)")
+    c.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+    c.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    c.add_argument("--max-trials", type=int, default=6, help="golden-search trials for ATP (default 6)")
+    c.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows")
+    c.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    c.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16 (default on CUDA), float16")
+    c.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    c.add_argument("--out", required=True, help="output folder (compare.json, results.csv, results.md, rates.png)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    c.add_argument("--quiet", action="store_true", help="no progress lines")
     a = sub.add_parser("analyze", help="local vs accumulated reconstruction error per block, per allocation")
     _add_common_args(a)
     a.add_argument("--allocations", nargs="+", default=["uniform"], help="e.g. uniform atp:0.01 atp:0.015")
@@ -102,6 +124,21 @@ def _run_search(args) -> int:
         print(f"final perplexity {final['dataset']} {final['split']}: {final['ppl']:.3f} "
               f"({final['windows']}/{final['windows_total']} windows x {final['seqlen']} tokens){mark}")
     print(f"saved: {os.path.abspath(args.out)} (model, search.json, search.png, report.json)")
+    return 0
+
+
+def _run_compare(args) -> int:
+    from atprune.compare import CompareJob, run_compare_job
+
+    job = CompareJob(model=args.model, out=args.out, methods=args.methods, sparsities=args.sparsities,
+                     allocations=args.allocations, calib_data=args.calib_data, eval_data=args.eval_data,
+                     data_dir=args.data_dir, nsamples=args.nsamples, nselect=args.nselect, seqlen=args.seqlen,
+                     seed=args.seed, max_trials=args.max_trials, eval_windows=args.eval_windows,
+                     batch_size=args.batch_size, dtype=args.dtype, device=args.device, overwrite=args.overwrite,
+                     progress=not args.quiet)
+    run_compare_job(job)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"saved: {os.path.abspath(args.out)} (compare.json, results.csv, results.md, rates.png)")
     return 0
 
 
@@ -163,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_search(args)
         if args.command == "analyze":
             return _run_analyze(args)
+        if args.command == "compare":
+            return _run_compare(args)
         return _run_prune(args)
     except ConfigError as err:
         print(f"atprune: error: {err}", file=sys.stderr)

@@ -129,7 +129,7 @@ def _resumable_trials(path: Path, job: SearchJob, dtype: str, device: str) -> li
     return trials
 
 
-def _selection_windows(job: SearchJob, tokenizer):
+def selection_windows(job: SearchJob, tokenizer):
     """(calibration windows, selection windows, info) with the two sets disjoint when drawn from one source."""
     calib_source = data_mod.load_text(job.calib_data, "train", job.data_dir)
     same_as_calib = job.select_data and (data_mod.identity(job.select_data, "validation", job.data_dir)
@@ -155,10 +155,77 @@ def _selection_windows(job: SearchJob, tokenizer):
                                                      "calibration source, windows disjoint from the calibration samples"}
 
 
-def _restore(linears: dict[str, torch.nn.Linear], dense: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for name, lin in linears.items():
-            lin.weight.copy_(dense[name])
+class TrialRunner:
+    """What every beta trial on one model and one data set shares, computed once.
+
+    Holds the block-0 inputs of the calibration windows, a CPU copy of the dense Linear weights (restored before
+    each trial), and the dense model's selection perplexity and (for ``metric="kl"``) next-token log-probs.
+
+    Args:
+        model: transformers causal LM (dense; pruned in place by each trial).
+        calib: ``[nsamples, seqlen]`` int64 calibration windows.
+        select: ``[nselect, seqlen]`` int64 selection windows.
+        metric: ``"ppl"`` (selection perplexity) or ``"kl"`` (mean KL(dense || pruned), nats per token).
+    """
+
+    def __init__(self, model, calib: torch.Tensor, select: torch.Tensor, *, metric: str = "ppl", batch_size: int = 1):
+        self.model, self.calib, self.select = model, calib, select
+        self.metric, self.batch_size = metric, batch_size
+        self.adapter = Adapter.for_model(model)
+        self.inputs = first_block_inputs(self.adapter, calib, batch_size)
+        self.linears = {f"{i}.{n}": lin for i, b in enumerate(self.adapter.blocks)
+                        for n, lin in self.adapter.linears(b).items()}
+        self.dense = {n: lin.weight.detach().to("cpu", copy=True) for n, lin in self.linears.items()}
+        self.reference = next_token_logprobs(model, select, batch_size=batch_size) if metric == "kl" else None
+        self.seqlen = select.shape[1]
+        self.dense_select_ppl = perplexity(model, select.flatten(), self.seqlen, batch_size=batch_size)["ppl"]
+
+    def restore(self) -> None:
+        """Put the dense weights back."""
+        with torch.no_grad():
+            for name, lin in self.linears.items():
+                lin.weight.copy_(self.dense[name])
+
+    def prune(self, method: str, sparsity: float, allocation: str, beta: float | None = None, progress: bool = False):
+        """Restore the dense weights and prune with one allocation; returns :class:`atprune.api.PruneResult`."""
+        self.restore()
+        return prune(self.model, method=method, sparsity=sparsity, allocation=allocation, beta=beta, calib=self.calib,
+                     block_inputs=self.inputs, batch_size=self.batch_size, progress=progress)
+
+    def score(self) -> float:
+        """The selection metric of the model as it is now."""
+        if self.metric == "kl":
+            return kl_to_reference(self.model, self.select, self.reference, batch_size=self.batch_size)
+        return perplexity(self.model, self.select.flatten(), self.seqlen, batch_size=self.batch_size)["ppl"]
+
+    def trial(self, method: str, sparsity: float, beta: float) -> dict:
+        """One full prune with ATP at ``beta`` and its selection metric."""
+        t0 = time.perf_counter()
+        result = self.prune(method, sparsity, "atp", beta)
+        return {"beta": beta, "rates": result.spec["rates"], "metric": self.score(),
+                "overall_sparsity": result.overall_sparsity, "seconds": time.perf_counter() - t0}
+
+    def search(self, method: str, sparsity: float, *, strategy: str = "golden", max_trials: int = 6,
+               step: float = 0.002, memo: dict | None = None, on_trial=None) -> tuple[list, float, float]:
+        """Run a strategy; ``memo`` maps betas already measured to their metric (resume), ``on_trial(record)`` is
+        called after each new trial. Returns ``(trials, chosen beta, its metric)``."""
+        memo = dict(memo or {})
+        hi = beta_max(sparsity, self.adapter.num_blocks)
+
+        def objective(beta: float) -> float:
+            if beta not in memo:
+                record = self.trial(method, sparsity, beta)
+                memo[beta] = record["metric"]
+                if on_trial is not None:
+                    on_trial(record)
+            return memo[beta]
+
+        if strategy == "golden":
+            trials = golden_search(objective, hi, max_trials)
+        else:
+            trials = [(b, objective(b)) for b in grid_betas(sparsity, self.adapter.num_blocks, step)]
+        chosen, value = best_trial(trials)
+        return trials, chosen, value
 
 
 def plot_search(trials: list[dict], chosen: float, metric: str, path: Path, title: str) -> None:
@@ -193,54 +260,30 @@ def run_search_job(job: SearchJob) -> dict:
     out = Path(job.out).expanduser() if job.out else None
     t_start = time.perf_counter()
     model, tokenizer = load_model(source, dtype=dtype, device=device)
-    adapter = Adapter.for_model(model)
-    calib, select, select_info = _selection_windows(job, tokenizer)
-    inputs = first_block_inputs(adapter, calib, job.batch_size)  # shared by every trial
-    linears = {f"{i}.{n}": lin for i, b in enumerate(adapter.blocks) for n, lin in adapter.linears(b).items()}
-    dense = {n: lin.weight.detach().to("cpu", copy=True) for n, lin in linears.items()}
-    reference = next_token_logprobs(model, select, batch_size=job.batch_size) if job.metric == "kl" else None
-    dense_select_ppl = perplexity(model, select.flatten(), job.seqlen, batch_size=job.batch_size)["ppl"]
+    calib, select, select_info = selection_windows(job, tokenizer)
+    runner = TrialRunner(model, calib, select, metric=job.metric, batch_size=job.batch_size)
     state = {"schema": SEARCH_SCHEMA, "config": config, "selected_on_test": job.select_on_test,
              "selection_data": select_info, "num_blocks": num_blocks, "beta_max": hi,
-             "dense_selection_ppl": dense_select_ppl, "trials": list(previous), "chosen": None}
-    memo = {t["beta"]: t["metric"] for t in previous}
+             "dense_selection_ppl": runner.dense_select_ppl, "trials": list(previous), "chosen": None}
     budget = job.max_trials if job.strategy == "golden" else len(grid_betas(job.sparsity, num_blocks, job.step))
     bar = tqdm(total=budget, desc="beta trials", unit="trial", disable=not job.progress)
     bar.update(len(previous))
 
-    def objective(beta: float) -> float:
-        if beta in memo:
-            return memo[beta]
-        t0 = time.perf_counter()
-        _restore(linears, dense)
-        result = prune(model, method=job.method, sparsity=job.sparsity, allocation="atp", beta=beta, calib=calib,
-                       block_inputs=inputs, batch_size=job.batch_size, progress=False)
-        if job.metric == "kl":
-            value = kl_to_reference(model, select, reference, batch_size=job.batch_size)
-        else:
-            value = perplexity(model, select.flatten(), job.seqlen, batch_size=job.batch_size)["ppl"]
-        memo[beta] = value
-        state["trials"].append({"beta": beta, "rates": result.spec["rates"], "metric": value,
-                                "overall_sparsity": result.overall_sparsity, "seconds": time.perf_counter() - t0})
+    def record(trial: dict) -> None:
+        state["trials"].append(trial)
         if out is not None:
             write_json(out / "search.json", state)
         bar.update(1)
-        return value
 
     try:
-        if job.strategy == "golden":
-            trials = golden_search(objective, hi, job.max_trials)
-        else:
-            trials = [(b, objective(b)) for b in grid_betas(job.sparsity, num_blocks, job.step)]
+        _, chosen, chosen_value = runner.search(job.method, job.sparsity, strategy=job.strategy,
+                                                max_trials=job.max_trials, step=job.step,
+                                                memo={t["beta"]: t["metric"] for t in previous}, on_trial=record)
     finally:
         bar.close()
-    chosen, chosen_value = best_trial(trials)
     state["chosen"] = {"beta": chosen, "metric": chosen_value}
     state["search_seconds"] = time.perf_counter() - t_start
-
-    _restore(linears, dense)
-    final = prune(model, method=job.method, sparsity=job.sparsity, allocation="atp", beta=chosen, calib=calib,
-                  block_inputs=inputs, batch_size=job.batch_size, progress=job.progress)
+    final = runner.prune(job.method, job.sparsity, "atp", chosen, progress=job.progress)
     evaluation = {"dense": None, "sparse": None}
     if job.eval_data:
         from atprune.api import evaluate_perplexity
