@@ -142,12 +142,12 @@ def test_get_allocator_known_names():
     assert get_allocator("atp", beta=0.0).rates(0.4, 4) == [0.4] * 4
 
 
-@pytest.mark.parametrize("name", ["bogus", "ATP", "", "owl"])
+@pytest.mark.parametrize("name", ["bogus", "ATP", "", "OWL"])
 def test_get_allocator_unknown_name_lists_known(name):
     with pytest.raises(ConfigError) as exc:
         get_allocator(name)
     msg = str(exc.value)
-    assert set(ALLOCATORS) == {"uniform", "atp"}
+    assert set(ALLOCATORS) == {"uniform", "atp", "owl", "alphapruning", "dlp"}
     for known in ALLOCATORS:
         assert known in msg
 

@@ -64,7 +64,7 @@ BAD = {
     "pattern 4:2": (["--pattern", "4:2"], r"0 < N < M.*4:2"),
     "pattern 2:2": (["--pattern", "2:2"], r"0 < N < M.*2:2"),
     "unknown method": (["--method", "obs"], r"unknown pruning method 'obs'.*wanda"),
-    "unknown allocation": (["--allocation", "owl"], r"unknown allocation 'owl'.*atp"),
+    "unknown allocation": (["--allocation", "slope"], r"unknown allocation 'slope'.*atp.*owl"),
     "atp without beta": (["--allocation", "atp"], r"needs a beta"),
     "beta with uniform": (["--beta", "0.01"], r"--beta applies to allocation 'atp' only"),
     "N:M with atp": (["--pattern", "2:4", "--allocation", "atp", "--beta", "0"], r"use allocation 'uniform'"),
