@@ -379,3 +379,10 @@ def test_c4_evaluation_follows_sparsegpt_protocol(tmp_path):
     assert es.tokens.tolist() == expected and es.info["max_windows"] == 256
     result = evaluate_perplexity(tiny_model("llama"), tok, es, seqlen=8, progress=False)
     assert result["windows"] == 256 < result["windows_total"]
+
+
+def test_hub_sets_offline_give_a_one_line_config_error(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.delenv("ATPRUNE_DATA_DIR", raising=False)
+    with pytest.raises(ConfigError, match="cannot load wikitext2 test from the Hugging Face hub"):
+        load_text("wikitext2", "test")

@@ -45,7 +45,7 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    "[0, min(2S, 2(1-S))/(L-1)]")
     p.add_argument("--alloc-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="allocator option, repeatable: owl M=5 lam=0.08; alphapruning eps=0.3; dlp alpha=0.15")
-    p.add_argument("--eval-data", default="wikitext2", help="perplexity text (test split): wikitext2, a file or a "
+    p.add_argument("--eval-data", default="wikitext2", help="perplexity text: wikitext2 (test), c4 (validation), a file or a "
                    "data folder (default wikitext2)")
     p.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
     p.add_argument("--no-eval-dense", action="store_true", help="skip the dense model's perplexity")

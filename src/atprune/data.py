@@ -203,12 +203,16 @@ def load_text(spec: str, split: str, data_dir: str | os.PathLike | None = None) 
         source = _load_file(path, split)
         source.name = key
         return source
-    if key == "wikitext2":
-        from datasets import load_dataset
+    try:
+        if key == "wikitext2":
+            from datasets import load_dataset
 
-        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
-        return TextSource("wikitext2", split, "hf:wikitext/wikitext-2-raw-v1", ["\n\n".join(rows)], joined=True)
-    return _load_c4_hub(split)
+            rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
+            return TextSource("wikitext2", split, "hf:wikitext/wikitext-2-raw-v1", ["\n\n".join(rows)], joined=True)
+        return _load_c4_hub(split)
+    except Exception as err:  # no network, offline mode, missing shard: one clear line instead of a traceback
+        raise ConfigError(f"cannot load {key} {split} from the Hugging Face hub ({type(err).__name__}); give a local "
+                          "file, or a data folder with --data-dir / $ATPRUNE_DATA_DIR") from None
 
 
 def _load_file(path: Path, split: str) -> TextSource:
