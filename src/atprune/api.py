@@ -86,6 +86,13 @@ def plan(method: str, sparsity: float | None, num_blocks: int, *, allocation: st
     return PruneSpec(method, float(sparsity), pattern, allocation, beta, rates, allocator)
 
 
+def check_widths(adapter: Adapter, pattern: Pattern) -> None:
+    """Raise ConfigError if an N:M pattern's M does not divide the input width of some prunable layer."""
+    for i, block in enumerate(adapter.blocks):
+        for name, lin in adapter.linears(block).items():
+            pattern.check_width(lin.in_features, f"block {i} {name}")
+
+
 DATA_ALLOCATORS = ("owl", "dlp")  # allocators that read calibration activations
 
 
@@ -173,9 +180,7 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
     adapter = Adapter.for_model(model)
     spec = plan(method, sparsity, adapter.num_blocks, allocation=allocation, beta=beta, pattern=pattern,
                 allocation_options=allocation_options)
-    for i, block in enumerate(adapter.blocks):
-        for name, lin in adapter.linears(block).items():
-            spec.pattern.check_width(lin.in_features, f"block {i} {name}")
+    check_widths(adapter, spec.pattern)
     pruner = get_pruner(method)
     if needs_calibration(method, allocation):
         windows, calib_info = _as_windows(calib, tokenizer, nsamples, seqlen, seed, data_dir, strict)

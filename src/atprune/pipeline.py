@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from atprune import data as data_mod
-from atprune.api import evaluate_perplexity, needs_calibration, plan, prune
+from atprune.api import check_widths, evaluate_perplexity, needs_calibration, plan, prune
 from atprune.errors import ConfigError
 from atprune.export import check_output_dir, save_pruned
-from atprune.models import load_model, num_blocks, resolve_device, resolve_dtype, resolve_model
+from atprune.models import Adapter, load_model, num_blocks, resolve_device, resolve_dtype, resolve_model
 from atprune.report import build_report
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ def run_prune_job(job: PruneJob) -> dict:
     t0 = time.perf_counter()
     model, tokenizer = load_model(source, dtype=dtype, device=device)
     timings["load"] = time.perf_counter() - t0
+    check_widths(Adapter.for_model(model), spec.pattern)  # before any data or evaluation work
 
     t0 = time.perf_counter()
     calib = None
