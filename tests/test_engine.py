@@ -6,6 +6,16 @@ from atprune.models import Adapter
 from tests.conftest import tiny_model
 
 
+def _last_block_outputs(model, adapter, windows):
+    """The last block's outputs in one ordinary forward pass of the whole model (the parity reference)."""
+    ref = []
+    h = adapter.blocks[-1].register_forward_hook(lambda m, a, out: ref.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        model(input_ids=windows, use_cache=False)
+    h.remove()
+    return ref[0]
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_sequential_at_sparsity_zero_reproduces_full_model(arch, attn):
@@ -14,11 +24,7 @@ def test_sequential_at_sparsity_zero_reproduces_full_model(arch, attn):
     adapter = Adapter.for_model(model)
     windows = torch.randint(0, 128, (5, 32), generator=torch.Generator().manual_seed(1))
     # reference: the last block's outputs in one ordinary forward pass
-    ref = []
-    h = adapter.blocks[-1].register_forward_hook(lambda m, a, out: ref.append(out[0] if isinstance(out, tuple) else out))
-    with torch.no_grad():
-        model(input_ids=windows, use_cache=False)
-    h.remove()
+    ref = [_last_block_outputs(model, adapter, windows)]
     touched = []
     outs = sequential(adapter, windows, lambda i, block, linears, stats: touched.append((i, sorted(linears))),
                       needs_hessian=True, batch_size=2)
@@ -75,11 +81,7 @@ def test_per_layer_attention_types_get_their_own_mask(kind):
     model = _per_layer_type_model(kind)
     adapter = Adapter.for_model(model)
     windows = torch.randint(0, 128, (3, 32), generator=torch.Generator().manual_seed(7))
-    ref = []
-    h = adapter.blocks[-1].register_forward_hook(lambda m, a, out: ref.append(out[0] if isinstance(out, tuple) else out))
-    with torch.no_grad():
-        model(input_ids=windows, use_cache=False)
-    h.remove()
+    ref = [_last_block_outputs(model, adapter, windows)]
     inputs = first_block_inputs(adapter, windows, batch_size=2)
     assert any(inputs.overrides[2].values()) and any(inputs.overrides[1].values())  # some blocks differ
     got = torch.cat(sequential(adapter, windows, lambda *a: None, needs_stats=False, batch_size=2, inputs=inputs))
