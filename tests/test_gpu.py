@@ -41,3 +41,52 @@ def test_cuda_matches_cpu(method):
         same = ((a == 0) == (b.cpu() == 0)).float().mean().item()
         assert same > 0.995, name
         assert torch.allclose(a, b.cpu(), atol=1e-3, rtol=1e-3) or method == "sparsegpt", name
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_offload_on_cuda_matches_and_keeps_blocks_on_cpu(method):
+    from atprune.placement import Placement
+
+    base = tiny_model("llama", layers=3)
+    plain, off = copy.deepcopy(base).cuda(), copy.deepcopy(base)
+    windows = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(6))
+    kw = dict(method=method, sparsity=0.5, allocation="atp", beta=0.1, calib=windows, batch_size=4, progress=False)
+    atprune.prune(plain, **kw)
+    placement = Placement(torch.device("cuda"), offload=True, offload_activations=True)
+    blocks = Adapter.for_model(off).blocks
+    placement.prepare(off, blocks)
+    assert all(p.device.type == "cpu" for p in blocks.parameters())
+    assert off.model.embed_tokens.weight.device.type == "cuda"
+    atprune.prune(off, placement=placement, **kw)
+    assert all(p.device.type == "cpu" for p in blocks.parameters())
+    for (name, a), (_, b) in zip(plain.named_parameters(), off.named_parameters()):
+        assert torch.equal((a == 0).cpu(), (b == 0).cpu()), name
+        torch.testing.assert_close(a.cpu(), b.cpu(), rtol=1e-4, atol=1e-5)
+
+
+def test_tf32_hessian_of_bf16_inputs_is_exact_products():
+    from atprune.placement import exact_tf32_for
+    from atprune.stats import InputStats
+
+    x = torch.randn(4096, 512, device="cuda").to(torch.bfloat16)
+    st = InputStats(512, hessian=True)
+    with exact_tf32_for(torch.bfloat16):
+        st.add(x)
+    ref = x.double().T @ x.double()
+    rel = ((st.xtx.double() - ref).norm() / ref.norm()).item()
+    assert rel < 1e-6, rel
+
+
+def test_sparsegpt_batched_solve_matches_loop_on_cuda():
+    from atprune.pruners import Pattern, get_pruner
+    from atprune.stats import InputStats
+
+    w = torch.randn(512, 1024, device="cuda")
+    x = torch.randn(4096, 1024, device="cuda") @ (torch.randn(1024, 1024, device="cuda") * 0.05)
+    st = InputStats(1024, hessian=True)
+    st.add(x)
+    fast = get_pruner("sparsegpt").prune(w, st, 0.6, Pattern())
+    loop = get_pruner("sparsegpt", column_loop=True).prune(w, st, 0.6, Pattern())
+    assert ((fast == 0) == (loop == 0)).float().mean().item() > 0.999
+    err = lambda out: ((x @ (w - out).T) ** 2).sum().item()
+    assert err(fast) <= err(loop) * 1.001

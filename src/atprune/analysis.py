@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from atprune.api import plan
+from atprune.api import plan, resolve_batch_size
 from atprune.engine import BlockInputs, collect_stats, first_block_inputs, run_block
 from atprune.models import Adapter
+from atprune.placement import Placement
 from atprune.pruners import get_pruner
 
 
@@ -132,6 +133,7 @@ def run_analyze(*, model: str, method: str, sparsity: float, allocations: list[s
     windows = data_mod.calibration_windows(tokenizer, data_mod.load_text(calib_data, "train", data_dir), nsamples,
                                            seqlen, seed)
     adapter = Adapter.for_model(lm)
+    batch_size = resolve_batch_size(batch_size, lm, windows.windows, Placement.default_for(lm))
     inputs = first_block_inputs(adapter, windows.windows, batch_size)
     dense = {k: v.detach().to("cpu", copy=True) for k, v in lm.state_dict().items()}
     curves = {}

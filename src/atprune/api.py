@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -22,6 +23,7 @@ from atprune.engine import BlockInputs, first_block_inputs, sequential
 from atprune.errors import ConfigError
 from atprune.evaluate import perplexity
 from atprune.models import Adapter
+from atprune.placement import Placement, auto_batch_size
 from atprune.pruners import Pattern, check_sparsity, get_pruner
 
 
@@ -150,11 +152,27 @@ def _as_windows(calib, tokenizer, nsamples, seqlen, seed, data_dir, strict) -> t
     return tw.windows, tw.info
 
 
+def resolve_batch_size(batch_size: int | str, model, windows: torch.Tensor, placement: Placement) -> int:
+    """``"auto"`` -> :func:`atprune.placement.auto_batch_size` for this model and ``[nsamples, seqlen]`` windows;
+    an int is returned as is.
+
+    Raises:
+        ConfigError: for anything else than ``"auto"`` or a positive int.
+    """
+    if batch_size == "auto":
+        dtype = next(model.parameters()).dtype
+        return auto_batch_size(model.config.get_text_config(), windows.shape[1], windows.shape[0], placement.device,
+                               dtype)
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ConfigError(f"batch size must be a positive integer or 'auto', got {batch_size!r}")
+    return batch_size
+
+
 def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | None = 0.5, allocation: str = "uniform",
           beta: float | None = None, pattern: str = "unstructured", calib=None, nsamples: int = 128,
-          seqlen: int = 2048, seed: int = 0, batch_size: int = 1, data_dir: str | None = None, strict: bool = False,
-          block_inputs: BlockInputs | None = None, allocation_options: dict | None = None,
-          progress: bool = True) -> PruneResult:
+          seqlen: int = 2048, seed: int = 0, batch_size: int | str = 1, data_dir: str | None = None,
+          strict: bool = False, block_inputs: BlockInputs | None = None, allocation_options: dict | None = None,
+          placement: Placement | None = None, progress: bool = True) -> PruneResult:
     """Prune ``model`` in place, block by block, with per-block sparsity ratios from an allocator.
 
     Args:
@@ -164,10 +182,13 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
         calib: ``[nsamples, seqlen]`` int64 tensor, :class:`atprune.data.TokenWindows`, a data spec
             (``"c4"``, ``"wikitext2"``, a file) or None (C4).
         nsamples, seqlen, seed: calibration windows to draw when ``calib`` is a spec.
-        batch_size: calibration windows per forward pass.
+        batch_size: calibration windows per forward pass, or ``"auto"`` (see
+            :func:`atprune.placement.auto_batch_size`; 1 on CPU). Results do not depend on it.
         data_dir: local data folder for named data sets.
         strict: fewer calibration tokens than asked is an error instead of a warning.
         block_inputs: block-0 inputs already captured for these windows (reused between runs).
+        placement: :class:`atprune.placement.Placement` (block / activation offloading); default: everything on
+            the model's device. With ``offload`` the model must already be placed by ``placement.prepare``.
 
     Returns:
         :class:`PruneResult`.
@@ -182,15 +203,18 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
                 allocation_options=allocation_options)
     check_widths(adapter, spec.pattern)
     pruner = get_pruner(method)
+    placement = placement or Placement.default_for(model)
     if needs_calibration(method, allocation):
         windows, calib_info = _as_windows(calib, tokenizer, nsamples, seqlen, seed, data_dir, strict)
+        batch_size = resolve_batch_size(batch_size, model, windows, placement)
+        calib_info = dict(calib_info) | {"batch_size": batch_size}
     else:
         windows, calib_info = None, {}
     start = time.perf_counter()
     if not spec.rates:  # model-dependent allocation (OWL, DLP: dense Wanda statistics; AlphaPruning: spectra)
         if windows is not None and block_inputs is None:
-            block_inputs = first_block_inputs(adapter, windows, batch_size)
-        context = AllocationContext(adapter, windows, block_inputs)
+            block_inputs = first_block_inputs(adapter, windows, batch_size, placement)
+        context = AllocationContext(adapter, windows, block_inputs, placement)
         spec = replace(spec, rates=tuple(spec.allocator.rates(spec.sparsity, adapter.num_blocks, context)))
         check_rates(spec.rates, spec.sparsity, context.block_params(), spec.allocation)
     blocks: list[dict] = []
@@ -210,7 +234,7 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
     try:
         if pruner.needs_stats:
             sequential(adapter, windows, prune_block, needs_hessian=pruner.needs_hessian, batch_size=batch_size,
-                       inputs=block_inputs, progress=lambda i: bar.update(1))
+                       inputs=block_inputs, progress=lambda i: bar.update(1), placement=placement)
         else:  # data-free (magnitude): no forward pass at all
             for i, block in enumerate(adapter.blocks):
                 prune_block(i, block, adapter.linears(block), None)
@@ -225,11 +249,12 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
 
 def evaluate_perplexity(model, tokenizer, data: str | data_mod.EvalSet = "wikitext2", *, split: str = "test", seqlen: int = 2048,
                         data_dir: str | None = None, batch_size: int = 1, max_windows: int | None = None,
-                        progress: bool = True) -> dict:
+                        placement: Placement | None = None, progress: bool = True) -> dict:
     """Perplexity of ``model`` on a text set (default WikiText-2 raw test), see :func:`atprune.evaluate.perplexity`.
 
     ``data`` is a data spec (see :func:`atprune.data.load_text`) or an already tokenized
-    :class:`atprune.data.EvalSet` (to evaluate several models on the same tokens).
+    :class:`atprune.data.EvalSet` (to evaluate several models on the same tokens). With an offloading
+    ``placement`` each block visits the compute device while it runs.
 
     Returns:
         The dict of :func:`atprune.evaluate.perplexity` plus the data description (dataset, split, origin,
@@ -246,8 +271,11 @@ def evaluate_perplexity(model, tokenizer, data: str | data_mod.EvalSet = "wikite
     cap = evalset.info.get("max_windows")
     if cap is not None:
         max_windows = cap if max_windows is None else min(max_windows, cap)
+    streaming = placement.streaming(Adapter.for_model(model).blocks) if placement else contextlib.nullcontext()
     try:
-        result = perplexity(model, evalset.tokens, seqlen, batch_size=batch_size, max_windows=max_windows, progress=tick)
+        with streaming:
+            result = perplexity(model, evalset.tokens, seqlen, batch_size=batch_size, max_windows=max_windows,
+                                progress=tick)
     finally:
         bar.close()
     return result | evalset.info

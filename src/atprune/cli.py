@@ -17,7 +17,8 @@ from atprune.errors import ConfigError
 from atprune.pruners import PRUNERS
 
 
-def _add_common_args(p: argparse.ArgumentParser, *, sparsity_default: float | None = 0.5, out_required: bool = True) -> None:
+def _add_common_args(p: argparse.ArgumentParser, *, sparsity_default: float | None = 0.5, out_required: bool = True,
+                     offload: bool = False) -> None:
     """Options every subcommand shares: model, pruner, calibration data, sampling, device, output."""
     p.add_argument("--model", required=True, help="alias (smollm2-135m), .gguf file, model folder or Hugging Face id")
     p.add_argument("--method", default="wanda", help=f"pruner: {', '.join(PRUNERS)} (default wanda)")
@@ -29,16 +30,39 @@ def _add_common_args(p: argparse.ArgumentParser, *, sparsity_default: float | No
     p.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sample and eval window (default 2048)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
-    p.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16 (default on CUDA), float16")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    _add_device_args(p, offload)
     p.add_argument("--out", required=out_required, default=None, help="output folder (model, tokenizer, reports)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a positive integer or 'auto', got {text!r}")
+    return value
+
+
+def _add_device_args(p: argparse.ArgumentParser, offload: bool = True) -> None:
+    p.add_argument("--calib-batch-size", "--batch-size", dest="batch_size", type=_batch_size, default="auto",
+                   help="windows per forward pass (calibration and evaluation); auto (default): from free GPU "
+                   "memory on CUDA, 1 on CPU; results do not depend on it")
+    p.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16 (default on CUDA), float16")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    if offload:
+        p.add_argument("--offload", action="store_true", help="keep the blocks in CPU memory and move each to the "
+                       "GPU only while it is calibrated and pruned (models larger than the GPU)")
+        p.add_argument("--offload-activations", action="store_true", help="keep calibration activations in pinned "
+                       "CPU memory between blocks")
+
+
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
-    _add_common_args(p, sparsity_default=None, out_required=False)
+    _add_common_args(p, sparsity_default=None, out_required=False, offload=True)
     p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4, 4:8")
     p.add_argument("--allocation", default="uniform", help=f"per-block sparsity allocation: {', '.join(ALLOCATORS)}")
     p.add_argument("--beta", type=float, default=None, help="ATP step between consecutive blocks; legal range "
@@ -90,9 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     c.add_argument("--max-trials", type=int, default=6, help="golden-search trials for ATP (default 6)")
     c.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows")
-    c.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
-    c.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16 (default on CUDA), float16")
-    c.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    _add_device_args(c, offload=False)
     c.add_argument("--out", required=True, help="output folder (compare.json, results.csv, results.md, rates.png)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -188,6 +210,7 @@ def _job_from_args(args):
                     nsamples=args.nsamples, seqlen=args.seqlen, eval_seqlen=args.eval_seqlen,
                     eval_windows=args.eval_windows, eval_dense=not args.no_eval_dense, seed=args.seed,
                     batch_size=args.batch_size, dtype=args.dtype, device=args.device, out=args.out,
+                    offload=args.offload, offload_activations=args.offload_activations,
                     overwrite=args.overwrite, strict=args.strict, progress=not args.quiet)
 
 

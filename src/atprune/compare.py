@@ -43,7 +43,7 @@ class CompareJob:
     seed: int = 0
     max_trials: int = 6
     eval_windows: int | None = None
-    batch_size: int = 1
+    batch_size: int | str = "auto"
     dtype: str | None = None
     device: str = "auto"
     overwrite: bool = False
@@ -92,7 +92,7 @@ def run_compare_job(job: CompareJob) -> dict:
     evalset = data_mod.eval_set(tokenizer, job.eval_data, data_mod.eval_split(job.eval_data), job.data_dir)
 
     def ppl() -> dict:
-        return evaluate_perplexity(model, tokenizer, evalset, seqlen=job.seqlen, batch_size=job.batch_size,
+        return evaluate_perplexity(model, tokenizer, evalset, seqlen=job.seqlen, batch_size=runner.batch_size,
                                    max_windows=job.eval_windows, progress=False)
 
     state = {"schema": "atprune.compare/1", "config": asdict(job) | {"dtype": str(dtype), "device": str(device)},

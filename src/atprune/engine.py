@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from atprune.models import Adapter
+from atprune.placement import Placement, exact_tf32_for
 from atprune.stats import InputStats
 
 
@@ -64,7 +65,8 @@ def _same(a, b) -> bool:
     return type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b
 
 
-def _record_all_blocks(adapter: Adapter, batch: torch.Tensor) -> tuple[torch.Tensor, dict, dict[int, dict]]:
+def _record_all_blocks(adapter: Adapter, batch: torch.Tensor,
+                       placement: Placement) -> tuple[torch.Tensor, dict, dict[int, dict]]:
     """One full forward pass of one batch with pre-hooks on every block: block 0's input, block 0's keyword
     arguments, and per block the keyword arguments that differ from block 0's."""
     seen: list[tuple] = [None] * adapter.num_blocks
@@ -79,7 +81,7 @@ def _record_all_blocks(adapter: Adapter, batch: torch.Tensor) -> tuple[torch.Ten
 
     handles = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(adapter.blocks)]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), placement.streaming(adapter.blocks):
             adapter.model(input_ids=batch, use_cache=False)
     finally:
         for h in handles:
@@ -93,7 +95,8 @@ def _record_all_blocks(adapter: Adapter, batch: torch.Tensor) -> tuple[torch.Ten
     return hidden, base, overrides
 
 
-def first_block_inputs(adapter: Adapter, windows: torch.Tensor, batch_size: int = 1) -> BlockInputs:
+def first_block_inputs(adapter: Adapter, windows: torch.Tensor, batch_size: int = 1,
+                       placement: Placement | None = None) -> BlockInputs:
     """Capture what the blocks receive when the model runs on ``windows``.
 
     The first batch of each size runs through the whole model with hooks on every block (so per-block keyword
@@ -102,23 +105,25 @@ def first_block_inputs(adapter: Adapter, windows: torch.Tensor, batch_size: int 
     Args:
         windows: ``[nsamples, seqlen]`` int64 token ids (no padding).
         batch_size: windows per forward pass.
+        placement: where blocks and activations live (default: all on the model's device).
 
     Returns:
-        :class:`BlockInputs` on the model's device.
+        :class:`BlockInputs`; hidden states stored as ``placement`` says, keyword arguments on its device.
     """
-    device = next(adapter.model.parameters()).device
+    placement = placement or Placement.default_for(adapter.model)
+    device = placement.device
     captured = BlockInputs([], {}, {})
 
     def grab(module, args, kwargs):
-        captured.hidden.append((args[0] if args else kwargs["hidden_states"]).detach())
+        captured.hidden.append(placement.store((args[0] if args else kwargs["hidden_states"]).detach()))
         raise _StopForward
 
     for batch in windows.split(batch_size):
         batch = batch.to(device)
         size = batch.shape[0]
         if size not in captured.shared:
-            hidden, captured.shared[size], captured.overrides[size] = _record_all_blocks(adapter, batch)
-            captured.hidden.append(hidden)
+            hidden, captured.shared[size], captured.overrides[size] = _record_all_blocks(adapter, batch, placement)
+            captured.hidden.append(placement.store(hidden))
             continue
         handle = adapter.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
         try:
@@ -131,31 +136,56 @@ def first_block_inputs(adapter: Adapter, windows: torch.Tensor, batch_size: int 
     return captured
 
 
-def run_block(block: nn.Module, index: int, inputs: BlockInputs) -> list[torch.Tensor]:
-    """Outputs of ``block`` (number ``index``) for every batch of ``inputs``, each ``[batch, seqlen, hidden]``;
-    tuple outputs are reduced to their first item."""
+def run_block(block: nn.Module, index: int, inputs: BlockInputs,
+              placement: Placement | None = None) -> list[torch.Tensor]:
+    """Outputs of ``block`` (number ``index``, already on the compute device) for every batch of ``inputs``,
+    each ``[batch, seqlen, hidden]`` and stored as ``placement`` says; tuple outputs are reduced to their
+    first item."""
     outs = []
     with torch.no_grad():
         for hidden in inputs.hidden:
-            out = block(hidden, **inputs.kwargs(index, hidden.shape[0]))
-            outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+            x = placement.fetch(hidden) if placement else hidden
+            out = block(x, **inputs.kwargs(index, hidden.shape[0]))
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            outs.append(placement.store(out) if placement else out)
     return outs
 
 
 def collect_stats(block: nn.Module, index: int, linears: dict[str, nn.Linear], inputs: BlockInputs,
-                  hessian: bool) -> dict[str, InputStats]:
+                  hessian: bool, placement: Placement | None = None) -> dict[str, InputStats]:
     """One forward pass of ``block`` (number ``index``) over ``inputs`` with hooks that accumulate
-    :class:`InputStats` (fp32) for every layer in ``linears``."""
-    stats = {name: InputStats(lin.in_features, hessian=hessian) for name, lin in linears.items()}
-    handles = [
-        lin.register_forward_hook(lambda mod, args, out, s=stats[name]: s.add(args[0]))
-        for name, lin in linears.items()
-    ]
+    :class:`InputStats` (float32) for every layer in ``linears``.
+
+    Layers that receive the very same input tensor (q/k/v projections, gate/up projections) share one
+    :class:`InputStats` object: their statistics are identical, so they are computed and stored once.
+    """
+    stats: dict[str, InputStats] = {name: InputStats(lin.in_features, hessian=hessian) for name, lin in linears.items()}
+    seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input kept alive, first layer that read it)
+
+    def make_hook(name):
+        def hook(module, args, out):
+            x = args[0]
+            first = seen.get(id(x))
+            if first is not None and first[0] is x and first[1] != name:
+                if stats[name] is stats[first[1]]:
+                    return  # shared: already added
+                if stats[name].ntokens == 0:
+                    stats[name] = stats[first[1]]
+                    return
+            seen[id(x)] = (x, name)
+            stats[name].add(x)
+
+        return hook
+
+    handles = [lin.register_forward_hook(make_hook(name)) for name, lin in linears.items()]
+    handles.append(block.register_forward_pre_hook(lambda m, a: seen.clear()))
     try:
-        run_block(block, index, inputs)
+        with exact_tf32_for(next(block.parameters()).dtype):
+            run_block(block, index, inputs, placement)
     finally:
         for h in handles:
             h.remove()
+        seen.clear()
     return stats
 
 
@@ -172,6 +202,7 @@ def sequential(
     batch_size: int = 1,
     inputs: BlockInputs | None = None,
     progress: Callable[[int], None] | None = None,
+    placement: Placement | None = None,
 ) -> list[torch.Tensor]:
     """Prune the model block by block.
 
@@ -184,19 +215,24 @@ def sequential(
         needs_hessian: collect ``X X^T`` too (SparseGPT).
         inputs: block-0 inputs already captured with :func:`first_block_inputs` (reused across runs).
         progress: called with i after block i is done.
+        placement: where blocks and activations live (default: all on the model's device); with offloading
+            each block is on the compute device only from its statistics pass to its output pass.
 
     Returns:
         The last block's outputs, one ``[batch, seqlen, hidden]`` tensor per batch.
     """
+    placement = placement or Placement.default_for(adapter.model)
     if inputs is None:
-        inputs = first_block_inputs(adapter, windows, batch_size)
+        inputs = first_block_inputs(adapter, windows, batch_size, placement)
     current = inputs.with_hidden(list(inputs.hidden))
     for i, block in enumerate(adapter.blocks):
+        placement.enter(block)
         linears = adapter.linears(block)
-        stats = collect_stats(block, i, linears, current, needs_hessian) if needs_stats else None
+        stats = collect_stats(block, i, linears, current, needs_hessian, placement) if needs_stats else None
         prune_block(i, block, linears, stats)
         del stats
-        current = current.with_hidden(run_block(block, i, current))
+        current = current.with_hidden(run_block(block, i, current, placement))
+        placement.leave(block)
         if progress is not None:
             progress(i)
     return current.hidden

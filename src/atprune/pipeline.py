@@ -12,11 +12,14 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from atprune import data as data_mod
 from atprune.api import check_widths, evaluate_perplexity, needs_calibration, plan, prune
 from atprune.errors import ConfigError
 from atprune.export import check_output_dir, save_pruned
 from atprune.models import Adapter, load_model, num_blocks, resolve_device, resolve_dtype, resolve_model
+from atprune.placement import Placement, auto_batch_size, peak_memory_gib
 from atprune.report import build_report
 
 log = logging.getLogger(__name__)
@@ -42,9 +45,11 @@ class PruneJob:
     eval_windows: int | None = None
     eval_dense: bool = True
     seed: int = 0
-    batch_size: int = 1
+    batch_size: int | str = "auto"
     dtype: str | None = None
     device: str = "auto"
+    offload: bool = False
+    offload_activations: bool = False
     out: str | None = None
     overwrite: bool = False
     strict: bool = False
@@ -66,10 +71,15 @@ def check_job(job: PruneJob):
     Raises:
         ConfigError: the first problem found, as one line.
     """
-    for name in ("nsamples", "seqlen", "eval_seqlen", "eval_windows", "batch_size"):
+    for name in ("nsamples", "seqlen", "eval_seqlen", "eval_windows"):
         _positive(name.replace("_", "-"), getattr(job, name))
+    if job.batch_size != "auto":
+        _positive("batch-size", job.batch_size)
     device = resolve_device(job.device)
     dtype = resolve_dtype(job.dtype, device)
+    if (job.offload or job.offload_activations) and device.type == "cpu":
+        raise ConfigError("--offload / --offload-activations move weights or activations off a GPU; they need "
+                          "--device cuda")
     if job.data_dir and not Path(job.data_dir).expanduser().is_dir():
         raise ConfigError(f"data folder not found: {job.data_dir}")
     data_mod.check_available(job.calib_data, "train", job.data_dir)
@@ -95,9 +105,14 @@ def run_prune_job(job: PruneJob) -> dict:
     timings: dict[str, float] = {}
     run_warnings: list[str] = []
     t0 = time.perf_counter()
-    model, tokenizer = load_model(source, dtype=dtype, device=device)
+    placement = Placement(device, offload=job.offload, offload_activations=job.offload_activations)
+    model, tokenizer = load_model(source, dtype=dtype, device="cpu" if job.offload else device)
+    adapter = Adapter.for_model(model)
+    placement.prepare(model, adapter.blocks)
     timings["load"] = time.perf_counter() - t0
-    check_widths(Adapter.for_model(model), spec.pattern)  # before any data or evaluation work
+    check_widths(adapter, spec.pattern)  # before any data or evaluation work
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
     t0 = time.perf_counter()
     calib = None
@@ -120,18 +135,23 @@ def run_prune_job(job: PruneJob) -> dict:
             raise ConfigError(f"evaluation data {job.eval_data} has {evalset.tokens.numel()} tokens, less than one "
                               f"window of {eval_seqlen}")
 
+    eval_batch = job.batch_size
+    if eval_batch == "auto":
+        eval_batch = auto_batch_size(model.config.get_text_config(), eval_seqlen, 16, device, dtype, logits=True)
+
     def evaluate(tag: str):
         t = time.perf_counter()
         evaluation[tag] = evaluate_perplexity(model, tokenizer, evalset, seqlen=eval_seqlen,
-                                              data_dir=job.data_dir, batch_size=job.batch_size,
-                                              max_windows=job.eval_windows, progress=job.progress)
+                                              data_dir=job.data_dir, batch_size=eval_batch,
+                                              max_windows=job.eval_windows, placement=placement,
+                                              progress=job.progress)
         timings[f"eval_{tag}"] = time.perf_counter() - t
 
     if job.eval_data and job.eval_dense:
         evaluate("dense")
     result = prune(model, tokenizer, method=spec.method, sparsity=spec.sparsity, allocation=spec.allocation,
                    beta=spec.beta, pattern=spec.pattern, calib=calib, batch_size=job.batch_size,
-                   allocation_options=job.allocation_options,
+                   allocation_options=job.allocation_options, placement=placement,
                    progress=job.progress)
     timings["prune"] = result.seconds
     if job.eval_data:
@@ -142,11 +162,14 @@ def run_prune_job(job: PruneJob) -> dict:
             run_warnings.append(msg)
             log.warning("!" * 20 + " %s " + "!" * 20, msg)
 
-    config = asdict(job) | {"eval_seqlen": eval_seqlen, "dtype": str(dtype).removeprefix("torch."), "device": str(device)}
+    config = asdict(job) | {"eval_seqlen": eval_seqlen, "eval_batch_size": eval_batch,
+                            "dtype": str(dtype).removeprefix("torch."), "device": str(device)}
+
     model_info = {"spec": job.model, "source": source.kind, "path": source.path, "class": type(model).__name__,
                   "blocks": len(spec.rates)}
     report = build_report(config=config, prune_result=result.to_dict(), evaluation=evaluation, timings=timings,
                           model=model_info, warnings=run_warnings)
+    report["peak_gpu_memory_gib"] = peak_memory_gib(device)
     if job.out:
         t = time.perf_counter()
         save_pruned(model, tokenizer, job.out, report, overwrite=job.overwrite)

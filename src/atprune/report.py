@@ -70,4 +70,6 @@ def format_table(report: dict) -> str:
                          f"({e['windows']}/{e['windows_total']} windows x {e['seqlen']} tokens)")
     times = " ".join(f"{k}={v:.1f}s" for k, v in report.get("timings_s", {}).items())
     lines.append(f"time: {times}")
+    if report.get("peak_gpu_memory_gib") is not None:
+        lines.append(f"peak GPU memory: {report['peak_gpu_memory_gib']:.2f} GiB")
     return "\n".join(lines)

@@ -21,7 +21,9 @@ from tqdm.auto import tqdm
 from atprune import data as data_mod
 from atprune.allocators import beta_max
 from atprune.api import prune
+from atprune.api import resolve_batch_size
 from atprune.engine import first_block_inputs
+from atprune.placement import Placement
 from atprune.errors import ConfigError
 from atprune.evaluate import kl_to_reference, next_token_logprobs, perplexity
 from atprune.export import check_output_dir, save_pruned, write_json
@@ -57,7 +59,7 @@ class SearchJob:
     step: float = 0.002
     metric: str = "ppl"
     eval_windows: int | None = None
-    batch_size: int = 1
+    batch_size: int | str = "auto"
     dtype: str | None = None
     device: str = "auto"
     out: str | None = None
@@ -170,15 +172,16 @@ class TrialRunner:
 
     def __init__(self, model, calib: torch.Tensor, select: torch.Tensor, *, metric: str = "ppl", batch_size: int = 1):
         self.model, self.calib, self.select = model, calib, select
-        self.metric, self.batch_size = metric, batch_size
+        self.metric = metric
+        self.batch_size = resolve_batch_size(batch_size, model, calib, Placement.default_for(model))
         self.adapter = Adapter.for_model(model)
-        self.inputs = first_block_inputs(self.adapter, calib, batch_size)
+        self.inputs = first_block_inputs(self.adapter, calib, self.batch_size)
         self.linears = {f"{i}.{n}": lin for i, b in enumerate(self.adapter.blocks)
                         for n, lin in self.adapter.linears(b).items()}
         self.dense = {n: lin.weight.detach().to("cpu", copy=True) for n, lin in self.linears.items()}
-        self.reference = next_token_logprobs(model, select, batch_size=batch_size) if metric == "kl" else None
+        self.reference = next_token_logprobs(model, select, batch_size=self.batch_size) if metric == "kl" else None
         self.seqlen = select.shape[1]
-        self.dense_select_ppl = perplexity(model, select.flatten(), self.seqlen, batch_size=batch_size)["ppl"]
+        self.dense_select_ppl = perplexity(model, select.flatten(), self.seqlen, batch_size=self.batch_size)["ppl"]
 
     def restore(self) -> None:
         """Put the dense weights back."""
@@ -289,7 +292,7 @@ def run_search_job(job: SearchJob) -> dict:
         from atprune.api import evaluate_perplexity
 
         evaluation["sparse"] = evaluate_perplexity(model, tokenizer, job.eval_data, split=data_mod.eval_split(job.eval_data),
-                                                   seqlen=job.seqlen, data_dir=job.data_dir, batch_size=job.batch_size,
+                                                   seqlen=job.seqlen, data_dir=job.data_dir, batch_size=runner.batch_size,
                                                    max_windows=job.eval_windows, progress=job.progress)
         evaluation["sparse"]["selected_on_test"] = job.select_on_test
     state["final_evaluation"] = evaluation["sparse"]

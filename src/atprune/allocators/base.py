@@ -18,11 +18,13 @@ class AllocationContext:
         adapter: the model's :class:`atprune.models.Adapter`.
         windows: ``[nsamples, seqlen]`` int64 calibration tokens (None for data-free allocation).
         block_inputs: the captured block-0 inputs for ``windows`` (shared with the pruning pass).
+        placement: the :class:`atprune.placement.Placement` of the pruning pass (offloading), or None.
     """
 
     adapter: Adapter
     windows: torch.Tensor | None = None
     block_inputs: object | None = None
+    placement: object | None = None
 
     def block_params(self) -> list[int]:
         """Number of prunable weights per block, input side first."""
@@ -41,7 +43,7 @@ class AllocationContext:
             raise ConfigError("this allocation needs calibration data")
         values: list[float] = []
         sequential(self.adapter, self.windows, lambda i, block, linears, stats: values.append(float(fn(linears, stats))),
-                   inputs=self.block_inputs)
+                   inputs=self.block_inputs, placement=self.placement)
         return values
 
 

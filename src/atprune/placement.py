@@ -1,0 +1,144 @@
+"""Where weights and activations live during the block-by-block pass, and how many windows go at once.
+
+* Default: the whole model and every calibration activation on the compute device.
+* ``offload``: the decoder blocks stay in CPU memory and each is moved to the compute device only while it is
+  calibrated, pruned and run (everything outside the blocks -- embeddings, rotary tables, final norm, lm_head --
+  stays on the device). Peak device memory is then one block plus the activations, so a model larger than the
+  device can be pruned (the layer-wise offloading of the SparseGPT / Wanda reference scripts, done here for any
+  decoder the :class:`atprune.models.Adapter` understands).
+* ``offload_activations``: the calibration hidden states between blocks are kept in pinned CPU memory and
+  streamed to the device one batch at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Placement:
+    """Device placement for the sequential engine.
+
+    Attributes:
+        device: compute device.
+        offload: keep decoder blocks on the CPU between uses (see module docstring).
+        offload_activations: keep ``[batch, seqlen, hidden]`` activations in pinned CPU memory between blocks.
+    """
+
+    device: torch.device
+    offload: bool = False
+    offload_activations: bool = False
+
+    @classmethod
+    def default_for(cls, model: nn.Module) -> "Placement":
+        """Everything where the model's first parameter is (no offloading)."""
+        return cls(next(model.parameters()).device)
+
+    @property
+    def _host(self) -> bool:
+        return self.device.type != "cpu"
+
+    def prepare(self, model: nn.Module, blocks: nn.ModuleList) -> None:
+        """Put ``model`` in place: with ``offload`` the blocks on the CPU and every other tensor on ``device``;
+        otherwise the whole model on ``device``."""
+        if not self.offload:
+            model.to(self.device)
+            return
+        blocks.to("cpu")
+        in_blocks = {id(m) for m in blocks.modules()}
+        for module in model.modules():
+            if id(module) not in in_blocks:
+                module._apply(lambda t: t.to(self.device), recurse=False)
+
+    def enter(self, block: nn.Module) -> None:
+        """Before ``block`` runs: move it to the compute device (offload only)."""
+        if self.offload:
+            block.to(self.device)
+
+    def leave(self, block: nn.Module) -> None:
+        """After ``block`` is done: move it back to the CPU (offload only)."""
+        if self.offload:
+            block.to("cpu")
+
+    def fetch(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A stored activation, on the compute device."""
+        return hidden.to(self.device, non_blocking=True)
+
+    def store(self, hidden: torch.Tensor) -> torch.Tensor:
+        """An activation to keep until the next block: pinned CPU memory with ``offload_activations``."""
+        if not (self.offload_activations and self._host):
+            return hidden
+        out = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+        out.copy_(hidden, non_blocking=True)
+        return out
+
+    @contextlib.contextmanager
+    def streaming(self, blocks: nn.ModuleList):
+        """While active, every block moves itself to the device when called and back afterwards (for full
+        forward passes of an offloaded model: capturing block inputs, evaluation). No-op without offload."""
+        if not self.offload:
+            yield
+            return
+        handles = []
+        for block in blocks:
+            handles.append(block.register_forward_pre_hook(lambda m, args: self.enter(m)))
+            handles.append(block.register_forward_hook(lambda m, args, out: self.leave(m)))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def auto_batch_size(config, seqlen: int, nsamples: int, device: torch.device, dtype: torch.dtype,
+                    cap: int = 16, logits: bool = False) -> int:
+    """Calibration windows per forward pass: 1 on CPU; on CUDA as many as half the free memory holds, by an
+    estimate of one window's transient memory inside a block, at most ``cap`` and ``nsamples``.
+
+    The estimate per window (bytes): ``seqlen * (6 * hidden + 3 * intermediate) * itemsize`` for the block's
+    intermediate tensors plus ``seqlen * intermediate * 4`` for the float32 copy the statistics take, plus
+    ``seqlen * vocab * 12`` with ``logits`` (evaluation: logits, their float32 log-softmax).
+
+    Args:
+        config: the model's (text) config; ``hidden_size``, ``intermediate_size``, ``vocab_size`` are read.
+    """
+    if device.type != "cuda":
+        return 1
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 1024)
+    inter = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or 4 * hidden
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_window = seqlen * ((6 * hidden + 3 * inter) * itemsize + 4 * inter)
+    if logits:
+        per_window += seqlen * getattr(config, "vocab_size", 32000) * 12
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(1, min(cap, nsamples, (free // 2) // max(per_window, 1))))
+
+
+@contextlib.contextmanager
+def exact_tf32_for(dtype: torch.dtype):
+    """Allow TF32 matmuls while accumulating statistics of ``dtype`` activations when that loses nothing.
+
+    bfloat16 and float16 values are exactly representable in TF32 (8-bit exponent, 10-bit mantissa), so
+    ``X^T X`` of such inputs cast to float32 has exact products and float32 accumulation with TF32 tensor
+    cores, several times faster than full float32 on NVIDIA GPUs. For float32 activations nothing changes.
+    """
+    if dtype not in (torch.bfloat16, torch.float16) or not torch.cuda.is_available():
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """Peak allocated memory on a CUDA ``device`` since the last reset, in GiB; None elsewhere."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30

@@ -1,0 +1,147 @@
+"""Batching, block offloading and shared statistics in the engine (issue: prune big models on one GPU).
+
+On CPU the moves of an offloaded block are no-ops, so these tests check the bookkeeping (one block on the
+compute device at a time, in order) and that results do not change; tests/test_gpu.py repeats them on CUDA.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import atprune
+from atprune.engine import collect_stats, first_block_inputs, sequential
+from atprune.models import Adapter
+from atprune.placement import Placement, auto_batch_size
+from atprune.stats import InputStats
+from tests.conftest import tiny_model
+
+
+class RecordingPlacement(Placement):
+    """A CPU placement that logs every block move."""
+
+    def __init__(self, **kw):
+        super().__init__(torch.device("cpu"), **kw)
+        self.log: list[tuple[str, int]] = []
+        self.resident: set[int] = set()
+        self.max_resident = 0
+
+    def enter(self, block):
+        self.log.append(("enter", id(block)))
+        self.resident.add(id(block))
+        self.max_resident = max(self.max_resident, len(self.resident))
+        super().enter(block)
+
+    def leave(self, block):
+        self.log.append(("leave", id(block)))
+        self.resident.discard(id(block))
+        super().leave(block)
+
+
+def windows(n=8, seqlen=24, seed=5):
+    return torch.randint(3, 128, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("allocation", ["atp", "owl"])
+def test_batch_size_1_and_8_give_identical_masks(method, allocation):
+    base = tiny_model("llama", layers=3)
+    m1, m8 = copy.deepcopy(base), copy.deepcopy(base)
+    beta = 0.1 if allocation == "atp" else None
+    kw = dict(method=method, sparsity=0.6, allocation=allocation, beta=beta, calib=windows(), progress=False)
+    r1 = atprune.prune(m1, batch_size=1, **kw)
+    r8 = atprune.prune(m8, batch_size=8, **kw)
+    assert r1.calibration["batch_size"] == 1 and r8.calibration["batch_size"] == 8
+    assert r1.spec["rates"] == pytest.approx(r8.spec["rates"], abs=1e-9)
+    for (name, a), (_, b) in zip(m1.named_parameters(), m8.named_parameters()):
+        assert torch.equal(a == 0, b == 0), name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_offload_gives_identical_weights_and_moves_one_block_at_a_time(method):
+    base = tiny_model("llama", layers=4)
+    plain, off = copy.deepcopy(base), copy.deepcopy(base)
+    kw = dict(method=method, sparsity=0.5, allocation="atp", beta=0.05, calib=windows(), batch_size=4, progress=False)
+    atprune.prune(plain, **kw)
+    placement = RecordingPlacement(offload=True, offload_activations=True)
+    placement.prepare(off, Adapter.for_model(off).blocks)
+    atprune.prune(off, placement=placement, **kw)
+    for (name, a), (_, b) in zip(plain.named_parameters(), off.named_parameters()):
+        assert torch.equal(a, b), name
+    blocks = [id(b) for b in Adapter.for_model(off).blocks]
+    assert placement.max_resident == 1
+    # the capture pass streams every block once, then the pruning pass visits each once, in order
+    pruning = placement.log[-2 * len(blocks):]
+    assert pruning == [(what, b) for b in blocks for what in ("enter", "leave")]
+    assert not placement.resident
+
+
+def test_offload_streaming_evaluation_matches():
+    model = tiny_model("llama", layers=3)
+    tokens = windows(4, 32).flatten()
+    from atprune.evaluate import perplexity
+
+    ref = perplexity(model, tokens, 32)["ppl"]
+    placement = RecordingPlacement(offload=True)
+    with placement.streaming(Adapter.for_model(model).blocks):
+        got = perplexity(model, tokens, 32)["ppl"]
+    assert got == ref
+    assert placement.max_resident == 1 and len(placement.log) == 2 * 3 * 4  # 3 blocks x 4 windows
+
+
+def test_layers_reading_the_same_input_share_statistics():
+    model = tiny_model("llama", layers=2)
+    adapter = Adapter.for_model(model)
+    inputs = first_block_inputs(adapter, windows(4, 16), batch_size=2)
+    block = adapter.blocks[0]
+    linears = adapter.linears(block)
+    stats = collect_stats(block, 0, linears, inputs, hessian=True)
+    attn = [n for n in linears if n.endswith(("q_proj", "k_proj", "v_proj"))]
+    mlp = [n for n in linears if n.endswith(("gate_proj", "up_proj"))]
+    assert len(attn) == 3 and len(mlp) == 2
+    assert all(stats[n] is stats[attn[0]] for n in attn) and all(stats[n] is stats[mlp[0]] for n in mlp)
+    distinct = {id(s) for s in stats.values()}
+    assert len(distinct) == 4  # attention input, o_proj input, MLP input, down_proj input
+    # and the shared numbers are what each layer would have collected alone
+    own = {}
+    hooks = [lin.register_forward_hook(lambda m, a, o, n=n: own.setdefault(n, InputStats(m.in_features, True)).add(a[0]))
+             for n, lin in linears.items()]
+    with torch.no_grad():
+        for h in inputs.hidden:
+            block(h, **inputs.kwargs(0, h.shape[0]))
+    for h in hooks:
+        h.remove()
+    for n in linears:
+        assert stats[n].ntokens == own[n].ntokens == 4 * 16
+        torch.testing.assert_close(stats[n].xtx, own[n].xtx)
+        torch.testing.assert_close(stats[n].sq_norm, own[n].sq_norm)
+
+
+def test_auto_batch_size(monkeypatch):
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, vocab_size=32000)
+    assert auto_batch_size(cfg, 2048, 128, torch.device("cpu"), torch.bfloat16) == 1
+    per_window = 2048 * ((6 * 4096 + 3 * 11008) * 2 + 4 * 11008)  # bytes, as documented
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * per_window, 80 * 2**30))
+    assert auto_batch_size(cfg, 2048, 128, torch.device("cuda"), torch.bfloat16) == 5
+    assert auto_batch_size(cfg, 2048, 3, torch.device("cuda"), torch.bfloat16) == 3
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**50, 2**50))
+    assert auto_batch_size(cfg, 2048, 128, torch.device("cuda"), torch.bfloat16) == 16
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1, 2**50))
+    assert auto_batch_size(cfg, 2048, 128, torch.device("cuda"), torch.bfloat16, logits=True) == 1
+
+
+def test_bad_batch_size_is_a_config_error():
+    with pytest.raises(atprune.ConfigError, match="positive integer or 'auto'"):
+        atprune.prune(tiny_model("llama"), method="wanda", sparsity=0.5, calib=windows(), batch_size=0, progress=False)
+
+
+def test_offload_needs_cuda():
+    from atprune.pipeline import PruneJob, check_job
+
+    with pytest.raises(atprune.ConfigError, match="need --device cuda"):
+        check_job(PruneJob(model="smollm2-135m", device="cpu", offload=True))
