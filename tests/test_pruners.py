@@ -446,3 +446,31 @@ def test_sparsegpt_layer_error_no_worse_than_column_loop():
     assert torch.equal(fast == 0, loop == 0)
     e_fast, e_loop = recon_error(w, fast, x), recon_error(w, loop, x)
     assert e_fast <= e_loop * 1.001, (e_fast, e_loop)
+
+
+def test_inverse_hessian_cholesky_overwrite_gives_the_same_factor():
+    x = correlated_inputs(200, 24, seed=44)
+    h = x.T @ x / 200
+    ref, _ = inverse_hessian_cholesky(h, 0.01)
+    work = h.clone()
+    got, damp = inverse_hessian_cholesky(work, 0.01, overwrite=True)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(work, h)  # its storage was used
+    # and the retry path adds damping incrementally in place
+    bad = torch.diag(torch.tensor([1.0, 1.0, -0.001]))
+    u, damp = inverse_hessian_cholesky(bad.clone(), 1e-4, overwrite=True)
+    assert damp == pytest.approx(1e-2)
+    torch.testing.assert_close(u.T @ u, torch.linalg.inv(bad + 1e-2 * (2 - 0.001) / 3 * torch.eye(3)), rtol=1e-4, atol=1e-5)
+
+
+def test_sparsegpt_factors_a_shared_hessian_once():
+    w = rand_weight(16, 32, seed=45)
+    st = stats_from(correlated_inputs(256, 32, seed=46))
+    pruner = get_pruner("sparsegpt")
+    a = pruner.prune(w, st, 0.5, Pattern())
+    assert len(st.cache) == 1
+    upper = next(iter(st.cache.values()))[0]
+    b = pruner.prune(w, st, 0.5, Pattern())
+    assert next(iter(st.cache.values()))[0] is upper and torch.equal(a, b)
+    fresh = get_pruner("sparsegpt").prune(w, stats_from(correlated_inputs(256, 32, seed=46)), 0.5, Pattern())
+    assert torch.equal(a, fresh)

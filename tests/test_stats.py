@@ -93,3 +93,16 @@ def test_accessors_without_data_raise():
     st.add(torch.randn(3, 4))
     with pytest.raises(RuntimeError):  # Hessian not requested
         st.hessian()
+
+
+def test_hessian_release_hands_over_the_accumulator():
+    x = torch.randn(50, 6, dtype=torch.float64).float()
+    st = InputStats(6, hessian=True)
+    st.add(x)
+    copy = st.hessian()
+    released = st.hessian(release=True)
+    torch.testing.assert_close(released, copy)
+    torch.testing.assert_close(copy, x.T @ x / 50, rtol=1e-5, atol=1e-6)
+    assert st.xtx is None
+    with pytest.raises(RuntimeError, match="already released"):
+        st.hessian()

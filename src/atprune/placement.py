@@ -123,8 +123,10 @@ def exact_tf32_for(dtype: torch.dtype):
     """Allow TF32 matmuls while accumulating statistics of ``dtype`` activations when that loses nothing.
 
     bfloat16 and float16 values are exactly representable in TF32 (8-bit exponent, 10-bit mantissa), so
-    ``X^T X`` of such inputs cast to float32 has exact products and float32 accumulation with TF32 tensor
-    cores, several times faster than full float32 on NVIDIA GPUs. For float32 activations nothing changes.
+    ``X^T X`` of such inputs cast to float32 has exact products and float32 accumulation on TF32 tensor
+    cores, several times faster than full float32 on NVIDIA GPUs (tensor-core accumulation rounds slightly
+    more: relative error 1.3e-6 against float64 on an H200, vs 2.5e-7 for full float32; tests/test_gpu.py).
+    For float32 activations nothing changes.
     """
     if dtype not in (torch.bfloat16, torch.float16) or not torch.cuda.is_available():
         yield

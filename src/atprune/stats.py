@@ -26,6 +26,8 @@ class InputStats:
         xtx: ``[in_features, in_features]`` float32, ``sum_t x_t x_t^T`` (unnormalised
             Hessian ``X X^T`` of the layer-wise least-squares problem, Frantar & Alistarh 2023,
             "SparseGPT", Sec. 3), or ``None`` when ``hessian=False``.
+        cache: dict where consumers keep what they derive from these numbers once (layers reading the same
+            input share one InputStats, so e.g. SparseGPT factors their common Hessian once).
     """
 
     def __init__(self, in_features: int, hessian: bool = False, device: torch.device | None = None):
@@ -35,6 +37,7 @@ class InputStats:
         self.ntokens = 0
         self.sq_norm: torch.Tensor | None = None
         self.xtx: torch.Tensor | None = None
+        self.cache: dict = {}  # what consumers derive once per statistics (e.g. SparseGPT's inverse factor)
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate a batch of inputs.
@@ -69,12 +72,20 @@ class InputStats:
             raise RuntimeError("no calibration input reached this layer")
         return self.sq_norm.sqrt()
 
-    def hessian(self) -> torch.Tensor:
+    def hessian(self, release: bool = False) -> torch.Tensor:
         """``X X^T / ntokens``: ``[in_features, in_features]`` float32.
 
+        Args:
+            release: divide the accumulator in place and hand it over (no copy; this object no longer holds a
+                Hessian afterwards). Default: a new tensor.
+
         Raises:
-            RuntimeError: if collected without ``hessian=True`` or with no input.
+            RuntimeError: if collected without ``hessian=True``, with no input, or already released.
         """
         if self.xtx is None:
-            raise RuntimeError("Hessian not collected for this layer (InputStats(hessian=True) needed)")
-        return self.xtx / max(self.ntokens, 1)
+            raise RuntimeError("Hessian not collected for this layer (InputStats(hessian=True) needed) or already "
+                               "released")
+        if not release:
+            return self.xtx / max(self.ntokens, 1)
+        h, self.xtx = self.xtx.div_(max(self.ntokens, 1)), None
+        return h

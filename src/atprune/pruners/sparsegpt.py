@@ -26,13 +26,17 @@ from atprune.stats import InputStats
 log = logging.getLogger(__name__)
 
 
-def inverse_hessian_cholesky(h: torch.Tensor, percdamp: float, max_tries: int = 6) -> tuple[torch.Tensor, float]:
+def inverse_hessian_cholesky(h: torch.Tensor, percdamp: float, max_tries: int = 6,
+                             overwrite: bool = False) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor ``U`` of ``(H + lambda I)^-1`` (``U^T U = (H + lambda I)^-1``).
 
     Args:
-        h: ``[n, n]`` float32 symmetric PSD matrix (not modified).
+        h: ``[n, n]`` float32 symmetric PSD matrix.
         percdamp: ``lambda = percdamp * mean(diag(H))``; multiplied by 10 and retried (logged) whenever
             the Cholesky factorisation fails, up to ``max_tries`` times.
+        overwrite: use ``h``'s storage as work space (its content is lost): peak memory two ``[n, n]``
+            matrices instead of four, which matters for wide layers (a 28672-wide down projection's Hessian
+            is 3.3 GB in float32).
 
     Returns:
         ``(U, damping)``: ``[n, n]`` float32 upper-triangular factor and the damping fraction used.
@@ -41,22 +45,25 @@ def inverse_hessian_cholesky(h: torch.Tensor, percdamp: float, max_tries: int = 
         torch.linalg.LinAlgError: if it still fails after ``max_tries`` increases.
     """
     mean_diag = torch.mean(torch.diag(h))
-    damp = percdamp
+    hd = h if overwrite else h.clone()
+    damp, added = percdamp, 0.0
     for attempt in range(max_tries):
-        hd = h.clone()
-        hd.diagonal().add_(damp * mean_diag)
+        hd.diagonal().add_((damp - added) * mean_diag)
+        added = damp
         lower, info = torch.linalg.cholesky_ex(hd)
         if info == 0:
-            hinv = torch.cholesky_inverse(lower)
-            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            torch.cholesky_inverse(lower, out=hd)  # hd := (H + lambda I)^-1
+            del lower
+            upper, info = torch.linalg.cholesky_ex(hd, upper=True)
             if info == 0:
                 return upper, damp
+            raise torch.linalg.LinAlgError(f"SparseGPT: the inverse Hessian (damping {damp:.3g}) is not positive "
+                                           "definite in float32")
         if attempt + 1 < max_tries:
             new = damp * 10 if damp > 0 else 1e-6
             log.warning("SparseGPT: Cholesky failed with damping %.3g of mean diag; retrying with %.3g", damp, new)
             damp = new
     raise torch.linalg.LinAlgError(f"SparseGPT: Hessian not positive definite even with damping {damp:.3g}")
-
 
 def _unstructured_mask(w1: torch.Tensor, d: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Mask (True = prune) of the ``int(numel * sparsity)`` smallest OBS saliencies ``w^2 / d^2`` of a block."""
@@ -163,6 +170,21 @@ class SparseGPTPruner:
         self.column_loop = column_loop
         self.last_damping: float | None = None
 
+    def _factor(self, stats: InputStats, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(U, dead columns, damping)`` for a layer's statistics, computed once per :class:`InputStats` (layers
+        that read the same input, e.g. q/k/v, share it) and kept in ``stats.cache``. The accumulator
+        ``stats.xtx`` becomes the work space of the factorisation and is released (peak two ``[n, n]`` float32
+        matrices per layer)."""
+        key = ("sparsegpt_upper", self.percdamp)
+        if key not in stats.cache:
+            h = stats.hessian(release=True).to(device)
+            dead = torch.diag(h) == 0
+            h[dead, dead] = 1.0
+            upper, damp = inverse_hessian_cholesky(h, self.percdamp, overwrite=True)
+            del h
+            stats.cache[key] = (upper, dead, damp)
+        return stats.cache[key]
+
     def prune(self, weight: torch.Tensor, stats: InputStats | None, sparsity: float, pattern: Pattern) -> torch.Tensor:
         """See :meth:`atprune.pruners.base.Pruner.prune`. Computation in float32 on ``weight``'s device.
 
@@ -178,11 +200,8 @@ class SparseGPTPruner:
             pattern.check_width(cols)
             # N:M groups are chosen inside a block: blocks must not split a group of M columns.
             blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
-        h = stats.hessian().to(w.device).clone()
-        dead = torch.diag(h) == 0
-        h[dead, dead] = 1.0
+        hinv, dead, self.last_damping = self._factor(stats, w.device)
         w[:, dead] = 0.0
-        hinv, self.last_damping = inverse_hessian_cholesky(h, self.percdamp)
         pruned = torch.zeros_like(w, dtype=torch.bool)
         for i1 in range(0, cols, blocksize):
             i2 = min(i1 + blocksize, cols)
