@@ -86,7 +86,8 @@ def test_load_raw_file(tmp_path):
     path.write_text(" \n = T = \n \nbody .\n", encoding="utf-8")
     src = load_text(str(path), "test")
     assert src.documents == ["\n\n = T = \n\n\n\n\nbody .\n"]
-    assert src.joined and src.split == "test" and src.origin == str(path)
+    assert src.joined and src.split == "file" and src.origin == str(path)  # no split label made up for a file
+    assert load_text(str(path), "train").split == "file"
 
 
 def test_load_txt_file_is_one_document_verbatim(tmp_path):

@@ -84,7 +84,7 @@ def run_compare_job(job: CompareJob) -> dict:
     source, num_blocks, device, dtype = check_compare(job)
     out = Path(job.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model(source, dtype=dtype, device=device)
+    model, tokenizer = load_model(source, dtype=dtype, device=device, progress=job.progress)
     search = SearchJob(model=job.model, calib_data=job.calib_data, data_dir=job.data_dir, nsamples=job.nsamples,
                        nselect=job.nselect, seqlen=job.seqlen, seed=job.seed)
     calib, select, select_info = selection_windows(search, tokenizer)

@@ -193,8 +193,8 @@ def load_text(spec: str, split: str, data_dir: str | os.PathLike | None = None) 
     """
     check_available(spec, split, data_dir)
     key, local = _named(spec, data_dir)
-    if key is None:
-        return _load_file(Path(spec).expanduser(), split)
+    if key is None:  # a file the user named: it is what it is, whatever role (calibration / evaluation) it plays
+        return _load_file(Path(spec).expanduser(), "file")
     if local is not None:
         path = _local_file(key, split, local)
         if key == "c4" and path.name.split(".json")[0] != Path(C4_FILES[split]).name.split(".json")[0]:

@@ -7,6 +7,8 @@ pruned. It never reads private attributes of attention modules.
 
 from __future__ import annotations
 
+import contextlib
+
 import importlib.util
 import logging
 import os
@@ -156,11 +158,41 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_model(source: ModelSource | str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+@contextlib.contextmanager
+def _loading_bars(enabled: bool):
+    """Progress bars of transformers while loading (its own, and the GGUF converter's plain tqdm) on or off."""
+    if enabled:
+        yield
+        return
+    from functools import partial
+
+    import transformers.utils.logging as hf_logging
+    from tqdm.auto import tqdm
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - older or newer layouts: only transformers' own bars are silenced
+        gguf_utils = None
+    saved = getattr(gguf_utils, "tqdm", None)
+    if saved is not None:
+        gguf_utils.tqdm = partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            gguf_utils.tqdm = saved
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def load_model(source: ModelSource | str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+               progress: bool = True):
     """Load ``(model, tokenizer)`` with transformers ``AutoModelForCausalLM`` / ``AutoTokenizer``.
 
     GGUF weights are dequantised to ``dtype`` by transformers. The model is in eval mode with the
-    KV cache disabled, on ``device``.
+    KV cache disabled, on ``device``. ``progress=False`` silences transformers' loading bars.
 
     Raises:
         ConfigError: for a spec that does not resolve (see :func:`resolve_model`).
@@ -170,8 +202,9 @@ def load_model(source: ModelSource | str, dtype: torch.dtype = torch.float32, de
     if isinstance(source, str):
         source = resolve_model(source)
     where, kwargs = source.from_pretrained_args()
-    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+    with _loading_bars(progress):
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
     if source.kind == "gguf":
         # transformers dequantises GGUF weights into plain Linear layers; the model is no longer "quantized"
         # and must save as an ordinary safetensors checkpoint

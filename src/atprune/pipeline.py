@@ -106,7 +106,8 @@ def run_prune_job(job: PruneJob) -> dict:
     run_warnings: list[str] = []
     t0 = time.perf_counter()
     placement = Placement(device, offload=job.offload, offload_activations=job.offload_activations)
-    model, tokenizer = load_model(source, dtype=dtype, device="cpu" if job.offload else device)
+    model, tokenizer = load_model(source, dtype=dtype, device="cpu" if job.offload else device,
+                                  progress=job.progress)
     adapter = Adapter.for_model(model)
     placement.prepare(model, adapter.blocks)
     timings["load"] = time.perf_counter() - t0

@@ -262,7 +262,7 @@ def run_search_job(job: SearchJob) -> dict:
     config = _config(job, str(dtype).removeprefix("torch."), str(device))
     out = Path(job.out).expanduser() if job.out else None
     t_start = time.perf_counter()
-    model, tokenizer = load_model(source, dtype=dtype, device=device)
+    model, tokenizer = load_model(source, dtype=dtype, device=device, progress=job.progress)
     calib, select, select_info = selection_windows(job, tokenizer)
     runner = TrialRunner(model, calib, select, metric=job.metric, batch_size=job.batch_size)
     state = {"schema": SEARCH_SCHEMA, "config": config, "selected_on_test": job.select_on_test,
