@@ -318,3 +318,72 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def verify_checkpoint(folder: str | os.PathLike) -> list[dict]:
+    """Recompute the zeros of every pruned matrix from a saved checkpoint and compare with its report.
+
+    Reads ``folder/report.json`` (its ``export`` section, written by :func:`save_pruned`) and the dense
+    safetensors files; if ``folder/compressed/`` exists, its matrices are decompressed and checked too.
+
+    Returns:
+        One row per (format, matrix): ``format`` (``dense``/``compressed``), ``name``, ``expected`` (saved
+        sparsity in the report), ``found`` (recomputed; None if the matrix is missing), ``pruned`` (sparsity
+        of the pruning mask), ``underflow`` (extra zeros from the cast), ``ok`` and ``problem`` (empty, or
+        comma-separated: missing, shape, dtype, sparsity, checksum).
+
+    Raises:
+        ConfigError: no report.json, or a report without an ``export`` section (nothing to compare with).
+    """
+    folder = Path(folder).expanduser()
+    path = folder / "report.json"
+    if not path.is_file():
+        raise ConfigError(f"{folder} has no report.json; give a folder written by atprune prune --out")
+    try:
+        export = json.loads(path.read_text()).get("export")
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    if not export or not export.get("matrices"):
+        raise ConfigError(f"{path} has no export section with mask checksums (saved by an older atprune?)")
+    matrices = export["matrices"]
+    checks = [("dense", read_tensors(folder, matrices))]
+    if (folder / COMPRESSED_DIR).is_dir():
+        from atprune.compressed import load_compressed
+
+        checks.append(("compressed", load_compressed(folder / COMPRESSED_DIR, names=matrices)))
+    rows = []
+    for fmt, tensors in checks:
+        for name, rec in matrices.items():
+            t, problems, found = tensors.get(name), [], None
+            if t is None:
+                problems.append("missing")
+            elif list(t.shape) != rec["shape"]:
+                problems.append("shape")
+            else:
+                zeros = t == 0
+                found = int(zeros.sum()) / t.numel()
+                if str(t.dtype).removeprefix("torch.") != export["dtype"]:
+                    problems.append("dtype")
+                if int(zeros.sum()) != rec["saved_zeros"]:
+                    problems.append("sparsity")
+                if mask_digest(zeros) != rec["saved_sha256"]:
+                    problems.append("checksum")
+            rows.append({"format": fmt, "name": name, "expected": rec["saved_sparsity"], "found": found,
+                         "pruned": rec["sparsity"], "underflow": rec["underflow_zeros"], "ok": not problems,
+                         "problem": ", ".join(problems)})
+    return rows
+
+
+def format_verify_table(rows: list[dict]) -> str:
+    """Plain-text table of :func:`verify_checkpoint` rows, with a summary line."""
+    width = max(len(r["name"]) for r in rows)
+    lines = [f"{'format':<10} {'matrix':<{width}} {'report':>8} {'found':>8} {'underflow':>9}  status"]
+    for r in rows:
+        found = "-" if r["found"] is None else f"{r['found']:.4f}"
+        status = "ok" if r["ok"] else f"MISMATCH ({r['problem']})"
+        lines.append(f"{r['format']:<10} {r['name']:<{width}} {r['expected']:>8.4f} {found:>8} {r['underflow']:>9}  {status}")
+    bad = sum(not r["ok"] for r in rows)
+    formats = sorted({r["format"] for r in rows})
+    lines.append(f"{len(rows) - bad}/{len(rows)} matrices match the report ({', '.join(formats)})"
+                 + (f"; {bad} MISMATCHES" if bad else ""))
+    return "\n".join(lines)
