@@ -140,11 +140,13 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
-def load_compressed(folder: str | Path, names=None) -> dict[str, torch.Tensor]:
+def load_compressed(folder: str | Path, names=None, failed: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """Read a sparse-bitmask checkpoint folder (written by :func:`write_compressed`) into a dense state dict.
 
     Args:
         names: only these weights (full names ending in ``.weight``); None: every tensor of the checkpoint.
+        failed: if given, a matrix whose four tensors do not decompress (a corrupt file) is left out and its
+            name -> error message put here; otherwise the error is raised.
 
     Returns:
         name -> CPU tensor; compressed matrices decompressed to ``[rows, cols]`` in their stored dtype.
@@ -171,7 +173,12 @@ def load_compressed(folder: str | Path, names=None) -> dict[str, torch.Tensor]:
             out[key] = t
     for module, parts in groups.items():
         if set(parts) == set(PARAMS):
-            out[f"{module}.weight"] = decompress_matrix(parts)
+            try:
+                out[f"{module}.weight"] = decompress_matrix(parts)
+            except (RuntimeError, ValueError) as err:
+                if failed is None:
+                    raise
+                failed[f"{module}.weight"] = str(err).splitlines()[0]
         else:  # an ordinary tensor that happens to be named like a parameter of the format
             out.update({f"{module}.{p}": t for p, t in parts.items()})
     return out

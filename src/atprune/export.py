@@ -330,7 +330,7 @@ def verify_checkpoint(folder: str | os.PathLike) -> list[dict]:
         One row per (format, matrix): ``format`` (``dense``/``compressed``), ``name``, ``expected`` (saved
         sparsity in the report), ``found`` (recomputed; None if the matrix is missing), ``pruned`` (sparsity
         of the pruning mask), ``underflow`` (extra zeros from the cast), ``ok`` and ``problem`` (empty, or
-        comma-separated: missing, shape, dtype, sparsity, checksum).
+        comma-separated: corrupt (does not decompress), missing, shape, dtype, sparsity, checksum).
 
     Raises:
         ConfigError: no report.json, or a report without an ``export`` section (nothing to compare with).
@@ -346,16 +346,19 @@ def verify_checkpoint(folder: str | os.PathLike) -> list[dict]:
     if not export or not export.get("matrices"):
         raise ConfigError(f"{path} has no export section with mask checksums (saved by an older atprune?)")
     matrices = export["matrices"]
-    checks = [("dense", read_tensors(folder, matrices))]
+    checks = [("dense", read_tensors(folder, matrices), {})]
     if (folder / COMPRESSED_DIR).is_dir():
         from atprune.compressed import load_compressed
 
-        checks.append(("compressed", load_compressed(folder / COMPRESSED_DIR, names=matrices)))
+        failed: dict[str, str] = {}
+        checks.append(("compressed", load_compressed(folder / COMPRESSED_DIR, names=matrices, failed=failed), failed))
     rows = []
-    for fmt, tensors in checks:
+    for fmt, tensors, failed in checks:
         for name, rec in matrices.items():
             t, problems, found = tensors.get(name), [], None
-            if t is None:
+            if name in failed:
+                problems.append("corrupt")
+            elif t is None:
                 problems.append("missing")
             elif list(t.shape) != rec["shape"]:
                 problems.append("shape")
