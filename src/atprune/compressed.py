@@ -51,7 +51,7 @@ def compress_matrix(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     if weight.dim() != 2:
         raise ValueError(f"bitmask compression takes a 2-D matrix, got shape {tuple(weight.shape)}")
     nonzero = weight != 0
-    counts = nonzero.sum(dim=1)
+    counts = torch.count_nonzero(nonzero, dim=1)
     return {"shape": torch.tensor(list(weight.shape), dtype=torch.int64), "compressed": weight[nonzero].contiguous(),
             "bitmask": pack_bitmasks(nonzero).contiguous(), "row_offsets": (torch.cumsum(counts, 0) - counts).to(torch.int64)}
 
@@ -111,7 +111,7 @@ def write_compressed(dense_dir: Path, out_dir: Path, matrices: Mapping[str, torc
     for name, weight in matrices.items():
         for k, v in compress_matrix(weight).items():
             state[f"{_module(name)}.{k}"] = v
-        total, zeros = total + weight.numel(), zeros + int((weight == 0).sum())
+        total, zeros = total + weight.numel(), zeros + weight.numel() - int(torch.count_nonzero(weight))
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     del state
     for extra in ("generation_config.json",):
