@@ -273,3 +273,13 @@ def test_recipe_pattern_magnitude_and_bad_input(tmp_path, capsys):
     assert main(["recipe", "--report", str(path), "--out", str(path), "--overwrite"]) == 2
     assert "would overwrite the report" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml", "report.json"]
+
+
+def test_search_takes_the_export_options():
+    from atprune.cli import build_parser
+
+    args = build_parser().parse_args(["search", "--model", "m", "--out", "o", "--save-dtype", "bfloat16", "--format",
+                                      "compressed"])
+    assert (args.save_dtype, args.format) == ("bfloat16", "compressed")
+    args = build_parser().parse_args(["prune", "--model", "m"])
+    assert (args.save_dtype, args.format) == (None, "dense")
