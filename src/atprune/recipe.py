@@ -28,7 +28,8 @@ def recipe_from_report(report: dict, modifier: str | None = None, blocks_path: s
             else ``model.layers``.
 
     Returns:
-        ``{"sparsity_stage": {"sparsity_modifiers": {Modifier: {"sparsity": [L floats in [0, 1]], "mask_structure":
+        ``{"sparsity_stage": {"sparsity_modifiers": {Modifier: {"sparsity": [L floats in [0, 1], rounded to 6
+        decimals], "mask_structure":
         "0:0" or "N:M", "targets": [regex], "ignore": ["re:.*lm_head"]}}}}``.
 
     Raises:
@@ -49,7 +50,7 @@ def recipe_from_report(report: dict, modifier: str | None = None, blocks_path: s
     pattern = str(spec.get("pattern") or "unstructured")
     mask = pattern if re.fullmatch(r"\d+:\d+", pattern) else "0:0"
     path = blocks_path or (report.get("export") or {}).get("blocks_path") or "model.layers"
-    body = {"sparsity": [float(r) for r in rates], "mask_structure": mask,
+    body = {"sparsity": [round(float(r), 6) for r in rates], "mask_structure": mask,  # 0.555, not 0.5549999999999999
             "targets": [f"re:{re.escape(path)}\\.\\d+$"], "ignore": ["re:.*lm_head"]}
     return {"sparsity_stage": {"sparsity_modifiers": {cls: body}}}
 
