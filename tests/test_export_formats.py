@@ -284,3 +284,15 @@ def test_search_takes_the_export_options():
     assert (args.save_dtype, args.format) == ("bfloat16", "compressed")
     args = build_parser().parse_args(["prune", "--model", "m"])
     assert (args.save_dtype, args.format) == (None, "dense")
+
+
+def test_masks_are_packed_one_bit_per_weight_and_unpack_exactly():
+    model, _, _ = _pruned()
+    masks = record_masks(model)
+    params = dict(model.named_parameters())
+    assert list(masks) == [n for n in params if n.startswith("model.layers.") and n.endswith("_proj.weight")]
+    for name in masks:
+        w = params[name]
+        assert torch.equal(masks[name], w == 0) and masks.zeros(name) == int((w == 0).sum())
+        assert masks.digest(name) == mask_digest(w == 0)
+        assert masks._packed[name][1].nbytes == -(-w.numel() // 8)

@@ -52,10 +52,45 @@ def mask_digest(zeros: torch.Tensor) -> str:
     return hashlib.sha256(bits.tobytes()).hexdigest()
 
 
-def record_masks(model) -> dict[str, torch.Tensor]:
+class Masks(Mapping[str, torch.Tensor]):
+    """Pruning masks kept packed, 1 bit per weight (a bool tensor would take 1 byte per weight: 7 GB for a 7B
+    model); a read-only mapping: ``masks[name]`` unpacks one bool tensor (True = pruned, must stay 0)."""
+
+    def __init__(self) -> None:
+        self._packed: dict[str, tuple[tuple[int, ...], np.ndarray, int]] = {}
+
+    def add(self, name: str, zeros: torch.Tensor) -> None:
+        """Record ``zeros`` (bool tensor, any shape/device) as the mask of ``name``."""
+        flat = zeros.detach().reshape(-1).cpu().numpy().astype(bool, copy=False)
+        self._packed[name] = (tuple(zeros.shape), np.packbits(flat, bitorder="little"), int(np.count_nonzero(flat)))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        shape, bits, _ = self._packed[name]
+        n = int(np.prod(shape))
+        return torch.from_numpy(np.unpackbits(bits, count=n, bitorder="little").astype(bool)).reshape(shape)
+
+    def __iter__(self):
+        return iter(self._packed)
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._packed[name][0]
+
+    def zeros(self, name: str) -> int:
+        """Number of pruned weights of ``name``."""
+        return self._packed[name][2]
+
+    def digest(self, name: str) -> str:
+        """:func:`mask_digest` of the mask of ``name`` (from the packed bits, no unpacking)."""
+        return hashlib.sha256(self._packed[name][1].tobytes()).hexdigest()
+
+
+def record_masks(model) -> Masks:
     """The pruning masks of a model: for every prunable Linear weight of every decoder block (see
-    :class:`atprune.models.Adapter`), ``weight == 0`` as a CPU bool tensor of the weight's shape
-    ``[out_features, in_features]``, keyed by the full parameter name (``model.layers.0.mlp.up_proj.weight``).
+    :class:`atprune.models.Adapter`), ``weight == 0`` (shape ``[out_features, in_features]``), keyed by the full
+    parameter name (``model.layers.0.mlp.up_proj.weight``), packed 1 bit per weight (:class:`Masks`).
 
     Raises:
         ConfigError: the model's decoder blocks cannot be found.
@@ -63,10 +98,10 @@ def record_masks(model) -> dict[str, torch.Tensor]:
     from atprune.models import Adapter
 
     adapter = Adapter.for_model(model)
-    masks = {}
+    masks = Masks()
     for i, block in enumerate(adapter.blocks):
         for name, lin in adapter.linears(block).items():
-            masks[f"{adapter.blocks_path}.{i}.{name}.weight"] = (lin.weight.detach() == 0).cpu()
+            masks.add(f"{adapter.blocks_path}.{i}.{name}.weight", lin.weight.detach() == 0)
     return masks
 
 
@@ -133,7 +168,8 @@ def _matrix_entries(saved: Mapping[str, torch.Tensor], masks: Mapping[str, torch
     for name, mask in masks.items():
         zeros = saved[name] == 0
         n, z, zs = mask.numel(), int(torch.count_nonzero(mask)), int(torch.count_nonzero(zeros))
-        entries[name] = {"shape": list(mask.shape), "zeros": z, "sparsity": z / n, "mask_sha256": mask_digest(mask),
+        digest = masks.digest(name) if isinstance(masks, Masks) else mask_digest(mask)
+        entries[name] = {"shape": list(mask.shape), "zeros": z, "sparsity": z / n, "mask_sha256": digest,
                          "saved_zeros": zs, "saved_sparsity": zs / n, "saved_sha256": mask_digest(zeros),
                          "underflow_zeros": zs - z}
     return entries
