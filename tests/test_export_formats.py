@@ -53,8 +53,11 @@ def test_save_reload_verify_round_trip(tmp_path, save_dtype, capsys):
 
     again = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, dtype from config.json
     assert again.dtype == dtype
-    export = json.loads((out / "report.json").read_text())["export"]
+    saved_report = json.loads((out / "report.json").read_text())
+    export = saved_report["export"]
     assert export["dtype"] == save_dtype and len(export["matrices"]) == LAYERS * 7
+    assert any("turned 2 small non-zero weights into 0" in w for w in saved_report.get("warnings", [])) \
+        == (save_dtype == "float16")
     params = dict(again.named_parameters())
     for name, mask in masks.items():
         got, ref = params[name], dict(model.named_parameters())[name].detach().to(dtype)

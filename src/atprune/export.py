@@ -328,15 +328,17 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
                       "sizes_bytes": {"dense": sum(p.stat().st_size for p in safetensors_files(tmp))},
                       "underflow_zeros": 0, "matrices": _matrix_entries(saved, masks)}
             export["underflow_zeros"] = sum(m["underflow_zeros"] for m in export["matrices"].values())
+            warnings = list(report.get("warnings") or [])
             if export["underflow_zeros"]:
-                log.warning("the cast to %s turned %d small non-zero weights into 0 (recorded per matrix in the "
-                            "report, field underflow_zeros)", export["dtype"], export["underflow_zeros"])
+                warnings.append(f"the cast to {export['dtype']} turned {export['underflow_zeros']} small non-zero "
+                                "weights into 0 (per matrix: export.matrices.*.underflow_zeros)")
+                log.warning("%s", warnings[-1])
             if "compressed" in formats:
                 from atprune.compressed import write_compressed
 
                 export["sizes_bytes"]["compressed"] = write_compressed(tmp, tmp / COMPRESSED_DIR, saved, tokenizer)
             del saved
-            report = report | {"export": export}
+            report = report | {"export": export} | ({"warnings": warnings} if export["underflow_zeros"] else {})
         write_json(tmp / "report.json", report)
         for name, payload in (extra or {}).items():
             write_json(tmp / name, payload)
