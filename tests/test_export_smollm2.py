@@ -41,6 +41,7 @@ def test_smollm2_70_save_reload_verify_in_three_dtypes_and_compressed_size(smoll
             out = save_pruned(model, tok, tmp_path / save_dtype, report, masks=masks, save_dtype=save_dtype,
                               formats=formats)
             export = json.loads((out / "report.json").read_text())["export"]
+            print(f"{save_dtype}: {export['underflow_zeros']} underflow zeros, sizes {export['sizes_bytes']}")
             rows = verify_checkpoint(out)
             assert len(rows) == 210 * len(export["formats"]) and all(r["ok"] for r in rows), save_dtype
 
