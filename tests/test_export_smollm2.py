@@ -1,5 +1,5 @@
 """Slow: save -> reload -> verify of the real SmolLM2-135M pruned at 70 % (ATP), in float32, float16 and bfloat16,
-and the size of the compressed-tensors sparse-bitmask checkpoint. Magnitude pruning keeps it cheap: the
+and the size and bit-exact read-back of the compressed-tensors sparse-bitmask checkpoint (float32). Magnitude pruning keeps it cheap: the
 checkpoint path does not depend on how the zeros were chosen."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def test_smollm2_70_save_reload_verify_in_three_dtypes_and_compressed_size(smoll
         report = {"pruning": result.to_dict(), "model": {"spec": "smollm2-135m"}}
         ratios = {}
         for save_dtype in ("float32", "float16", "bfloat16"):
-            formats = ("dense",) if save_dtype == "float16" else ("compressed",)
+            formats = ("compressed",) if save_dtype == "float32" else ("dense",)  # 16-bit compressed: tiny-model tests
             out = save_pruned(model, tok, tmp_path / save_dtype, report, masks=masks, save_dtype=save_dtype,
                               formats=formats)
             export = json.loads((out / "report.json").read_text())["export"]
@@ -70,8 +70,6 @@ def test_smollm2_70_save_reload_verify_in_three_dtypes_and_compressed_size(smoll
                                                                            (t + 0.0).view(torch.int32)), name
                     del dense, back
         print(f"dense/compressed size ratio at 70 %: {ratios}")
-        assert ratios["float32"] >= 2.0
-        # 16-bit: the 28M dense embedding weights (21 % of the model) cap the ratio near 2 (measured 1.99)
-        assert ratios["bfloat16"] >= 1.95
+        assert ratios["float32"] >= 2.0  # measured 2.11 (bfloat16: 1.99, see docs/export.md)
     finally:
         model.load_state_dict(state)
