@@ -44,8 +44,11 @@ def test_save_pruned_round_trip(tmp_path, tied):
     assert out == (tmp_path / "out").resolve()
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "report.json"} <= names
-    assert json.loads((out / "report.json").read_text()) == {"pruning": {"overall_sparsity": 0.25},
-                                                            "evaluation": {"sparse": {"ppl": None}}}
+    saved_report = json.loads((out / "report.json").read_text())
+    export = saved_report.pop("export")
+    assert saved_report == {"pruning": {"overall_sparsity": 0.25}, "evaluation": {"sparse": {"ppl": None}}}
+    assert "export" not in report  # the caller's dict is not modified
+    assert len(export["matrices"]) == 2 * 7 and export["dtype"] == "float32" and export["formats"] == ["dense"]
     assert _dot_entries(tmp_path) == []
 
     again = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -79,7 +82,7 @@ def test_existing_folder_refused_without_overwrite_and_replaced_with_it(tmp_path
     save_pruned(model, None, out, {"run": 2}, overwrite=True)
     names = {p.name for p in out.iterdir()}
     assert "keep.txt" not in names and {"config.json", "model.safetensors", "report.json"} <= names
-    assert json.loads((out / "report.json").read_text()) == {"run": 2}
+    assert json.loads((out / "report.json").read_text()).keys() == {"run", "export"}
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 1
     assert _dot_entries(tmp_path) == []
 

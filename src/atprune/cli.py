@@ -14,6 +14,7 @@ from pathlib import Path
 
 from atprune.allocators import ALLOCATORS
 from atprune.errors import ConfigError
+from atprune.export import MaskViolation
 from atprune.pruners import PRUNERS
 
 
@@ -77,6 +78,28 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows (quick checks)")
     p.add_argument("--strict", action="store_true", help="fewer calibration tokens than asked is an error")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON instead of the table")
+    _add_export_args(p)
+
+
+def _add_export_args(p: argparse.ArgumentParser) -> None:
+    """Checkpoint options of ``--out`` (prune, search)."""
+    p.add_argument("--save-dtype", default=None, help="dtype of the saved checkpoint: float32, float16, bfloat16 "
+                   "(default: --dtype); pruned weights stay exactly 0, underflow zeros are reported")
+    p.add_argument("--format", default="dense", help="dense (default: safetensors) or compressed (also writes "
+                   "OUT/compressed/, the compressed-tensors sparse-bitmask format)")
+
+
+def _add_verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="a folder written by prune/search --out (report.json + safetensors)")
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--report", required=True, help="report.json of a prune or search run (or its folder)")
+    p.add_argument("--out", required=True, help="recipe file to write (YAML)")
+    p.add_argument("--modifier", default=None, help="wanda or sparsegpt (default: the run's method)")
+    p.add_argument("--blocks-path", default=None, help="dotted path of the decoder blocks (default: from the "
+                   "report, else model.layers)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing recipe file")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,8 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "allocation (ATP).")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prune_args(sub.add_parser("prune", help="prune a model block by block and report perplexity"))
+    _add_verify_args(sub.add_parser("verify", help="recompute every pruned matrix's sparsity and mask checksum "
+                                    "from a saved checkpoint and compare with its report"))
+    _add_recipe_args(sub.add_parser("recipe", help="write a run's per-block sparsities as an llm-compressor recipe"))
     s = sub.add_parser("search", help="choose ATP's beta on held-out data, then prune and evaluate with it")
     _add_common_args(s)
+    _add_export_args(s)
     s.add_argument("--select-data", default=None, help="selection text (validation split of a named set, or a file); "
                    "default: windows of the calibration source disjoint from the calibration samples")
     s.add_argument("--nselect", type=int, default=16, help="selection windows of --seqlen tokens (default 16)")
@@ -133,7 +160,8 @@ def _run_search(args) -> int:
                     nselect=args.nselect, seqlen=args.seqlen, seed=args.seed, strategy=args.strategy,
                     max_trials=args.max_trials, step=args.step, metric=args.metric, eval_windows=args.eval_windows,
                     batch_size=args.batch_size, dtype=args.dtype, device=args.device, out=args.out,
-                    overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+                    overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
+                    save_dtype=args.save_dtype, formats=(args.format,))
     state = run_search_job(job)
     mark = "  [SELECTED ON TEST]" if state["selected_on_test"] else ""
     print(f"{'beta':>8} {'metric':>12} {'seconds':>8}{mark}")
@@ -180,6 +208,21 @@ def _run_analyze(args) -> int:
     return 0
 
 
+def _run_verify(args) -> int:
+    from atprune.export import format_verify_table, verify_checkpoint
+
+    rows = verify_checkpoint(args.dir)
+    print(format_verify_table(rows))
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+def _run_recipe(args) -> int:
+    from atprune.recipe import write_recipe
+
+    print(f"saved: {write_recipe(args.report, args.out, args.modifier, args.blocks_path, args.overwrite)}")
+    return 0
+
+
 def _alloc_options(items: list[str]) -> dict | None:
     """``["M=5", "lam=0.08"]`` -> ``{"M": 5.0, "lam": 0.08}``.
 
@@ -211,7 +254,8 @@ def _job_from_args(args):
                     eval_windows=args.eval_windows, eval_dense=not args.no_eval_dense, seed=args.seed,
                     batch_size=args.batch_size, dtype=args.dtype, device=args.device, out=args.out,
                     offload=args.offload, offload_activations=args.offload_activations,
-                    overwrite=args.overwrite, strict=args.strict, progress=not args.quiet)
+                    overwrite=args.overwrite, strict=args.strict, progress=not args.quiet,
+                    save_dtype=args.save_dtype, formats=(args.format,))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,10 +269,15 @@ def main(argv: list[str] | None = None) -> int:
             return _run_analyze(args)
         if args.command == "compare":
             return _run_compare(args)
+        if args.command in ("verify", "recipe"):
+            return {"verify": _run_verify, "recipe": _run_recipe}[args.command](args)
         return _run_prune(args)
     except ConfigError as err:
         print(f"atprune: error: {err}", file=sys.stderr)
         return 2
+    except MaskViolation as err:
+        print(f"atprune: error: {err}", file=sys.stderr)
+        return 1
 
 
 def _run_prune(args) -> int:

@@ -1,19 +1,193 @@
-"""Saving a pruned model: safetensors + tokenizer + report.json, written atomically.
+"""Saving a pruned model: safetensors + tokenizer + report.json, written atomically, and checked.
 
 Everything is written into a temporary folder next to the destination and renamed into place at the
 end, so an interrupted run never leaves a half-written model, and an existing output is replaced only
 when the user asked for it (``overwrite``). The input model is never a valid destination.
+
+Masks. The zeros of every prunable matrix (the pruning mask) are recorded (:func:`record_masks`) and
+checked at every step that could re-densify a weight: in memory before saving, after the cast to the save
+dtype, and in the files written (read back from disk). A masked weight that is non-zero at any of these
+steps refuses the checkpoint (:class:`MaskViolation`, naming the matrix); nothing is written. A cast to
+float16 can also turn a tiny non-zero weight into 0 (underflow): such extra zeros are allowed, counted per
+matrix and reported (``report["export"]``). The report stores, per matrix, the sha256 of the packed mask
+and of the packed zero pattern actually saved; :func:`verify_checkpoint` recomputes them from the files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from atprune.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FORMATS = ("dense", "compressed")
+COMPRESSED_DIR = "compressed"
+
+
+class MaskViolation(RuntimeError):
+    """A weight the pruning mask says is zero is non-zero (a step re-densified it); the message names it."""
+
+
+def mask_digest(zeros: torch.Tensor) -> str:
+    """sha256 (hex) of a boolean zero pattern: row-major flattened, packed 8 per byte, little bit order
+    (``numpy.packbits(..., bitorder="little")``), so the same pattern always gives the same digest.
+
+    Args:
+        zeros: bool tensor of any shape (True = weight is zero), any device.
+    """
+    bits = np.packbits(zeros.detach().reshape(-1).cpu().numpy().astype(bool), bitorder="little")
+    return hashlib.sha256(bits.tobytes()).hexdigest()
+
+
+class Masks(Mapping[str, torch.Tensor]):
+    """Pruning masks kept packed, 1 bit per weight (a bool tensor would take 1 byte per weight: 7 GB for a 7B
+    model); a read-only mapping: ``masks[name]`` unpacks one bool tensor (True = pruned, must stay 0)."""
+
+    def __init__(self) -> None:
+        self._packed: dict[str, tuple[tuple[int, ...], np.ndarray, int]] = {}
+
+    def add(self, name: str, zeros: torch.Tensor) -> None:
+        """Record ``zeros`` (bool tensor, any shape/device) as the mask of ``name``."""
+        flat = zeros.detach().reshape(-1).cpu().numpy().astype(bool, copy=False)
+        self._packed[name] = (tuple(zeros.shape), np.packbits(flat, bitorder="little"), int(np.count_nonzero(flat)))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        shape, bits, _ = self._packed[name]
+        n = int(np.prod(shape))
+        return torch.from_numpy(np.unpackbits(bits, count=n, bitorder="little").astype(bool)).reshape(shape)
+
+    def __iter__(self):
+        return iter(self._packed)
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._packed[name][0]
+
+    def zeros(self, name: str) -> int:
+        """Number of pruned weights of ``name``."""
+        return self._packed[name][2]
+
+    def digest(self, name: str) -> str:
+        """:func:`mask_digest` of the mask of ``name`` (from the packed bits, no unpacking)."""
+        return hashlib.sha256(self._packed[name][1].tobytes()).hexdigest()
+
+
+def record_masks(model) -> Masks:
+    """The pruning masks of a model: for every prunable Linear weight of every decoder block (see
+    :class:`atprune.models.Adapter`), ``weight == 0`` (shape ``[out_features, in_features]``), keyed by the full
+    parameter name (``model.layers.0.mlp.up_proj.weight``), packed 1 bit per weight (:class:`Masks`).
+
+    Raises:
+        ConfigError: the model's decoder blocks cannot be found.
+    """
+    from atprune.models import Adapter
+
+    adapter = Adapter.for_model(model)
+    masks = Masks()
+    for i, block in enumerate(adapter.blocks):
+        for name, lin in adapter.linears(block).items():
+            masks.add(f"{adapter.blocks_path}.{i}.{name}.weight", lin.weight.detach() == 0)
+    return masks
+
+
+def check_masks(tensors: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], where: str) -> None:
+    """Check that every masked weight is still zero.
+
+    Args:
+        tensors: parameter name -> weight tensor (any dtype/device), for at least every name in ``masks``.
+        masks: parameter name -> bool tensor of the same shape (True = must be zero).
+        where: the step being checked, for the message (e.g. ``"after the cast to float16"``).
+
+    Raises:
+        MaskViolation: a name is missing, a shape differs, or a masked weight is non-zero; names the matrix
+            and the number of re-densified weights.
+    """
+    for name, mask in masks.items():
+        if name not in tensors:
+            raise MaskViolation(f"{name}: pruned matrix missing {where}")
+        t = tensors[name]
+        if tuple(t.shape) != tuple(mask.shape):
+            raise MaskViolation(f"{name}: shape {tuple(t.shape)} {where}, pruned as {tuple(mask.shape)}")
+        bad = int(torch.count_nonzero((t.detach().cpu() != 0) & mask))  # count_nonzero: bool .sum() is slow
+        if bad:
+            raise MaskViolation(f"{name}: {bad} of {int(torch.count_nonzero(mask))} pruned weights are non-zero {where}; "
+                                "checkpoint refused")
+
+
+def _cast_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model's state dict with floating tensors cast to ``dtype`` (shared tensors, e.g. tied embeddings,
+    stay shared) and every zero made +0.0."""
+    memo: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, t in model.state_dict().items():
+        key = t.data_ptr()
+        if key not in memo:
+            c = t.detach().to(dtype) if t.is_floating_point() else t.detach()
+            memo[key] = c + 0.0 if c.is_floating_point() else c  # -0.0 + 0.0 == +0.0
+        out[name] = memo[key]
+    return out
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The ``*.safetensors`` files of a checkpoint folder (one file, or the shards an index lists)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    return sorted(folder.glob("*.safetensors"))
+
+
+def read_tensors(folder: Path, names) -> dict[str, torch.Tensor]:
+    """Read the named tensors (those present) from a checkpoint folder's safetensors files, on CPU."""
+    from safetensors import safe_open
+
+    wanted, found = set(names), {}
+    for path in safetensors_files(Path(folder)):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in wanted.intersection(f.keys()):
+                found[key] = f.get_tensor(key)
+    return found
+
+
+def _matrix_entries(saved: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> dict[str, dict]:
+    entries = {}
+    for name, mask in masks.items():
+        zeros = saved[name] == 0
+        n, z, zs = mask.numel(), int(torch.count_nonzero(mask)), int(torch.count_nonzero(zeros))
+        digest = masks.digest(name) if isinstance(masks, Masks) else mask_digest(mask)
+        entries[name] = {"shape": list(mask.shape), "zeros": z, "sparsity": z / n, "mask_sha256": digest,
+                         "saved_zeros": zs, "saved_sparsity": zs / n, "saved_sha256": mask_digest(zeros),
+                         "underflow_zeros": zs - z}
+    return entries
+
+
+def _blocks_path(name: str) -> str | None:
+    """``model.layers.0.mlp.up_proj.weight`` -> ``model.layers`` (the dotted path before the first index)."""
+    match = re.match(r"^(.*?)\.\d+\.", name)
+    return match.group(1) if match else None
+
+
+def _fix_config_dtype(folder: Path, dtype: torch.dtype) -> None:
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = str(dtype).removeprefix("torch.")
+    write_json(path, config)
 
 
 def check_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: tuple[str, ...] = ()) -> Path:
@@ -75,25 +249,96 @@ def _public(path: Path) -> None:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
+def check_export_options(save_dtype: str | None, formats) -> tuple[torch.dtype | None, tuple[str, ...]]:
+    """Validate ``--save-dtype`` and ``--format``.
+
+    Returns:
+        ``(dtype or None, formats)``; ``"dense"`` is always in the formats (it is the default and the
+        compressed format is written in addition to it).
+
+    Raises:
+        ConfigError: unknown dtype or format, or ``compressed`` without the compressed-tensors package.
+    """
+    if save_dtype is not None and save_dtype not in SAVE_DTYPES:
+        raise ConfigError(f"unknown save dtype {save_dtype!r}; choose one of: {', '.join(SAVE_DTYPES)}")
+    formats = (formats,) if isinstance(formats, str) else tuple(formats or ("dense",))
+    for f in formats:
+        if f not in FORMATS:
+            raise ConfigError(f"unknown format {f!r}; choose one of: {', '.join(FORMATS)}")
+    if "compressed" in formats:
+        from atprune.compressed import check_available
+
+        check_available()
+    return (SAVE_DTYPES[save_dtype] if save_dtype else None), tuple(dict.fromkeys(("dense", *formats)))
+
+
 def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrite: bool = False,
-                extra: dict[str, dict] | None = None, files: dict[str, Path] | None = None) -> Path:
+                extra: dict[str, dict] | None = None, files: dict[str, Path] | None = None, *,
+                masks: Mapping[str, torch.Tensor] | None = None, save_dtype: str | None = None,
+                formats=("dense",)) -> Path:
     """Save ``model`` (safetensors, tied weights kept tied), ``tokenizer``, ``report.json``, the JSON documents
     in ``extra`` (file name -> content) and copies of ``files`` (file name -> source path) into ``out``, all
     in one atomic swap.
+
+    Args:
+        masks: the pruning masks (:func:`record_masks`, taken right after pruning); None records them from
+            the model now. Checked in memory, after the cast and in the files written (see the module doc).
+        save_dtype: ``float32``, ``float16`` or ``bfloat16``; None saves in the model's dtype. The in-memory
+            model is not changed.
+        formats: ``("dense",)`` (default) or with ``"compressed"``: the compressed-tensors sparse-bitmask
+            checkpoint is written in addition, to ``out/compressed/`` (see :mod:`atprune.compressed`).
+
+    The report gets an ``export`` section (dtype, formats, sizes in bytes, per-matrix zeros, sparsity,
+    mask checksums, underflow zeros); the caller's dict is not modified.
 
     Returns:
         The resolved output folder.
 
     Raises:
-        ConfigError: see :func:`check_output_dir`.
+        ConfigError: see :func:`check_output_dir` and :func:`check_export_options`.
+        MaskViolation: a pruned weight is non-zero in memory, after the cast or in the written files;
+            nothing is written.
     """
+    dtype, formats = check_export_options(save_dtype, formats)
     out = check_output_dir(out, overwrite)
+    if masks is None and isinstance(model, torch.nn.Module):
+        masks = record_masks(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if masks:
+            params = dict(model.named_parameters())
+            check_masks({n: params[n] for n in masks if n in params}, masks, "in memory before saving")
+        if dtype is not None and dtype != next(model.parameters()).dtype:
+            state = _cast_state_dict(model, dtype)
+            if masks:
+                check_masks(state, masks, f"after the cast to {str(dtype).removeprefix('torch.')}")
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            del state
+            _fix_config_dtype(tmp, dtype)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if masks:
+            saved = read_tensors(tmp, masks)
+            check_masks(saved, masks, "in the saved checkpoint")
+            export = {"dtype": str(next(iter(saved.values())).dtype).removeprefix("torch."), "formats": list(formats),
+                      "blocks_path": _blocks_path(next(iter(masks))),
+                      "sizes_bytes": {"dense": sum(p.stat().st_size for p in safetensors_files(tmp))},
+                      "underflow_zeros": 0, "matrices": _matrix_entries(saved, masks)}
+            export["underflow_zeros"] = sum(m["underflow_zeros"] for m in export["matrices"].values())
+            warnings = list(report.get("warnings") or [])
+            if export["underflow_zeros"]:
+                warnings.append(f"the cast to {export['dtype']} turned {export['underflow_zeros']} small non-zero "
+                                "weights into 0 (per matrix: export.matrices.*.underflow_zeros)")
+                log.warning("%s", warnings[-1])
+            if "compressed" in formats:
+                from atprune.compressed import write_compressed
+
+                export["sizes_bytes"]["compressed"] = write_compressed(tmp, tmp / COMPRESSED_DIR, saved, tokenizer)
+            del saved
+            report = report | {"export": export} | ({"warnings": warnings} if export["underflow_zeros"] else {})
         write_json(tmp / "report.json", report)
         for name, payload in (extra or {}).items():
             write_json(tmp / name, payload)
@@ -111,3 +356,76 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def verify_checkpoint(folder: str | os.PathLike) -> list[dict]:
+    """Recompute the zeros of every pruned matrix from a saved checkpoint and compare with its report.
+
+    Reads ``folder/report.json`` (its ``export`` section, written by :func:`save_pruned`) and the dense
+    safetensors files; if ``folder/compressed/`` exists, its matrices are decompressed and checked too.
+
+    Returns:
+        One row per (format, matrix): ``format`` (``dense``/``compressed``), ``name``, ``expected`` (saved
+        sparsity in the report), ``found`` (recomputed; None if the matrix is missing), ``pruned`` (sparsity
+        of the pruning mask), ``underflow`` (extra zeros from the cast), ``ok`` and ``problem`` (empty, or
+        comma-separated: corrupt (does not decompress), missing, shape, dtype, sparsity, checksum).
+
+    Raises:
+        ConfigError: no report.json, or a report without an ``export`` section (nothing to compare with).
+    """
+    folder = Path(folder).expanduser()
+    path = folder / "report.json"
+    if not path.is_file():
+        raise ConfigError(f"{folder} has no report.json; give a folder written by atprune prune --out")
+    try:
+        export = json.loads(path.read_text()).get("export")
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    if not export or not export.get("matrices"):
+        raise ConfigError(f"{path} has no export section with mask checksums (saved by an older atprune?)")
+    matrices = export["matrices"]
+    checks = [("dense", read_tensors(folder, matrices), {})]
+    if (folder / COMPRESSED_DIR).is_dir():
+        from atprune.compressed import load_compressed
+
+        failed: dict[str, str] = {}
+        checks.append(("compressed", load_compressed(folder / COMPRESSED_DIR, names=matrices, failed=failed), failed))
+    rows = []
+    for fmt, tensors, failed in checks:
+        for name, rec in matrices.items():
+            t, problems, found = tensors.get(name), [], None
+            if name in failed:
+                problems.append("corrupt")
+            elif t is None:
+                problems.append("missing")
+            elif list(t.shape) != rec["shape"]:
+                problems.append("shape")
+            else:
+                zeros = t == 0
+                count = int(torch.count_nonzero(zeros))
+                found = count / t.numel()
+                if str(t.dtype).removeprefix("torch.") != export["dtype"]:
+                    problems.append("dtype")
+                if count != rec["saved_zeros"]:
+                    problems.append("sparsity")
+                if mask_digest(zeros) != rec["saved_sha256"]:
+                    problems.append("checksum")
+            rows.append({"format": fmt, "name": name, "expected": rec["saved_sparsity"], "found": found,
+                         "pruned": rec["sparsity"], "underflow": rec["underflow_zeros"], "ok": not problems,
+                         "problem": ", ".join(problems)})
+    return rows
+
+
+def format_verify_table(rows: list[dict]) -> str:
+    """Plain-text table of :func:`verify_checkpoint` rows, with a summary line."""
+    width = max(len(r["name"]) for r in rows)
+    lines = [f"{'format':<10} {'matrix':<{width}} {'report':>8} {'found':>8} {'underflow':>9}  status"]
+    for r in rows:
+        found = "-" if r["found"] is None else f"{r['found']:.4f}"
+        status = "ok" if r["ok"] else f"MISMATCH ({r['problem']})"
+        lines.append(f"{r['format']:<10} {r['name']:<{width}} {r['expected']:>8.4f} {found:>8} {r['underflow']:>9}  {status}")
+    bad = sum(not r["ok"] for r in rows)
+    formats = sorted({r["format"] for r in rows})
+    lines.append(f"{len(rows) - bad}/{len(rows)} matrices match the report ({', '.join(formats)})"
+                 + (f"; {bad} MISMATCHES" if bad else ""))
+    return "\n".join(lines)

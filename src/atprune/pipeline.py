@@ -17,7 +17,7 @@ import torch
 from atprune import data as data_mod
 from atprune.api import check_widths, evaluate_perplexity, needs_calibration, plan, prune
 from atprune.errors import ConfigError
-from atprune.export import check_output_dir, save_pruned
+from atprune.export import check_export_options, check_output_dir, record_masks, save_pruned
 from atprune.models import Adapter, load_model, num_blocks, resolve_device, resolve_dtype, resolve_model
 from atprune.placement import Placement, auto_batch_size, peak_memory_gib
 from atprune.report import build_report
@@ -54,6 +54,8 @@ class PruneJob:
     overwrite: bool = False
     strict: bool = False
     progress: bool = True
+    save_dtype: str | None = None  # float32, float16, bfloat16; None: the dtype the model ran in
+    formats: tuple[str, ...] = ("dense",)  # add "compressed" for the compressed-tensors sparse-bitmask copy
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -80,6 +82,7 @@ def check_job(job: PruneJob):
     if (job.offload or job.offload_activations) and device.type == "cpu":
         raise ConfigError("--offload / --offload-activations move weights or activations off a GPU; they need "
                           "--device cuda")
+    check_export_options(job.save_dtype, job.formats)
     if job.data_dir and not Path(job.data_dir).expanduser().is_dir():
         raise ConfigError(f"data folder not found: {job.data_dir}")
     data_mod.check_available(job.calib_data, "train", job.data_dir)
@@ -155,6 +158,7 @@ def run_prune_job(job: PruneJob) -> dict:
                    allocation_options=job.allocation_options, placement=placement,
                    progress=job.progress)
     timings["prune"] = result.seconds
+    masks = record_masks(model) if job.out else None  # checked again at every step of the save
     if job.eval_data:
         evaluate("sparse")
         ppl = evaluation["sparse"]["ppl"]
@@ -173,6 +177,7 @@ def run_prune_job(job: PruneJob) -> dict:
     report["peak_gpu_memory_gib"] = peak_memory_gib(device)
     if job.out:
         t = time.perf_counter()
-        save_pruned(model, tokenizer, job.out, report, overwrite=job.overwrite)
+        save_pruned(model, tokenizer, job.out, report, overwrite=job.overwrite, masks=masks,
+                    save_dtype=job.save_dtype, formats=job.formats)
         timings["save"] = time.perf_counter() - t
     return report

@@ -26,7 +26,7 @@ from atprune.engine import first_block_inputs
 from atprune.placement import Placement
 from atprune.errors import ConfigError
 from atprune.evaluate import kl_to_reference, next_token_logprobs, perplexity
-from atprune.export import check_output_dir, save_pruned, write_json
+from atprune.export import check_export_options, check_output_dir, save_pruned, write_json
 from atprune.models import Adapter, load_model
 from atprune.pipeline import PruneJob, check_job
 from atprune.report import build_report
@@ -66,6 +66,8 @@ class SearchJob:
     overwrite: bool = False
     resume: bool = False
     progress: bool = True
+    save_dtype: str | None = None  # see atprune.pipeline.PruneJob
+    formats: tuple[str, ...] = ("dense",)
 
 
 def check_search(job: SearchJob):
@@ -107,6 +109,7 @@ def check_search(job: SearchJob):
         out = Path(job.out).expanduser()
         resumable = job.resume and (out / "search.json").is_file()
         # a folder holding this search's own search.json may be continued; anything else follows the usual rule
+        check_export_options(job.save_dtype, job.formats)
         check_output_dir(out, job.overwrite or resumable, inputs=(source.path,) if source.kind != "hub" else ())
         if resumable:
             previous = _resumable_trials(out / "search.json", job, str(dtype).removeprefix("torch."), str(device))
@@ -309,5 +312,5 @@ def run_search_job(job: SearchJob) -> dict:
             plot_search(state["trials"], chosen, job.metric, Path(tmp) / "search.png", title)
             # out was checked before loading (it holds at most this search's own search.json)
             save_pruned(model, tokenizer, out, report, overwrite=True, extra={"search.json": state},
-                        files={"search.png": Path(tmp) / "search.png"})
+                        files={"search.png": Path(tmp) / "search.png"}, save_dtype=job.save_dtype, formats=job.formats)
     return state
