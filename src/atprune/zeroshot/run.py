@@ -131,3 +131,32 @@ def sanity_gate(sparse: dict, dense: dict | None = None) -> dict:
         reason += "; the DENSE model is at or below chance too: check the evaluation setup"
     return {"flagged": bool(flagged), "reason": reason, "dense_at_or_below_chance_everywhere": dense_bad,
             "acc_drop": drop}
+
+
+def format_zero_shot(results: dict[str, dict], gate: dict | None = None) -> str:
+    """Plain-text table: one row per task, one column pair (acc, acc_norm) per model in ``results``
+    (e.g. ``{"dense": ..., "sparse": ...}``), then mean acc, n and requests/s."""
+    models = {k: v for k, v in results.items() if v}
+    first = next(iter(models.values()))
+    head = f"{'task':<14} {'n':>6} " + " ".join(f"{k + ' acc':>12} {k + ' acc_norm':>15}" for k in models)
+    lines = [head]
+    for name, row in first["tasks"].items():
+        cells = []
+        for res in models.values():
+            t = res["tasks"].get(name, {})
+            cells.append(f"{_pct(t.get('acc')):>12} {_pct(t.get('acc_norm')):>15}")
+        lines.append(f"{name:<14} {row['n']:>6} " + " ".join(cells))
+    lines.append(f"{'mean acc':<14} {'':>6} " + " ".join(f"{_pct(r['mean_acc']):>12} {'':>15}" for r in models.values()))
+    for key, res in models.items():
+        lines.append(f"{key}: {res['requests']} loglikelihood requests in {res['seconds']:.0f}s "
+                     f"({res['requests_per_s']:.1f}/s), lm-eval {res['lm_eval_version']}, data {res['data']}, "
+                     f"limit {res['limit']}")
+    if gate is not None:
+        lines.append(("SANITY GATE FLAGGED: " if gate["flagged"] else "sanity gate: ") + gate["reason"])
+    elif first.get("at_or_below_chance_everywhere"):
+        lines.append("SANITY GATE FLAGGED: at or below chance on every task")
+    return "\n".join(lines)
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
