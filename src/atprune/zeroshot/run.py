@@ -52,7 +52,7 @@ def evaluate_zero_shot(model, tokenizer, tasks="all", task_data: str | Path | No
     """Zero-shot accuracy of ``model`` on lm-eval's stock multiple-choice tasks.
 
     Each choice is scored by the summed log-likelihood of its tokens given the prompt (``acc``) and by
-    that sum divided by the choice's length in bytes (``acc_norm``); the prediction is the arg-max. The
+    that sum divided by the length of the choice text in characters (``acc_norm``); the prediction is the arg-max. The
     pruning papers (Wanda, OWL, AlphaPruning, ATP) report ``acc`` and its mean over the seven tasks.
 
     Args:
