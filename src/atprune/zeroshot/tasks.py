@@ -157,9 +157,9 @@ TASKS: dict[str, TaskInfo] = {t.name: t for t in [
              "local: authors' valid.jsonl + labels, byte-exact to the HF split"),
     TaskInfo("hellaswag", 0.25, "hellaswag", (("hellaswag_val_full.txt.bz2", "hellaswag_val_full.txt"),), "validation",
              convert_hellaswag,
-             "local: llama.cpp text format, not the original jsonl. Its preprocessing differs slightly from "
-             "lm-eval's (it drops only [header]/[step]/[substeps]/[title]); ctx_a/ctx_b split recovered by a "
-             "heuristic (unfinished lower-case last sentence) to apply lm-eval's ctx_b.capitalize()"),
+             "local: llama.cpp text format (derived), not the original jsonl; its preprocessing matches lm-eval's "
+             "except leftover [...] text, which the stock preprocess removes; ctx_a/ctx_b split recovered by a "
+             "heuristic (unfinished lower-case last sentence) so that lm-eval's ctx_b.capitalize() applies"),
     TaskInfo("winogrande", 0.5, "winogrande", (("dev.jsonl",),), "validation", convert_winogrande,
              "local: WinoGrande 1.1 dev = winogrande_xl validation, byte-exact content"),
     TaskInfo("arc_easy", 0.25, "arc_easy", (ARC_EASY_FILES,), "test", convert_arc_easy,
