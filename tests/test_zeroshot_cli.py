@@ -77,3 +77,22 @@ def test_prune_zero_shot_in_report(files, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["model"]["pruning"]["overall_sparsity"] == pytest.approx(report["pruning"]["overall_sparsity"])
     assert result["tasks"]["piqa"]["acc"] == pytest.approx(zs["sparse"]["tasks"]["piqa"]["acc"])
+
+
+def test_search_zero_shot(files, capsys):
+    out = files / "searched"
+    evalf = files / "eval.txt"
+    evalf.write_text(random_text(400, seed=2))
+    assert main(["search", "--model", str(files / "model"), "--method", "magnitude", "--sparsity", "0.5",
+                 "--calib-data", str(files / "calib.txt"), "--eval-data", str(evalf), "--nsamples", "2", "--nselect", "2",
+                 "--seqlen", "32", "--strategy", "grid", "--step", "0.2", "--out", str(out), "--quiet",
+                 "--zero-shot", "piqa", "--task-data", str(files / "data"), "--zero-shot-limit", "3"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    zs = report["zero_shot"]
+    assert zs["dense"]["tasks"]["piqa"]["n"] == zs["sparse"]["tasks"]["piqa"]["n"] == 3
+    assert json.loads((out / "search.json").read_text())["zero_shot"]["gate"] == zs["gate"]
+    assert "sparse acc" in capsys.readouterr().out
+    # the saved model is the final one: `atprune eval` on the folder gives the same accuracy
+    assert main(["eval", "--model", str(out), "--tasks", "piqa", "--task-data", str(files / "data"), "--limit", "3",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tasks"]["piqa"]["acc"] == zs["sparse"]["tasks"]["piqa"]["acc"]

@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--step", type=float, default=0.002, help="grid step (default 0.002, as the reference)")
     s.add_argument("--metric", default="ppl", help="ppl (selection perplexity, default) or kl (to the dense model)")
     s.add_argument("--resume", action="store_true", help="continue the search recorded in OUT/search.json")
+    s.add_argument("--zero-shot", default=None, metavar="TASKS", help="zero-shot accuracy (lm-eval) of the dense and "
+                   "the final model: comma list or 'all'")
+    s.add_argument("--task-data", default=None, help="folder with the original task files (default: the hub)")
+    s.add_argument("--zero-shot-limit", type=int, default=None, help="first N examples per zero-shot task")
     c = sub.add_parser("compare", help="allocations x pruners x sparsities on one model, as Markdown/CSV tables")
     c.add_argument("--model", required=True, help="alias (smollm2-135m), .gguf file, model folder or Hugging Face id")
     c.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"], help="pruners (default wanda sparsegpt)")
@@ -157,7 +161,8 @@ def _run_search(args) -> int:
                     nselect=args.nselect, seqlen=args.seqlen, seed=args.seed, strategy=args.strategy,
                     max_trials=args.max_trials, step=args.step, metric=args.metric, eval_windows=args.eval_windows,
                     batch_size=args.batch_size, dtype=args.dtype, device=args.device, out=args.out,
-                    overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+                    overwrite=args.overwrite, resume=args.resume, progress=not args.quiet, zero_shot=args.zero_shot,
+                    task_data=args.task_data, zero_shot_limit=args.zero_shot_limit)
     state = run_search_job(job)
     mark = "  [SELECTED ON TEST]" if state["selected_on_test"] else ""
     print(f"{'beta':>8} {'metric':>12} {'seconds':>8}{mark}")
@@ -169,6 +174,11 @@ def _run_search(args) -> int:
     if final:
         print(f"final perplexity {final['dataset']} {final['split']}: {final['ppl']:.3f} "
               f"({final['windows']}/{final['windows_total']} windows x {final['seqlen']} tokens){mark}")
+    if state.get("zero_shot"):
+        from atprune.zeroshot.run import format_zero_shot
+
+        zs = state["zero_shot"]
+        print(format_zero_shot({"dense": zs["dense"], "sparse": zs["sparse"]}, zs["gate"]))
     print(f"saved: {os.path.abspath(args.out)} (model, search.json, search.png, report.json)")
     return 0
 
