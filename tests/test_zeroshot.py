@@ -234,3 +234,15 @@ def test_real_first_records():
     assert ob[0]["id"] == "8-343" and ob[0]["choices"]["label"].index(ob[0]["answerKey"]) == 1
     pq = T.convert_piqa(DATA_DIR / "piqa")
     assert sum(r["label"] for r in pq) == 928
+
+
+def test_unreachable_hub_is_one_line_config_error(monkeypatch):
+    """The online path: a data set that cannot be downloaded is a ConfigError naming --task-data, no traceback."""
+    class Offline:
+        def load(self, specs):
+            raise ConnectionError("Couldn't reach 'baber/piqa' on the Hub (LocalEntryNotFoundError)\nmore detail")
+
+    monkeypatch.setattr(adapter, "_task_manager", lambda: Offline())
+    with pytest.raises(ConfigError, match=r"task piqa: cannot load its data set \(ConnectionError: Couldn't reach") as e:
+        adapter.build_task("piqa")
+    assert "\n" not in str(e.value) and "--task-data" in str(e.value)
