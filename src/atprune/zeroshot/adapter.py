@@ -71,15 +71,14 @@ def build_task(name: str, overrides: dict[str, Any] | None = None):
         ConfigError: the data could not be loaded (offline without local data, hub unreachable), one line.
     """
     spec: str | dict = name if not overrides else stock_config(name) | overrides
+    hint = "check the converted local files" if overrides else "give --task-data DIR with local copies"
     try:
         loaded = _task_manager().load([spec])
-    except (ConnectionError, OSError, TimeoutError) as err:
-        raise ConfigError(f"task {name}: cannot load its data set ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else ''}); give --task-data DIR with local copies")
-    except Exception as err:  # datasets raises its own exception types for offline mode / missing hub files
-        if type(err).__module__.startswith(("datasets", "huggingface_hub", "requests", "urllib3")):
-            raise ConfigError(f"task {name}: cannot load its data set ({type(err).__name__}); "
-                              "give --task-data DIR with local copies") from None
+    except Exception as err:  # datasets / huggingface_hub raise their own types for offline mode and missing files
+        if isinstance(err, (ConnectionError, OSError, TimeoutError)) or \
+                type(err).__module__.startswith(("datasets", "huggingface_hub", "requests", "urllib3")):
+            first = str(err).splitlines()[0] if str(err) else ""
+            raise ConfigError(f"task {name}: cannot load its data set ({type(err).__name__}: {first}); {hint}") from None
         raise
     return loaded["tasks"][name]
 
