@@ -78,6 +78,10 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows (quick checks)")
     p.add_argument("--strict", action="store_true", help="fewer calibration tokens than asked is an error")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON instead of the table")
+    p.add_argument("--zero-shot", default=None, metavar="TASKS", help="also score zero-shot accuracy (lm-eval) of the "
+                   "pruned model and, unless --no-eval-dense, the dense one: comma list or 'all'")
+    p.add_argument("--task-data", default=None, help="folder with the original task files (default: the hub)")
+    p.add_argument("--zero-shot-limit", type=int, default=None, help="first N examples per zero-shot task")
     _add_export_args(p)
 
 
@@ -126,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--step", type=float, default=0.002, help="grid step (default 0.002, as the reference)")
     s.add_argument("--metric", default="ppl", help="ppl (selection perplexity, default) or kl (to the dense model)")
     s.add_argument("--resume", action="store_true", help="continue the search recorded in OUT/search.json")
+    s.add_argument("--zero-shot", default=None, metavar="TASKS", help="zero-shot accuracy (lm-eval) of the dense and "
+                   "the final model: comma list or 'all'")
+    s.add_argument("--task-data", default=None, help="folder with the original task files (default: the hub)")
+    s.add_argument("--zero-shot-limit", type=int, default=None, help="first N examples per zero-shot task")
     c = sub.add_parser("compare", help="allocations x pruners x sparsities on one model, as Markdown/CSV tables")
     c.add_argument("--model", required=True, help="alias (smollm2-135m), .gguf file, model folder or Hugging Face id")
     c.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"], help="pruners (default wanda sparsegpt)")
@@ -148,7 +156,49 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="local vs accumulated reconstruction error per block, per allocation")
     _add_common_args(a)
     a.add_argument("--allocations", nargs="+", default=["uniform"], help="e.g. uniform atp:0.01 atp:0.015")
+    _add_eval_args(sub.add_parser("eval", help="zero-shot accuracy (lm-eval) of a model or a pruned run folder"))
     return parser
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="alias, .gguf file, model folder (a pruned run's --out) or hub id")
+    p.add_argument("--tasks", default="all", help="comma list of boolq, piqa, hellaswag, winogrande, arc_easy, "
+                   "arc_challenge, openbookqa (default all)")
+    p.add_argument("--task-data", default=None, help="folder with the original task files (e.g. shared/data); "
+                   "default: lm-eval downloads them from the hub")
+    p.add_argument("--limit", type=int, default=None, help="first N examples per task (default: whole split)")
+    p.add_argument("--batch-size", type=int, default=16, help="loglikelihood requests per forward pass (default 16)")
+    p.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16 (default on CUDA), float16")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--out", default=None, help="folder for zeroshot.json (created; an existing file is replaced)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
+
+
+def _run_eval(args) -> int:
+    from atprune.models import load_model, resolve_device, resolve_dtype, resolve_model
+    from atprune.zeroshot import check_zero_shot, evaluate_zero_shot
+    from atprune.zeroshot.run import format_zero_shot
+
+    check_zero_shot(args.tasks, args.task_data, args.limit, args.batch_size)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    source = resolve_model(args.model)
+    model, tokenizer = load_model(source, dtype=dtype, device=device)
+    result = evaluate_zero_shot(model, tokenizer, args.tasks, args.task_data, limit=args.limit,
+                                batch_size=args.batch_size)
+    result["model"] = {"spec": args.model, "source": source.kind, "path": source.path,
+                       "dtype": str(dtype).removeprefix("torch."), "device": str(device)}
+    run_report = Path(source.path) / "report.json" if source.kind == "folder" else None
+    if run_report is not None and run_report.is_file():  # a pruned run folder: say what it is
+        pruning = json.loads(run_report.read_text()).get("pruning") or {}
+        result["model"]["pruning"] = {"spec": pruning.get("spec"), "overall_sparsity": pruning.get("overall_sparsity")}
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "zeroshot.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2) if args.json else format_zero_shot({"model": result}))
+    if args.out:
+        print(f"saved: {os.path.abspath(args.out)}/zeroshot.json")
+    return 0
 
 
 def _run_search(args) -> int:
@@ -161,7 +211,8 @@ def _run_search(args) -> int:
                     max_trials=args.max_trials, step=args.step, metric=args.metric, eval_windows=args.eval_windows,
                     batch_size=args.batch_size, dtype=args.dtype, device=args.device, out=args.out,
                     overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
-                    save_dtype=args.save_dtype, formats=(args.format,))
+                    save_dtype=args.save_dtype, formats=(args.format,), zero_shot=args.zero_shot,
+                    task_data=args.task_data, zero_shot_limit=args.zero_shot_limit)
     state = run_search_job(job)
     mark = "  [SELECTED ON TEST]" if state["selected_on_test"] else ""
     print(f"{'beta':>8} {'metric':>12} {'seconds':>8}{mark}")
@@ -173,6 +224,11 @@ def _run_search(args) -> int:
     if final:
         print(f"final perplexity {final['dataset']} {final['split']}: {final['ppl']:.3f} "
               f"({final['windows']}/{final['windows_total']} windows x {final['seqlen']} tokens){mark}")
+    if state.get("zero_shot"):
+        from atprune.zeroshot.run import format_zero_shot
+
+        zs = state["zero_shot"]
+        print(format_zero_shot({"dense": zs["dense"], "sparse": zs["sparse"]}, zs["gate"]))
     print(f"saved: {os.path.abspath(args.out)} (model, search.json, search.png, report.json)")
     return 0
 
@@ -255,7 +311,8 @@ def _job_from_args(args):
                     batch_size=args.batch_size, dtype=args.dtype, device=args.device, out=args.out,
                     offload=args.offload, offload_activations=args.offload_activations,
                     overwrite=args.overwrite, strict=args.strict, progress=not args.quiet,
-                    save_dtype=args.save_dtype, formats=(args.format,))
+                    save_dtype=args.save_dtype, formats=(args.format,), zero_shot=args.zero_shot,
+                    task_data=args.task_data, zero_shot_limit=args.zero_shot_limit)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_compare(args)
         if args.command in ("verify", "recipe"):
             return {"verify": _run_verify, "recipe": _run_recipe}[args.command](args)
+        if args.command == "eval":
+            return _run_eval(args)
         return _run_prune(args)
     except ConfigError as err:
         print(f"atprune: error: {err}", file=sys.stderr)

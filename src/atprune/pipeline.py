@@ -56,6 +56,10 @@ class PruneJob:
     progress: bool = True
     save_dtype: str | None = None  # float32, float16, bfloat16; None: the dtype the model ran in
     formats: tuple[str, ...] = ("dense",)  # add "compressed" for the compressed-tensors sparse-bitmask copy
+    zero_shot: str | None = None  # lm-eval tasks, e.g. "boolq,piqa" or "all"
+    task_data: str | None = None  # local original task files (None: the hub)
+    zero_shot_limit: int | None = None
+    zero_shot_batch_size: int = 16
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -88,6 +92,10 @@ def check_job(job: PruneJob):
     data_mod.check_available(job.calib_data, "train", job.data_dir)
     if job.eval_data:
         data_mod.check_available(job.eval_data, data_mod.eval_split(job.eval_data), job.data_dir)
+    if job.zero_shot:
+        from atprune.zeroshot import check_zero_shot
+
+        check_zero_shot(job.zero_shot, job.task_data, job.zero_shot_limit, job.zero_shot_batch_size)
     plan(job.method, job.sparsity, 2, allocation=job.allocation, beta=0.0 if job.beta is not None else None,
          pattern=job.pattern)  # names, sparsity and pattern, before the model source is touched
     source = resolve_model(job.model)
@@ -153,6 +161,18 @@ def run_prune_job(job: PruneJob) -> dict:
 
     if job.eval_data and job.eval_dense:
         evaluate("dense")
+    zero_shot = {"dense": None, "sparse": None, "gate": None}
+
+    def score(tag: str):
+        from atprune.zeroshot import evaluate_zero_shot
+
+        t = time.perf_counter()
+        zero_shot[tag] = evaluate_zero_shot(model, tokenizer, job.zero_shot, job.task_data, limit=job.zero_shot_limit,
+                                            batch_size=job.zero_shot_batch_size)
+        timings[f"zero_shot_{tag}"] = time.perf_counter() - t
+
+    if job.zero_shot and job.eval_dense:
+        score("dense")
     result = prune(model, tokenizer, method=spec.method, sparsity=spec.sparsity, allocation=spec.allocation,
                    beta=spec.beta, pattern=spec.pattern, calib=calib, batch_size=job.batch_size,
                    allocation_options=job.allocation_options, placement=placement,
@@ -167,6 +187,14 @@ def run_prune_job(job: PruneJob) -> dict:
             run_warnings.append(msg)
             log.warning("!" * 20 + " %s " + "!" * 20, msg)
 
+    if job.zero_shot:
+        from atprune.zeroshot import sanity_gate
+
+        score("sparse")
+        zero_shot["gate"] = sanity_gate(zero_shot["sparse"], zero_shot["dense"])
+        if zero_shot["gate"]["flagged"] or zero_shot["gate"]["dense_at_or_below_chance_everywhere"]:
+            run_warnings.append(f"ZERO-SHOT SANITY GATE: {zero_shot['gate']['reason']}")
+            log.warning("%s", run_warnings[-1])
     config = asdict(job) | {"eval_seqlen": eval_seqlen, "eval_batch_size": eval_batch,
                             "dtype": str(dtype).removeprefix("torch."), "device": str(device)}
 
@@ -175,6 +203,8 @@ def run_prune_job(job: PruneJob) -> dict:
     report = build_report(config=config, prune_result=result.to_dict(), evaluation=evaluation, timings=timings,
                           model=model_info, warnings=run_warnings)
     report["peak_gpu_memory_gib"] = peak_memory_gib(device)
+    if job.zero_shot:
+        report["zero_shot"] = zero_shot
     if job.out:
         t = time.perf_counter()
         save_pruned(model, tokenizer, job.out, report, overwrite=job.overwrite, masks=masks,

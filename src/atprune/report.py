@@ -68,6 +68,11 @@ def format_table(report: dict) -> str:
         if e:
             lines.append(f"{key:>6} perplexity {e['dataset']} {e['split']}: {_fmt_ppl(e['ppl'])} "
                          f"({e['windows']}/{e['windows_total']} windows x {e['seqlen']} tokens)")
+    zs = report.get("zero_shot")
+    if zs and zs.get("sparse"):
+        from atprune.zeroshot.run import format_zero_shot
+
+        lines.append(format_zero_shot({"dense": zs.get("dense"), "sparse": zs["sparse"]}, zs.get("gate")))
     times = " ".join(f"{k}={v:.1f}s" for k, v in report.get("timings_s", {}).items())
     lines.append(f"time: {times}")
     if report.get("peak_gpu_memory_gib") is not None:

@@ -68,6 +68,9 @@ class SearchJob:
     progress: bool = True
     save_dtype: str | None = None  # see atprune.pipeline.PruneJob
     formats: tuple[str, ...] = ("dense",)
+    zero_shot: str | None = None  # lm-eval tasks scored on the dense and the final model (see atprune.zeroshot)
+    task_data: str | None = None
+    zero_shot_limit: int | None = None
 
 
 def check_search(job: SearchJob):
@@ -100,7 +103,8 @@ def check_search(job: SearchJob):
     prune_job = PruneJob(model=job.model, method=job.method, sparsity=job.sparsity, allocation="uniform",
                          calib_data=job.calib_data, eval_data=job.eval_data, data_dir=job.data_dir,
                          nsamples=job.nsamples, seqlen=job.seqlen, eval_windows=job.eval_windows,
-                         batch_size=job.batch_size, dtype=job.dtype, device=job.device)
+                         batch_size=job.batch_size, dtype=job.dtype, device=job.device, zero_shot=job.zero_shot,
+                         task_data=job.task_data, zero_shot_limit=job.zero_shot_limit)
     source, spec, device, dtype = check_job(prune_job)
     if job.select_data and not job.select_on_test:
         data_mod.check_available(job.select_data, "validation", job.data_dir)
@@ -266,6 +270,14 @@ def run_search_job(job: SearchJob) -> dict:
     out = Path(job.out).expanduser() if job.out else None
     t_start = time.perf_counter()
     model, tokenizer = load_model(source, dtype=dtype, device=device, progress=job.progress)
+    zero_shot = None
+    if job.zero_shot:  # the dense model, before any trial touches the weights
+        from atprune.zeroshot import evaluate_zero_shot, sanity_gate
+
+        def score():
+            return evaluate_zero_shot(model, tokenizer, job.zero_shot, job.task_data, limit=job.zero_shot_limit)
+
+        zero_shot = {"dense": score()}
     calib, select, select_info = selection_windows(job, tokenizer)
     runner = TrialRunner(model, calib, select, metric=job.metric, batch_size=job.batch_size)
     state = {"schema": SEARCH_SCHEMA, "config": config, "selected_on_test": job.select_on_test,
@@ -299,6 +311,10 @@ def run_search_job(job: SearchJob) -> dict:
                                                    max_windows=job.eval_windows, progress=job.progress)
         evaluation["sparse"]["selected_on_test"] = job.select_on_test
     state["final_evaluation"] = evaluation["sparse"]
+    if zero_shot is not None:
+        zero_shot["sparse"] = score()
+        zero_shot["gate"] = sanity_gate(zero_shot["sparse"], zero_shot["dense"])
+        state["zero_shot"] = zero_shot
     notes = ["SELECTED ON TEST: beta was chosen on the evaluation split (reference protocol)"] if job.select_on_test else []
     if out is not None:
         report = build_report(config=config | {"allocation": "atp", "beta": chosen}, prune_result=final.to_dict(),
@@ -306,6 +322,8 @@ def run_search_job(job: SearchJob) -> dict:
                               model={"spec": job.model, "source": source.kind, "path": source.path,
                                      "class": type(model).__name__, "blocks": num_blocks}, warnings=notes)
         report["selected_on_test"] = job.select_on_test
+        if zero_shot is not None:
+            report["zero_shot"] = zero_shot
         title = (f"{job.model} {job.method} S={job.sparsity:g} ({job.strategy}, {len(state['trials'])} trials)"
                  + (" - SELECTED ON TEST" if job.select_on_test else ""))
         with tempfile.TemporaryDirectory() as tmp:
