@@ -18,7 +18,7 @@ import torch
 
 from atprune.api import plan
 from atprune.engine import BlockInputs, collect_stats, first_block_inputs, run_block
-from atprune.models import Adapter
+from atprune.models import Adapter, set_weight
 from atprune.pruners import get_pruner
 
 
@@ -58,7 +58,7 @@ def reconstruction_errors(model, windows: torch.Tensor, *, method: str, sparsity
         dense_out = run_block(block, i, dense_in)
         stats = collect_stats(block, i, linears, sparse_in, pruner.needs_hessian) if pruner.needs_stats else None
         for name, lin in linears.items():
-            lin.weight.data = pruner.prune(lin.weight.data, stats[name] if stats else None, spec.rates[i], spec.pattern)
+            set_weight(lin, pruner.prune(lin.weight.detach(), stats[name] if stats else None, spec.rates[i], spec.pattern))
         del stats
         local_out = run_block(block, i, dense_in)
         sparse_out = run_block(block, i, sparse_in)

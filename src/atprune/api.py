@@ -21,7 +21,7 @@ from atprune.allocators import AllocationContext
 from atprune.engine import BlockInputs, first_block_inputs, sequential
 from atprune.errors import ConfigError
 from atprune.evaluate import perplexity
-from atprune.models import Adapter
+from atprune.models import Adapter, set_weight
 from atprune.pruners import Pattern, check_sparsity, get_pruner
 
 
@@ -199,7 +199,7 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
         rate = spec.rates[i]
         layers, params, zeros = {}, 0, 0
         for name, lin in linears.items():
-            lin.weight.data = pruner.prune(lin.weight.data, stats[name] if stats else None, rate, spec.pattern)
+            set_weight(lin, pruner.prune(lin.weight.detach(), stats[name] if stats else None, rate, spec.pattern))
             n, z = lin.weight.numel(), int((lin.weight == 0).sum())
             layers[name] = z / n
             params, zeros = params + n, zeros + z
