@@ -3,6 +3,8 @@ guard at sparsity 0, and 50 % Wanda / SparseGPT prunes that reach their targets.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -212,3 +214,71 @@ def test_mixtral_expert_statistics_see_only_their_routed_tokens():
     atprune.prune(model, method="sparsegpt", sparsity=0.5, calib=windows, progress=False)
     assert torch.equal(block.mlp.gate.weight, router)  # the router is never pruned
     assert (experts.gate_up_proj == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+
+
+class _Renamed(nn.Module):
+    """A model whose blocks live at an unusual path, next to a second list of the same length (so no rule can
+    pick one): what an unknown architecture looks like to the adapter."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.config = inner.config
+        self.embed = inner.get_input_embeddings()
+        self.stack = nn.Module()
+        self.stack.units = nn.ModuleList(list(inner.model.layers))
+        self.shadow = nn.ModuleList(nn.Sequential(nn.Linear(4, 4)) for _ in inner.model.layers)
+        self.head = inner.lm_head
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def test_unknown_layout_names_the_paths_tried_and_blocks_path_selects_the_list():
+    model = _Renamed(tiny_model("llama", layers=2))
+    with pytest.raises(ConfigError) as err:
+        Adapter.for_model(model)
+    msg = str(err.value)
+    assert "model.layers" in msg and "model.decoder.layers" in msg and "transformer.h" in msg
+    assert "gpt_neox.layers" in msg and "--blocks-path" in msg and "stack.units" in msg and "shadow" in msg
+    adapter = Adapter.for_model(model, blocks_path="stack.units")
+    assert adapter.blocks is model.stack.units and adapter.blocks_path == "stack.units"
+    assert sorted(adapter.linears(adapter.blocks[1])) == sorted(LLAMA)
+
+
+@pytest.mark.parametrize("path, what", [("model.decoder.layers", "no module at that path"),
+                                        ("stack", "not a non-empty nn.ModuleList"),
+                                        ("stack.units.0", "not a non-empty nn.ModuleList"),
+                                        ("stack.units.9", "no module at that path")])
+def test_bad_blocks_path_is_a_config_error(path, what):
+    model = _Renamed(tiny_model("llama", layers=2))
+    with pytest.raises(ConfigError, match=what):
+        Adapter.for_model(model, blocks_path=path)
+
+
+def test_blocks_path_through_the_api_and_the_cli(tmp_path, capsys):
+    from atprune.cli import main
+    from tests.conftest import char_tokenizer, random_text
+
+    model = tiny_model("opt", layers=2)
+    windows = _windows(n=4, seqlen=16)
+    result = atprune.prune(model, method="wanda", sparsity=0.5, calib=windows, blocks_path="model.decoder.layers",
+                           progress=False)
+    assert len(result.blocks) == 2 and result.overall_sparsity == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(ConfigError, match="model.decoder.layers.fc1"):
+        atprune.prune(model, method="wanda", sparsity=0.5, calib=windows, blocks_path="model.decoder.layers.fc1",
+                      progress=False)
+    folder = tmp_path / "opt"
+    tiny_model("opt", layers=2).save_pretrained(folder)
+    char_tokenizer(bos=True).save_pretrained(folder)
+    text = tmp_path / "calib.txt"
+    text.write_text(random_text(3000, seed=3))
+    base = ["prune", "--model", str(folder), "--method", "wanda", "--sparsity", "0.5", "--calib-data", str(text),
+            "--eval-data", str(text), "--nsamples", "4", "--seqlen", "32", "--eval-windows", "2", "--quiet", "--json"]
+    assert main(base + ["--blocks-path", "model.decoder.layers"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["pruning"]["overall_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert main(base + ["--blocks-path", "model.decoder.nothing"]) == 2
+    assert "--blocks-path 'model.decoder.nothing'" in capsys.readouterr().err

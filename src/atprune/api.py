@@ -154,7 +154,7 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
           beta: float | None = None, pattern: str = "unstructured", calib=None, nsamples: int = 128,
           seqlen: int = 2048, seed: int = 0, batch_size: int = 1, data_dir: str | None = None, strict: bool = False,
           block_inputs: BlockInputs | None = None, allocation_options: dict | None = None,
-          progress: bool = True) -> PruneResult:
+          progress: bool = True, blocks_path: str | None = None) -> PruneResult:
     """Prune ``model`` in place, block by block, with per-block sparsity ratios from an allocator.
 
     Args:
@@ -168,16 +168,19 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
         data_dir: local data folder for named data sets.
         strict: fewer calibration tokens than asked is an error instead of a warning.
         block_inputs: block-0 inputs already captured for these windows (reused between runs).
+        blocks_path: dotted path of the decoder-block ``nn.ModuleList`` for a layout atprune does not recognise
+            (e.g. ``"model.decoder.layers"``); default: found automatically (see :meth:`Adapter.for_model`).
 
     Returns:
         :class:`PruneResult`.
 
     Raises:
-        ConfigError: bad options (see :func:`plan`), an N:M pattern a layer width does not divide, bad data.
+        ConfigError: bad options (see :func:`plan`), an N:M pattern a layer width does not divide, bad data,
+            decoder blocks not found or a bad ``blocks_path``.
         torch.linalg.LinAlgError: SparseGPT's Hessian stays singular even after raising the damping.
     """
     model.eval()
-    adapter = Adapter.for_model(model)
+    adapter = Adapter.for_model(model, blocks_path)
     spec = plan(method, sparsity, adapter.num_blocks, allocation=allocation, beta=beta, pattern=pattern,
                 allocation_options=allocation_options)
     check_widths(adapter, spec.pattern)

@@ -49,6 +49,7 @@ class PruneJob:
     overwrite: bool = False
     strict: bool = False
     progress: bool = True
+    blocks_path: str | None = None  # dotted path of the decoder-block nn.ModuleList (unknown layouts)
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -97,7 +98,7 @@ def run_prune_job(job: PruneJob) -> dict:
     t0 = time.perf_counter()
     model, tokenizer = load_model(source, dtype=dtype, device=device)
     timings["load"] = time.perf_counter() - t0
-    check_widths(Adapter.for_model(model), spec.pattern)  # before any data or evaluation work
+    check_widths(Adapter.for_model(model, job.blocks_path), spec.pattern)  # before any data or evaluation work
 
     t0 = time.perf_counter()
     calib = None
@@ -131,7 +132,7 @@ def run_prune_job(job: PruneJob) -> dict:
         evaluate("dense")
     result = prune(model, tokenizer, method=spec.method, sparsity=spec.sparsity, allocation=spec.allocation,
                    beta=spec.beta, pattern=spec.pattern, calib=calib, batch_size=job.batch_size,
-                   allocation_options=job.allocation_options,
+                   allocation_options=job.allocation_options, blocks_path=job.blocks_path,
                    progress=job.progress)
     timings["prune"] = result.seconds
     if job.eval_data:

@@ -64,6 +64,7 @@ class SearchJob:
     overwrite: bool = False
     resume: bool = False
     progress: bool = True
+    blocks_path: str | None = None  # dotted path of the decoder-block nn.ModuleList (unknown layouts)
 
 
 def check_search(job: SearchJob):
@@ -168,10 +169,12 @@ class TrialRunner:
         metric: ``"ppl"`` (selection perplexity) or ``"kl"`` (mean KL(dense || pruned), nats per token).
     """
 
-    def __init__(self, model, calib: torch.Tensor, select: torch.Tensor, *, metric: str = "ppl", batch_size: int = 1):
+    def __init__(self, model, calib: torch.Tensor, select: torch.Tensor, *, metric: str = "ppl", batch_size: int = 1,
+                 blocks_path: str | None = None):
         self.model, self.calib, self.select = model, calib, select
         self.metric, self.batch_size = metric, batch_size
-        self.adapter = Adapter.for_model(model)
+        self.blocks_path = blocks_path
+        self.adapter = Adapter.for_model(model, blocks_path)
         self.inputs = first_block_inputs(self.adapter, calib, batch_size)
         self.linears = {f"{i}.{n}": lin for i, b in enumerate(self.adapter.blocks)
                         for n, lin in self.adapter.linears(b).items()}
@@ -190,7 +193,8 @@ class TrialRunner:
         """Restore the dense weights and prune with one allocation; returns :class:`atprune.api.PruneResult`."""
         self.restore()
         return prune(self.model, method=method, sparsity=sparsity, allocation=allocation, beta=beta, calib=self.calib,
-                     block_inputs=self.inputs, batch_size=self.batch_size, progress=progress)
+                     block_inputs=self.inputs, batch_size=self.batch_size, progress=progress,
+                     blocks_path=self.blocks_path)
 
     def score(self) -> float:
         """The selection metric of the model as it is now."""
@@ -261,7 +265,8 @@ def run_search_job(job: SearchJob) -> dict:
     t_start = time.perf_counter()
     model, tokenizer = load_model(source, dtype=dtype, device=device)
     calib, select, select_info = selection_windows(job, tokenizer)
-    runner = TrialRunner(model, calib, select, metric=job.metric, batch_size=job.batch_size)
+    runner = TrialRunner(model, calib, select, metric=job.metric, batch_size=job.batch_size,
+                         blocks_path=job.blocks_path)
     state = {"schema": SEARCH_SCHEMA, "config": config, "selected_on_test": job.select_on_test,
              "selection_data": select_info, "num_blocks": num_blocks, "beta_max": hi,
              "dense_selection_ppl": runner.dense_select_ppl, "trials": list(previous), "chosen": None}
