@@ -41,11 +41,14 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int, *, batch_size: int = 1,
         ``windows``, ``windows_total``, ``seqlen``, ``tokens_total``, ``bos_per_window`` (bool).
 
     Raises:
-        ValueError: if not even one window fits.
+        ValueError: if not even one window fits, or ``seqlen`` leaves no text token (``seqlen < 2`` with a BOS).
     """
     from atprune.data import cut_windows
 
-    total = tokens.numel() // (seqlen - 1 if bos is not None else seqlen)
+    step = seqlen - 1 if bos is not None else seqlen
+    if step < 1:
+        raise ValueError(f"seqlen {seqlen} leaves no room for text" + (" after the BOS" if bos is not None else ""))
+    total = tokens.numel() // step
     if total == 0:
         raise ValueError(f"evaluation text has {tokens.numel()} tokens, less than one window of seqlen {seqlen}")
     nwin = total if max_windows is None else min(total, max_windows)
