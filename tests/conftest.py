@@ -15,14 +15,49 @@ DATA_DIR = Path(os.environ.get("ATPRUNE_DATA_DIR", Path(__file__).resolve().pare
 WIKITEXT = DATA_DIR / "wikitext-2-raw-v1"
 
 
-def tiny_model(arch: str, layers: int = 3, seed: int = 0):
-    """A random-init causal LM of family ``arch`` (llama, qwen2, mistral) small enough for unit tests,
-    with grouped-query attention (k/v narrower than q)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+ARCHS = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "opt", "gpt2", "gpt_neox",
+         "falcon")
 
-    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    config = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch](**common)
+
+def tiny_config(arch: str, layers: int = 3):
+    """A tiny config (vocab 128, hidden 64, 4 heads) of family ``arch`` (one of ``ARCHS``); grouped-query
+    attention (k/v narrower than q) where the family has it."""
+    import transformers as tf
+
+    ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)  # inside the tiny vocabulary
+    gqa = ids | dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    if arch in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
+        cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
+               "qwen3": tf.Qwen3Config, "phi3": tf.Phi3Config}[arch]
+        extra = {"head_dim": 16} if arch == "qwen3" else {}
+        return cls(**gqa, **extra)
+    if arch == "mixtral":
+        return tf.MixtralConfig(**gqa, num_local_experts=4, num_experts_per_tok=2)
+    if arch == "gemma2":
+        return tf.Gemma2Config(**gqa, head_dim=16, sliding_window=16)
+    if arch == "gemma3":
+        types = (["sliding_attention", "sliding_attention", "full_attention"] * layers)[:layers]
+        return tf.Gemma3TextConfig(**gqa, head_dim=16, sliding_window=16, layer_types=types)
+    if arch == "opt":
+        return tf.OPTConfig(**ids, vocab_size=128, hidden_size=64, ffn_dim=96, num_hidden_layers=layers,
+                            num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64)
+    if arch == "gpt2":
+        return tf.GPT2Config(**ids, vocab_size=128, n_embd=64, n_layer=layers, n_head=4, n_positions=256, n_inner=96)
+    if arch == "gpt_neox":
+        return tf.GPTNeoXConfig(**ids, vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                                num_attention_heads=4, max_position_embeddings=256, rotary_pct=0.25)
+    if arch == "falcon":
+        return tf.FalconConfig(**ids, vocab_size=128, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                               num_kv_heads=2, new_decoder_architecture=True, ffn_hidden_size=96)
+    raise ValueError(f"unknown tiny architecture {arch!r}; one of {ARCHS}")
+
+
+def tiny_model(arch: str, layers: int = 3, seed: int = 0):
+    """A random-init causal LM of family ``arch`` (see ``ARCHS``) small enough for unit tests (eager attention)."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(arch, layers)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).eval()

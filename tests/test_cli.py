@@ -179,10 +179,11 @@ def test_end_to_end_prune_report_matches_saved_weights(files, capsys):
     assert torch.equal(saved["model.embed_tokens.weight"], original["model.embed_tokens.weight"])
 
     ev = report["evaluation"]
-    n_eval = 1 + 16 * 12 + 5  # BOS + characters
+    n_eval = 16 * 12 + 5  # characters; the BOS-adding tokenizer gets BOS + 15 characters per window
     for key in ("dense", "sparse"):
         assert math.isfinite(ev[key]["ppl"]) and ev[key]["ppl"] > 1
-        assert ev[key]["windows"] == n_eval // 16 and ev[key]["tokens_total"] == n_eval
+        assert ev[key]["windows"] == n_eval // 15 and ev[key]["tokens_total"] == n_eval
+        assert ev[key]["bos_per_window"] is True and ev[key]["bos_token_id"] == 1
     assert ev["dense"]["ppl"] != ev["sparse"]["ppl"]
     assert report["config"]["method"] == "wanda" and report["config"]["beta"] == beta
     assert not [p.name for p in files["root"].iterdir() if p.name.startswith(".")]

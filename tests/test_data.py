@@ -339,15 +339,66 @@ def test_calibration_windows_shortfall_warns_and_records_count():
 
 @pytest.mark.parametrize("bos", [True, False])
 def test_evaluation_tokens_bos_policy(bos):
+    """The stream holds the text tokens only; a BOS-adding tokenizer's BOS id is recorded for the windows."""
     tok = char_tokenizer(bos)
     docs = ["first doc", "second one", "third"]
     ids, info = evaluation_tokens(tok, TextSource("d", "test", "mem", docs))
     joined = "first doc\n\nsecond one\n\nthird"
-    expected = ([1] if bos else []) + [tok.convert_tokens_to_ids(c) for c in joined]
+    expected = [tok.convert_tokens_to_ids(c) for c in joined]
     assert ids.dtype == torch.int64 and ids.tolist() == expected
-    assert ids.tolist().count(tok.bos_token_id) == (1 if bos else 0)
-    assert info["bos_policy"].endswith("one BOS at the start" if bos else "no BOS")
+    assert tok.bos_token_id not in ids.tolist()
+    assert info["bos_token_id"] == (1 if bos else None)
+    assert ("every window is BOS (id 1)" in info["bos_policy"]) == bos
+    assert ("no BOS" in info["bos_policy"]) == (not bos)
     assert info["documents"] == 3 and info["split"] == "test"
+
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_every_evaluation_window_starts_with_bos_iff_the_tokenizer_adds_it(bos):
+    """Gemma-style tokenizers (BOS added) get BOS at the start of every perplexity window, SmolLM2-style ones
+    (no BOS) get plain slices; both predict seqlen - 1 text tokens per window and cover the text in order."""
+    from atprune.api import evaluate_perplexity
+    from tests.conftest import tiny_model
+
+    tok = char_tokenizer(bos)
+    text = _random_text(16 * 7 + 3)
+    model = tiny_model("llama", layers=2)
+    seen = []
+    handle = model.model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
+    es = eval_set_from_text(tok, text)
+    result = evaluate_perplexity(model, tok, es, seqlen=16, batch_size=2, progress=False)
+    handle.remove()
+    windows = torch.cat(seen)
+    text_ids = torch.tensor([tok.convert_tokens_to_ids(c) for c in text])
+    step = 15 if bos else 16
+    assert result["windows"] == windows.shape[0] == len(text) // step and windows.shape[1] == 16
+    assert result["bos_per_window"] is bos and result["predicted_tokens"] == windows.shape[0] * 15
+    if bos:
+        assert (windows[:, 0] == tok.bos_token_id).all() and (windows[:, 1:] != tok.bos_token_id).all()
+        assert torch.equal(windows[:, 1:].flatten(), text_ids[: windows.shape[0] * 15])
+    else:
+        assert (windows != tok.bos_token_id).all()
+        assert torch.equal(windows.flatten(), text_ids[: windows.shape[0] * 16])
+
+
+def eval_set_from_text(tok, text):
+    from atprune.data import EvalSet
+
+    return EvalSet(*evaluation_tokens(tok, TextSource("t", "test", "mem", [text], joined=True)))
+
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_calibration_windows_follow_the_bos_policy(bos):
+    tok = char_tokenizer(bos)
+    text = _random_text(3000)
+    cw = calibration_windows(tok, TextSource("t", "train", "mem", [text], joined=True), nsamples=8, seqlen=32, seed=0)
+    stream = torch.tensor(tok(text)["input_ids"])
+    assert cw.windows.shape == (8, 32) and cw.info["bos_added"] is bos
+    if bos:
+        assert (cw.windows[:, 0] == tok.bos_token_id).all()
+        assert all(_is_slice_of(w[1:], stream[1:]) for w in cw.windows)
+    else:
+        assert (cw.windows != tok.bos_token_id).all() and all(_is_slice_of(w, stream) for w in cw.windows)
 
 
 def test_eval_set_reads_a_txt_file_once(tmp_path):
@@ -356,7 +407,7 @@ def test_eval_set_reads_a_txt_file_once(tmp_path):
     path.write_text("abc\n\ndef", encoding="utf-8")
     es = eval_set(tok, str(path), "test")
     assert es.tokens.tolist() == [tok.convert_tokens_to_ids(c) for c in "abc\n\ndef"]
-    assert es.info["dataset"] == "e.txt" and es.info["bos_policy"].endswith("no BOS")
+    assert es.info["dataset"] == "e.txt" and "no BOS" in es.info["bos_policy"]
 
 
 def test_check_readable_accepts_names_and_folders(tmp_path):

@@ -57,6 +57,22 @@ def test_perplexity_matches_hand_computation_and_drops_the_tail(arch):
     assert perplexity(model, other_body, SEQLEN)["ppl"] != res["ppl"]
 
 
+def test_perplexity_with_bos_prepends_it_to_every_window_and_predicts_every_text_token():
+    model = tiny_model("llama", layers=2)
+    tokens = _tokens(5 * (SEQLEN - 1) + 3, seed=4)
+    bos = 1
+    with_bos = torch.cat([torch.cat([torch.tensor([bos]), tokens[k * (SEQLEN - 1) : (k + 1) * (SEQLEN - 1)]])
+                          for k in range(5)])
+    nll, count, nwin = _hand_nll(model, with_bos, SEQLEN)  # the hand reference over BOS-prefixed windows
+    res = perplexity(model, tokens, SEQLEN, bos=bos, batch_size=2)
+    assert res["windows"] == res["windows_total"] == nwin == 5 and res["bos_per_window"] is True
+    assert res["predicted_tokens"] == count == 5 * (SEQLEN - 1)
+    assert res["nll_sum"] == pytest.approx(nll, rel=1e-5)
+    assert perplexity(model, tokens, SEQLEN)["windows"] == (5 * (SEQLEN - 1) + 3) // SEQLEN  # no BOS: plain slices
+    with pytest.raises(ValueError, match="no room"):
+        perplexity(model, tokens, 1, bos=bos)
+
+
 def test_max_windows_is_respected_and_recorded():
     model = tiny_model("llama", layers=2)
     tokens = _tokens(5 * SEQLEN, seed=1)

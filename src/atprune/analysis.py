@@ -18,7 +18,7 @@ import torch
 
 from atprune.api import plan, resolve_batch_size
 from atprune.engine import BlockInputs, collect_stats, first_block_inputs, run_block
-from atprune.models import Adapter
+from atprune.models import Adapter, set_weight
 from atprune.placement import Placement
 from atprune.pruners import get_pruner
 
@@ -33,7 +33,7 @@ def _sq_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 def reconstruction_errors(model, windows: torch.Tensor, *, method: str, sparsity: float, allocation: str = "uniform",
                           beta: float | None = None, pattern: str = "unstructured", batch_size: int = 1,
-                          inputs: BlockInputs | None = None) -> dict:
+                          inputs: BlockInputs | None = None, blocks_path: str | None = None) -> dict:
     """Prune ``model`` in place block by block and measure the local and accumulated error of every block.
 
     Args:
@@ -41,6 +41,7 @@ def reconstruction_errors(model, windows: torch.Tensor, *, method: str, sparsity
         windows: ``[nsamples, seqlen]`` int64 calibration token ids.
         method, sparsity, allocation, beta, pattern: as for :func:`atprune.prune`.
         inputs: block-0 inputs already captured for ``windows``.
+        blocks_path: the decoder-block list of an unrecognised layout (see :meth:`atprune.Adapter.for_model`).
 
     Returns:
         ``{"rates": [L floats], "local": [L floats], "accumulated": [L floats]}`` (relative squared errors, unitless).
@@ -48,7 +49,7 @@ def reconstruction_errors(model, windows: torch.Tensor, *, method: str, sparsity
     Raises:
         ConfigError: bad options (see :func:`atprune.api.plan`).
     """
-    adapter = Adapter.for_model(model)
+    adapter = Adapter.for_model(model, blocks_path)
     spec = plan(method, sparsity, adapter.num_blocks, allocation=allocation, beta=beta, pattern=pattern)
     pruner = get_pruner(method)
     dense_in = inputs or first_block_inputs(adapter, windows, batch_size)
@@ -59,7 +60,7 @@ def reconstruction_errors(model, windows: torch.Tensor, *, method: str, sparsity
         dense_out = run_block(block, i, dense_in)
         stats = collect_stats(block, i, linears, sparse_in, pruner.needs_hessian) if pruner.needs_stats else None
         for name, lin in linears.items():
-            lin.weight.data = pruner.prune(lin.weight.data, stats[name] if stats else None, spec.rates[i], spec.pattern)
+            set_weight(lin, pruner.prune(lin.weight.detach(), stats[name] if stats else None, spec.rates[i], spec.pattern))
         del stats
         local_out = run_block(block, i, dense_in)
         sparse_out = run_block(block, i, sparse_in)
@@ -110,7 +111,8 @@ def parse_allocation(text: str) -> tuple[str, float | None]:
 
 def run_analyze(*, model: str, method: str, sparsity: float, allocations: list[str], calib_data: str,
                 data_dir: str | None = None, nsamples: int = 32, seqlen: int = 512, seed: int = 0, batch_size: int = 1,
-                dtype: str | None = None, device: str = "auto", out: str, overwrite: bool = False) -> dict:
+                dtype: str | None = None, device: str = "auto", out: str, overwrite: bool = False,
+                blocks_path: str | None = None) -> dict:
     """Measure local and accumulated errors for each allocation (same calibration windows, same dense start)
     and write ``analysis.json`` and ``analysis.png`` into ``out``.
 
@@ -132,7 +134,7 @@ def run_analyze(*, model: str, method: str, sparsity: float, allocations: list[s
     lm, tokenizer = load_model(source, dtype=dt, device=dev)
     windows = data_mod.calibration_windows(tokenizer, data_mod.load_text(calib_data, "train", data_dir), nsamples,
                                            seqlen, seed)
-    adapter = Adapter.for_model(lm)
+    adapter = Adapter.for_model(lm, blocks_path)
     batch_size = resolve_batch_size(batch_size, lm, windows.windows, Placement.default_for(lm))
     inputs = first_block_inputs(adapter, windows.windows, batch_size)
     dense = {k: v.detach().to("cpu", copy=True) for k, v in lm.state_dict().items()}
@@ -140,7 +142,8 @@ def run_analyze(*, model: str, method: str, sparsity: float, allocations: list[s
     for text, (name, beta) in zip(allocations, parsed):
         lm.load_state_dict(dense)
         curves[text] = reconstruction_errors(lm, windows.windows, method=method, sparsity=sparsity, allocation=name,
-                                             beta=beta, batch_size=batch_size, inputs=inputs)
+                                             beta=beta, batch_size=batch_size, inputs=inputs,
+                                             blocks_path=blocks_path)
     result = {"schema": "atprune.analysis/1", "model": model, "method": method, "sparsity": sparsity,
               "calibration": windows.info, "curves": curves}
     out_dir.mkdir(parents=True, exist_ok=True)

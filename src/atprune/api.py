@@ -22,7 +22,7 @@ from atprune.allocators import AllocationContext
 from atprune.engine import BlockInputs, first_block_inputs, sequential
 from atprune.errors import ConfigError
 from atprune.evaluate import perplexity
-from atprune.models import Adapter
+from atprune.models import Adapter, set_weight
 from atprune.placement import Placement, auto_batch_size
 from atprune.pruners import Pattern, check_sparsity, get_pruner
 
@@ -172,7 +172,7 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
           beta: float | None = None, pattern: str = "unstructured", calib=None, nsamples: int = 128,
           seqlen: int = 2048, seed: int = 0, batch_size: int | str = 1, data_dir: str | None = None,
           strict: bool = False, block_inputs: BlockInputs | None = None, allocation_options: dict | None = None,
-          placement: Placement | None = None, progress: bool = True) -> PruneResult:
+          placement: Placement | None = None, progress: bool = True, blocks_path: str | None = None) -> PruneResult:
     """Prune ``model`` in place, block by block, with per-block sparsity ratios from an allocator.
 
     Args:
@@ -189,16 +189,19 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
         block_inputs: block-0 inputs already captured for these windows (reused between runs).
         placement: :class:`atprune.placement.Placement` (block / activation offloading); default: everything on
             the model's device. With ``offload`` the model must already be placed by ``placement.prepare``.
+        blocks_path: dotted path of the decoder-block ``nn.ModuleList`` for a layout atprune does not recognise
+            (e.g. ``"model.decoder.layers"``); default: found automatically (see :meth:`Adapter.for_model`).
 
     Returns:
         :class:`PruneResult`.
 
     Raises:
-        ConfigError: bad options (see :func:`plan`), an N:M pattern a layer width does not divide, bad data.
+        ConfigError: bad options (see :func:`plan`), an N:M pattern a layer width does not divide, bad data,
+            decoder blocks not found or a bad ``blocks_path``.
         torch.linalg.LinAlgError: SparseGPT's Hessian stays singular even after raising the damping.
     """
     model.eval()
-    adapter = Adapter.for_model(model)
+    adapter = Adapter.for_model(model, blocks_path)
     spec = plan(method, sparsity, adapter.num_blocks, allocation=allocation, beta=beta, pattern=pattern,
                 allocation_options=allocation_options)
     check_widths(adapter, spec.pattern)
@@ -223,7 +226,7 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
         rate = spec.rates[i]
         layers, params, zeros = {}, 0, 0
         for name, lin in linears.items():
-            lin.weight.data = pruner.prune(lin.weight.data, stats[name] if stats else None, rate, spec.pattern)
+            set_weight(lin, pruner.prune(lin.weight.detach(), stats[name] if stats else None, rate, spec.pattern))
             n, z = lin.weight.numel(), int((lin.weight == 0).sum())
             layers[name] = z / n
             params, zeros = params + n, zeros + z
@@ -254,7 +257,7 @@ def evaluate_perplexity(model, tokenizer, data: str | data_mod.EvalSet = "wikite
 
     ``data`` is a data spec (see :func:`atprune.data.load_text`) or an already tokenized
     :class:`atprune.data.EvalSet` (to evaluate several models on the same tokens). With an offloading
-    ``placement`` each block visits the compute device while it runs.
+    ``placement`` (after its ``prepare``) each block visits the compute device while it runs.
 
     Returns:
         The dict of :func:`atprune.evaluate.perplexity` plus the data description (dataset, split, origin,
@@ -271,11 +274,11 @@ def evaluate_perplexity(model, tokenizer, data: str | data_mod.EvalSet = "wikite
     cap = evalset.info.get("max_windows")
     if cap is not None:
         max_windows = cap if max_windows is None else min(max_windows, cap)
-    streaming = placement.streaming(Adapter.for_model(model).blocks) if placement else contextlib.nullcontext()
+    streaming = placement.streaming() if placement else contextlib.nullcontext()
     try:
         with streaming:
             result = perplexity(model, evalset.tokens, seqlen, batch_size=batch_size, max_windows=max_windows,
-                                progress=tick)
+                                progress=tick, bos=evalset.info.get("bos_token_id"))
     finally:
         bar.close()
     return result | evalset.info

@@ -18,6 +18,12 @@ from atprune.export import MaskViolation
 from atprune.pruners import PRUNERS
 
 
+def _add_blocks_path(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--blocks-path", default=None, metavar="PATH",
+                   help="dotted path of the decoder-block nn.ModuleList for a model layout atprune does not recognise, "
+                        "e.g. model.decoder.layers (default: found automatically)")
+
+
 def _add_common_args(p: argparse.ArgumentParser, *, sparsity_default: float | None = 0.5, out_required: bool = True,
                      offload: bool = False) -> None:
     """Options every subcommand shares: model, pruner, calibration data, sampling, device, output."""
@@ -35,6 +41,7 @@ def _add_common_args(p: argparse.ArgumentParser, *, sparsity_default: float | No
     p.add_argument("--out", required=out_required, default=None, help="output folder (model, tokenizer, reports)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_blocks_path(p)
 
 
 def _batch_size(text: str) -> int | str:
@@ -153,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output folder (compare.json, results.csv, results.md, rates.png)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--quiet", action="store_true", help="no progress lines")
+    _add_blocks_path(c)
     a = sub.add_parser("analyze", help="local vs accumulated reconstruction error per block, per allocation")
     _add_common_args(a)
     a.add_argument("--allocations", nargs="+", default=["uniform"], help="e.g. uniform atp:0.01 atp:0.015")
@@ -212,7 +220,8 @@ def _run_search(args) -> int:
                     batch_size=args.batch_size, dtype=args.dtype, device=args.device, out=args.out,
                     overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
                     save_dtype=args.save_dtype, formats=(args.format,), zero_shot=args.zero_shot,
-                    task_data=args.task_data, zero_shot_limit=args.zero_shot_limit)
+                    task_data=args.task_data, zero_shot_limit=args.zero_shot_limit,
+                    blocks_path=args.blocks_path)
     state = run_search_job(job)
     mark = "  [SELECTED ON TEST]" if state["selected_on_test"] else ""
     print(f"{'beta':>8} {'metric':>12} {'seconds':>8}{mark}")
@@ -241,7 +250,7 @@ def _run_compare(args) -> int:
                      data_dir=args.data_dir, nsamples=args.nsamples, nselect=args.nselect, seqlen=args.seqlen,
                      seed=args.seed, max_trials=args.max_trials, eval_windows=args.eval_windows,
                      batch_size=args.batch_size, dtype=args.dtype, device=args.device, overwrite=args.overwrite,
-                     progress=not args.quiet)
+                     progress=not args.quiet, blocks_path=args.blocks_path)
     run_compare_job(job)
     print((Path(args.out) / "results.md").read_text())
     print(f"saved: {os.path.abspath(args.out)} (compare.json, results.csv, results.md, rates.png)")
@@ -254,7 +263,7 @@ def _run_analyze(args) -> int:
     result = run_analyze(model=args.model, method=args.method, sparsity=args.sparsity, allocations=args.allocations,
                          calib_data=args.calib_data, data_dir=args.data_dir, nsamples=args.nsamples, seqlen=args.seqlen,
                          seed=args.seed, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
-                         out=args.out, overwrite=args.overwrite)
+                         out=args.out, overwrite=args.overwrite, blocks_path=args.blocks_path)
     names = list(result["curves"])
     print("block " + " ".join(f"{n + ' local':>18} {n + ' accum':>18}" for n in names))
     for i in range(len(result["curves"][names[0]]["local"])):
@@ -312,7 +321,8 @@ def _job_from_args(args):
                     offload=args.offload, offload_activations=args.offload_activations,
                     overwrite=args.overwrite, strict=args.strict, progress=not args.quiet,
                     save_dtype=args.save_dtype, formats=(args.format,), zero_shot=args.zero_shot,
-                    task_data=args.task_data, zero_shot_limit=args.zero_shot_limit)
+                    task_data=args.task_data, zero_shot_limit=args.zero_shot_limit,
+                    blocks_path=args.blocks_path)
 
 
 def main(argv: list[str] | None = None) -> int:

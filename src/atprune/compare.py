@@ -48,6 +48,7 @@ class CompareJob:
     device: str = "auto"
     overwrite: bool = False
     progress: bool = True
+    blocks_path: str | None = None  # dotted path of the decoder-block nn.ModuleList (unknown layouts)
 
 
 def check_compare(job: CompareJob):
@@ -88,7 +89,7 @@ def run_compare_job(job: CompareJob) -> dict:
     search = SearchJob(model=job.model, calib_data=job.calib_data, data_dir=job.data_dir, nsamples=job.nsamples,
                        nselect=job.nselect, seqlen=job.seqlen, seed=job.seed)
     calib, select, select_info = selection_windows(search, tokenizer)
-    runner = TrialRunner(model, calib, select, batch_size=job.batch_size)
+    runner = TrialRunner(model, calib, select, batch_size=job.batch_size, blocks_path=job.blocks_path)
     evalset = data_mod.eval_set(tokenizer, job.eval_data, data_mod.eval_split(job.eval_data), job.data_dir)
 
     def ppl() -> dict:

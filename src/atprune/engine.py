@@ -15,6 +15,7 @@ composition does not change any statistic.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -65,6 +66,29 @@ def _same(a, b) -> bool:
     return type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b
 
 
+def _as_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
+    """Split a block call into its hidden states and every other argument by name: positional arguments after
+    the hidden states (GPT-2 passes the cache and the mask positionally) are named from ``forward``'s signature,
+    so the block can later be called as ``block(hidden, **kwargs)``. The KV cache is turned off where the
+    block takes ``use_cache``."""
+    kwargs = dict(kwargs)
+    if args:
+        hidden, rest = args[0], args[1:]
+    else:
+        hidden, rest = kwargs.pop("hidden_states"), ()
+    params = inspect.signature(module.forward).parameters
+    if rest:
+        names = [n for n, p in params.items()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
+        if len(rest) > len(names):
+            raise TypeError(f"{type(module).__name__} was called with {len(args)} positional arguments; its forward "
+                            f"names only {len(names) + 1}")
+        kwargs.update(zip(names, rest))
+    if "use_cache" in kwargs or "use_cache" in params:
+        kwargs["use_cache"] = False
+    return hidden, kwargs
+
+
 def _record_all_blocks(adapter: Adapter, batch: torch.Tensor,
                        placement: Placement) -> tuple[torch.Tensor, dict, dict[int, dict]]:
     """One full forward pass of one batch with pre-hooks on every block: block 0's input, block 0's keyword
@@ -73,9 +97,8 @@ def _record_all_blocks(adapter: Adapter, batch: torch.Tensor,
 
     def make_hook(i):
         def hook(module, args, kwargs):
-            kwargs = dict(kwargs)
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            seen[i] = (hidden.detach() if i == 0 else None, kwargs | {"use_cache": False})
+            hidden, named = _as_kwargs(module, args, kwargs)
+            seen[i] = (hidden.detach() if i == 0 else None, named)
 
         return hook
 

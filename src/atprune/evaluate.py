@@ -18,32 +18,41 @@ def _exp(x: float) -> float:
 
 
 def perplexity(model, tokens: torch.Tensor, seqlen: int, *, batch_size: int = 1, max_windows: int | None = None,
-               progress: Callable[[int, int], None] | None = None) -> dict:
+               progress: Callable[[int, int], None] | None = None, bos: int | None = None) -> dict:
     """Token-level perplexity ``exp(sum NLL / predicted tokens)``.
 
     The stream is cut into ``tokens.numel() // seqlen`` contiguous non-overlapping windows (the tail that
     does not fill a window is dropped); within each window every token but the first is predicted from
     the ones before it. With equal windows this equals the reference scripts' mean of per-window losses.
+    With ``bos`` (models whose tokenizer adds BOS, see :func:`atprune.data.window_bos`) every window is
+    ``[bos] + seqlen - 1`` stream tokens, so all ``seqlen - 1`` text tokens of a window are predicted, the first
+    from the BOS alone; there are then ``tokens.numel() // (seqlen - 1)`` windows.
 
     Args:
         model: a causal LM returning ``.logits`` of shape ``[batch, seqlen, vocab]``.
         tokens: ``[N]`` int64 token ids.
         seqlen: window length in tokens.
         max_windows: evaluate only the first this many windows (quick checks; recorded in the result).
+        bos: BOS token id to start every window with, or None (windows are plain slices of ``tokens``).
         progress: called with (windows done, windows total).
 
     Returns:
         dict with ``ppl`` (float; ``inf``/``nan`` if the model diverges), ``nll_sum`` (nats), ``predicted_tokens``,
-        ``windows``, ``windows_total``, ``seqlen``, ``tokens_total``.
+        ``windows``, ``windows_total``, ``seqlen``, ``tokens_total``, ``bos_per_window`` (bool).
 
     Raises:
-        ValueError: if not even one window fits.
+        ValueError: if not even one window fits, or ``seqlen`` leaves no text token (``seqlen < 2`` with a BOS).
     """
-    total = tokens.numel() // seqlen
+    from atprune.data import cut_windows
+
+    step = seqlen - 1 if bos is not None else seqlen
+    if step < 1:
+        raise ValueError(f"seqlen {seqlen} leaves no room for text" + (" after the BOS" if bos is not None else ""))
+    total = tokens.numel() // step
     if total == 0:
         raise ValueError(f"evaluation text has {tokens.numel()} tokens, less than one window of seqlen {seqlen}")
     nwin = total if max_windows is None else min(total, max_windows)
-    windows = tokens[: nwin * seqlen].view(nwin, seqlen)
+    windows = cut_windows(tokens, seqlen, bos, nwin)
     device = next(model.parameters()).device
     nll = 0.0
     done = 0
@@ -58,7 +67,7 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int, *, batch_size: int = 1,
     predicted = nwin * (seqlen - 1)
     mean = nll / predicted
     return {"ppl": _exp(mean), "nll_sum": nll, "predicted_tokens": predicted, "windows": nwin, "windows_total": total,
-            "seqlen": seqlen, "tokens_total": int(tokens.numel())}
+            "seqlen": seqlen, "tokens_total": int(tokens.numel()), "bos_per_window": bos is not None}
 
 
 def next_token_logprobs(model, windows: torch.Tensor, *, batch_size: int = 1, dtype: torch.dtype = torch.float16) -> list[torch.Tensor]:

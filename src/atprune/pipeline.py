@@ -60,6 +60,7 @@ class PruneJob:
     task_data: str | None = None  # local original task files (None: the hub)
     zero_shot_limit: int | None = None
     zero_shot_batch_size: int = 16
+    blocks_path: str | None = None  # dotted path of the decoder-block nn.ModuleList (unknown layouts)
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -119,7 +120,7 @@ def run_prune_job(job: PruneJob) -> dict:
     placement = Placement(device, offload=job.offload, offload_activations=job.offload_activations)
     model, tokenizer = load_model(source, dtype=dtype, device="cpu" if job.offload else device,
                                   progress=job.progress)
-    adapter = Adapter.for_model(model)
+    adapter = Adapter.for_model(model, job.blocks_path)
     placement.prepare(model, adapter.blocks)
     timings["load"] = time.perf_counter() - t0
     check_widths(adapter, spec.pattern)  # before any data or evaluation work
@@ -175,7 +176,7 @@ def run_prune_job(job: PruneJob) -> dict:
         score("dense")
     result = prune(model, tokenizer, method=spec.method, sparsity=spec.sparsity, allocation=spec.allocation,
                    beta=spec.beta, pattern=spec.pattern, calib=calib, batch_size=job.batch_size,
-                   allocation_options=job.allocation_options, placement=placement,
+                   allocation_options=job.allocation_options, placement=placement, blocks_path=job.blocks_path,
                    progress=job.progress)
     timings["prune"] = result.seconds
     masks = record_masks(model) if job.out else None  # checked again at every step of the save

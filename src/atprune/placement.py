@@ -32,6 +32,7 @@ class Placement:
     device: torch.device
     offload: bool = False
     offload_activations: bool = False
+    blocks: nn.ModuleList | None = None  # set by prepare()
 
     @classmethod
     def default_for(cls, model: nn.Module) -> "Placement":
@@ -45,6 +46,7 @@ class Placement:
     def prepare(self, model: nn.Module, blocks: nn.ModuleList) -> None:
         """Put ``model`` in place: with ``offload`` the blocks on the CPU and every other tensor on ``device``;
         otherwise the whole model on ``device``."""
+        self.blocks = blocks
         if not self.offload:
             model.to(self.device)
             return
@@ -77,12 +79,14 @@ class Placement:
         return out
 
     @contextlib.contextmanager
-    def streaming(self, blocks: nn.ModuleList):
-        """While active, every block moves itself to the device when called and back afterwards (for full
-        forward passes of an offloaded model: capturing block inputs, evaluation). No-op without offload."""
+    def streaming(self, blocks: nn.ModuleList | None = None):
+        """While active, every block (of ``blocks``, default those given to :meth:`prepare`) moves itself to the
+        device when called and back afterwards (for full forward passes of an offloaded model: capturing block
+        inputs, evaluation). No-op without offload."""
         if not self.offload:
             yield
             return
+        blocks = blocks if blocks is not None else self.blocks
         handles = []
         for block in blocks:
             handles.append(block.register_forward_pre_hook(lambda m, args: self.enter(m)))

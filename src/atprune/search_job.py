@@ -71,6 +71,7 @@ class SearchJob:
     zero_shot: str | None = None  # lm-eval tasks scored on the dense and the final model (see atprune.zeroshot)
     task_data: str | None = None
     zero_shot_limit: int | None = None
+    blocks_path: str | None = None  # dotted path of the decoder-block nn.ModuleList (unknown layouts)
 
 
 def check_search(job: SearchJob):
@@ -148,15 +149,16 @@ def selection_windows(job: SearchJob, tokenizer):
         split = data_mod.eval_split(spec) if job.select_on_test else "validation"
         calib = data_mod.calibration_windows(tokenizer, calib_source, job.nsamples, job.seqlen, job.seed)
         tokens, info = data_mod.evaluation_tokens(tokenizer, data_mod.load_text(spec, split, job.data_dir))
-        nwin = min(job.nselect, tokens.numel() // job.seqlen)
+        select = data_mod.cut_windows(tokens, job.seqlen, info.get("bos_token_id"), job.nselect)
+        nwin = select.shape[0]
         if nwin == 0:
             raise ConfigError(f"selection data {spec} has fewer tokens than one window of {job.seqlen}")
-        select = tokens[: nwin * job.seqlen].view(nwin, job.seqlen)
         return calib.windows, select, info | {"windows": nwin, "source": "selected on test" if job.select_on_test
                                               else "held-out data"}
     stream = data_mod.token_stream(tokenizer, calib_source, max_tokens=4 * (job.nsamples + job.nselect) * job.seqlen,
                                    seed=job.seed)
-    calib, select = data_mod.sample_windows(stream, job.seqlen, [job.nsamples, job.nselect], seed=job.seed)
+    calib, select = data_mod.sample_windows(stream, job.seqlen, [job.nsamples, job.nselect], seed=job.seed,
+                                            bos=data_mod.window_bos(tokenizer))
     if calib.shape[0] < job.nsamples or select.shape[0] == 0:
         raise ConfigError(f"calibration source {calib_source.origin} has {stream.numel()} tokens: not enough for "
                           f"{job.nsamples} calibration + {job.nselect} selection windows of {job.seqlen}")
@@ -177,11 +179,13 @@ class TrialRunner:
         metric: ``"ppl"`` (selection perplexity) or ``"kl"`` (mean KL(dense || pruned), nats per token).
     """
 
-    def __init__(self, model, calib: torch.Tensor, select: torch.Tensor, *, metric: str = "ppl", batch_size: int = 1):
+    def __init__(self, model, calib: torch.Tensor, select: torch.Tensor, *, metric: str = "ppl", batch_size: int = 1,
+                 blocks_path: str | None = None):
         self.model, self.calib, self.select = model, calib, select
         self.metric = metric
+        self.blocks_path = blocks_path
         self.batch_size = resolve_batch_size(batch_size, model, calib, Placement.default_for(model))
-        self.adapter = Adapter.for_model(model)
+        self.adapter = Adapter.for_model(model, blocks_path)
         self.inputs = first_block_inputs(self.adapter, calib, self.batch_size)
         self.linears = {f"{i}.{n}": lin for i, b in enumerate(self.adapter.blocks)
                         for n, lin in self.adapter.linears(b).items()}
@@ -200,7 +204,8 @@ class TrialRunner:
         """Restore the dense weights and prune with one allocation; returns :class:`atprune.api.PruneResult`."""
         self.restore()
         return prune(self.model, method=method, sparsity=sparsity, allocation=allocation, beta=beta, calib=self.calib,
-                     block_inputs=self.inputs, batch_size=self.batch_size, progress=progress)
+                     block_inputs=self.inputs, batch_size=self.batch_size, progress=progress,
+                     blocks_path=self.blocks_path)
 
     def score(self) -> float:
         """The selection metric of the model as it is now."""
@@ -279,7 +284,8 @@ def run_search_job(job: SearchJob) -> dict:
 
         zero_shot = {"dense": score()}
     calib, select, select_info = selection_windows(job, tokenizer)
-    runner = TrialRunner(model, calib, select, metric=job.metric, batch_size=job.batch_size)
+    runner = TrialRunner(model, calib, select, metric=job.metric, batch_size=job.batch_size,
+                         blocks_path=job.blocks_path)
     state = {"schema": SEARCH_SCHEMA, "config": config, "selected_on_test": job.select_on_test,
              "selection_data": select_info, "num_blocks": num_blocks, "beta_max": hi,
              "dense_selection_ppl": runner.dense_select_ppl, "trials": list(previous), "chosen": None}

@@ -193,7 +193,7 @@ class SparseGPTPruner:
         """
         if stats is None:
             raise RuntimeError("sparsegpt needs the layer's Hessian (InputStats(hessian=True))")
-        w = weight.detach().float().clone()
+        w = weight.detach().float().clone(memory_format=torch.contiguous_format)  # views (Conv1D) may be transposed
         rows, cols = w.shape
         blocksize = self.blocksize
         if pattern.structured:
