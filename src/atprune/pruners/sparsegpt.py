@@ -10,8 +10,8 @@ through the upper Cholesky factor of ``H^-1``.
 
 For unstructured sparsity the mask of a block is fixed before its columns are walked, so the walk is a
 triangular system per row; it is solved for all rows at once (:func:`_block_solve`) instead of column by
-column, which removes thousands of small kernel launches per layer and gives the same weights up to
-float32 rounding.
+column, which removes thousands of small kernel launches per layer on a GPU and gives the same weights up
+to float32 rounding (on a CPU, with no launches to save, the loop is faster and stays the default there).
 """
 
 from __future__ import annotations
@@ -153,9 +153,10 @@ class SparseGPTPruner:
         percdamp: Hessian damping as a fraction of its mean diagonal (default 0.01).
         blocksize: columns per block (default 128); the unstructured mask is chosen per block.
         row_chunk: rows per batched triangular solve (default: about 64 Mi floats of work space).
-        column_loop: use the published column-by-column loop for unstructured sparsity too (the reference;
-            slower, one small kernel sequence per column). N:M always uses it, as each group's mask depends on
-            the updates of the groups before it.
+        column_loop: use the published column-by-column loop for unstructured sparsity (the reference), or the
+            batched triangular solve (:func:`_block_solve`); None (default): the loop on CPU, where it is 2-4x
+            faster (no kernel launches to save; measured on SmolLM2-sized layers), the solve on GPUs. N:M always
+            uses the loop, as each group's mask depends on the updates of the groups before it.
     """
 
     name = "sparsegpt"
@@ -163,7 +164,7 @@ class SparseGPTPruner:
     needs_stats = True
 
     def __init__(self, percdamp: float = 0.01, blocksize: int = 128, row_chunk: int | None = None,
-                 column_loop: bool = False):
+                 column_loop: bool | None = None):
         self.percdamp = percdamp
         self.blocksize = blocksize
         self.row_chunk = row_chunk
@@ -208,7 +209,7 @@ class SparseGPTPruner:
             hinv1 = hinv[i1:i2, i1:i2]
             if pattern.structured:
                 q1, err1, mask1 = _block_columns(w[:, i1:i2], hinv1, pattern)
-            elif self.column_loop:
+            elif self.column_loop or (self.column_loop is None and w.device.type == "cpu"):
                 mask1 = _unstructured_mask(w[:, i1:i2], torch.diag(hinv1), sparsity)
                 q1, err1, mask1 = _block_columns(w[:, i1:i2], hinv1, pattern, mask1)
             else:
