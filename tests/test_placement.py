@@ -145,3 +145,10 @@ def test_offload_needs_cuda():
 
     with pytest.raises(atprune.ConfigError, match="need --device cuda"):
         check_job(PruneJob(model="smollm2-135m", device="cpu", offload=True))
+
+
+def test_offload_with_zero_shot_is_refused_before_loading():
+    from atprune.pipeline import PruneJob, check_job
+
+    with pytest.raises(atprune.ConfigError, match="--zero-shot with --offload"):
+        check_job(PruneJob(model="smollm2-135m", device="cpu", offload=True, zero_shot="piqa"))

@@ -83,7 +83,7 @@ def write_compressed(dense_dir: Path, out_dir: Path, matrices: Mapping[str, torc
     Args:
         dense_dir: a folder written by ``save_pretrained`` (safetensors, config.json).
         matrices: the pruned weights as saved (name -> ``[rows, cols]`` tensor); these are compressed, every
-            other tensor of the dense checkpoint is copied unchanged.
+            other tensor of the dense checkpoint (including fused 3-D expert weights) is copied unchanged.
         tokenizer: saved alongside when given.
 
     Returns:
@@ -101,6 +101,7 @@ def write_compressed(dense_dir: Path, out_dir: Path, matrices: Mapping[str, torc
     from atprune.export import MaskViolation, safetensors_files
 
     out_dir.mkdir(parents=True)
+    matrices = {n: w for n, w in matrices.items() if w.dim() == 2}  # fused expert tensors [E, ., .] stay dense
     state: dict[str, torch.Tensor] = {}
     for path in safetensors_files(dense_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:

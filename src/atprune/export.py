@@ -56,6 +56,8 @@ class Masks(Mapping[str, torch.Tensor]):
     """Pruning masks kept packed, 1 bit per weight (a bool tensor would take 1 byte per weight: 7 GB for a 7B
     model); a read-only mapping: ``masks[name]`` unpacks one bool tensor (True = pruned, must stay 0)."""
 
+    blocks_path: str | None = None
+
     def __init__(self) -> None:
         self._packed: dict[str, tuple[tuple[int, ...], np.ndarray, int]] = {}
 
@@ -87,22 +89,53 @@ class Masks(Mapping[str, torch.Tensor]):
         return hashlib.sha256(self._packed[name][1].tobytes()).hexdigest()
 
 
-def record_masks(model) -> Masks:
-    """The pruning masks of a model: for every prunable Linear weight of every decoder block (see
-    :class:`atprune.models.Adapter`), ``weight == 0`` (shape ``[out_features, in_features]``), keyed by the full
-    parameter name (``model.layers.0.mlp.up_proj.weight``), packed 1 bit per weight (:class:`Masks`).
+def record_masks(model, blocks_path: str | None = None) -> Masks:
+    """The pruning masks of a model: for every stored weight parameter behind the prunable layers of the decoder
+    blocks (see :class:`atprune.models.Adapter`), ``weight == 0`` in the parameter's own layout and under its full
+    name (``model.layers.0.mlp.up_proj.weight`` ``[out, in]``; a GPT-2 ``Conv1D`` weight ``[in, out]``; a fused
+    mixture-of-experts parameter ``[experts, ., .]`` once for all its experts), packed 1 bit per weight
+    (:class:`Masks`). ``masks.blocks_path`` is the blocks' dotted path.
+
+    Args:
+        blocks_path: as ``Adapter.for_model`` (for layouts atprune does not recognise).
 
     Raises:
         ConfigError: the model's decoder blocks cannot be found.
     """
-    from atprune.models import Adapter
+    from atprune.models import Adapter, stored_parameter
 
-    adapter = Adapter.for_model(model)
+    adapter = Adapter.for_model(model, blocks_path)
+    names = {id(p): n for n, p in model.named_parameters()}
     masks = Masks()
+    masks.blocks_path = adapter.blocks_path
+    for block in adapter.blocks:
+        for lin in adapter.linears(block).values():
+            param = stored_parameter(lin)
+            name = names.get(id(param))
+            if name is not None and name not in masks:
+                masks.add(name, param.detach() == 0)
+    return masks
+
+
+def check_saveable(model, blocks_path: str | None = None) -> None:
+    """Refuse, before any pruning work, a model whose pruned weights atprune cannot yet follow into a checkpoint.
+
+    transformers writes fused mixture-of-experts tensors (e.g. Mixtral's ``experts.gate_up_proj``
+    ``[experts, 2I, H]``) back as one matrix per expert under other names, so their masks could not be checked in
+    the files; such models prune and evaluate, but ``--out`` is refused.
+
+    Raises:
+        ConfigError: names the first fused expert parameter found.
+    """
+    from atprune.models import Adapter, ExpertLinear
+
+    adapter = Adapter.for_model(model, blocks_path)
     for i, block in enumerate(adapter.blocks):
         for name, lin in adapter.linears(block).items():
-            masks.add(f"{adapter.blocks_path}.{i}.{name}.weight", lin.weight.detach() == 0)
-    return masks
+            if isinstance(lin, ExpertLinear):
+                raise ConfigError(f"saving fused mixture-of-experts weights ({adapter.blocks_path}.{i}.{name}) is not "
+                                  "supported yet (transformers re-splits them per expert on save, so the masks could "
+                                  "not be checked); prune and evaluate without --out")
 
 
 def check_masks(tensors: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], where: str) -> None:
@@ -275,12 +308,13 @@ def check_export_options(save_dtype: str | None, formats) -> tuple[torch.dtype |
 def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrite: bool = False,
                 extra: dict[str, dict] | None = None, files: dict[str, Path] | None = None, *,
                 masks: Mapping[str, torch.Tensor] | None = None, save_dtype: str | None = None,
-                formats=("dense",)) -> Path:
+                formats=("dense",), blocks_path: str | None = None) -> Path:
     """Save ``model`` (safetensors, tied weights kept tied), ``tokenizer``, ``report.json``, the JSON documents
     in ``extra`` (file name -> content) and copies of ``files`` (file name -> source path) into ``out``, all
     in one atomic swap.
 
     Args:
+        blocks_path: the blocks' dotted path for layouts atprune does not recognise (see :func:`record_masks`).
         masks: the pruning masks (:func:`record_masks`, taken right after pruning); None records them from
             the model now. Checked in memory, after the cast and in the files written (see the module doc).
         save_dtype: ``float32``, ``float16`` or ``bfloat16``; None saves in the model's dtype. The in-memory
@@ -301,8 +335,10 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
     """
     dtype, formats = check_export_options(save_dtype, formats)
     out = check_output_dir(out, overwrite)
+    if isinstance(model, torch.nn.Module):
+        check_saveable(model, blocks_path)
     if masks is None and isinstance(model, torch.nn.Module):
-        masks = record_masks(model)
+        masks = record_masks(model, blocks_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -324,7 +360,7 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
             saved = read_tensors(tmp, masks)
             check_masks(saved, masks, "in the saved checkpoint")
             export = {"dtype": str(next(iter(saved.values())).dtype).removeprefix("torch."), "formats": list(formats),
-                      "blocks_path": _blocks_path(next(iter(masks))),
+                      "blocks_path": getattr(masks, "blocks_path", None) or _blocks_path(next(iter(masks))),
                       "sizes_bytes": {"dense": sum(p.stat().st_size for p in safetensors_files(tmp))},
                       "underflow_zeros": 0, "matrices": _matrix_entries(saved, masks)}
             export["underflow_zeros"] = sum(m["underflow_zeros"] for m in export["matrices"].values())

@@ -444,6 +444,17 @@ def _fused_experts(module: nn.Module) -> list[str]:
     return names if names and hasattr(module, "num_experts") else []
 
 
+def stored_parameter(layer) -> nn.Parameter:
+    """The parameter that holds a prunable layer's weight, in its stored layout: ``nn.Linear.weight``
+    ``[out, in]``; a :class:`TransposedLinear`'s ``Conv1D.weight`` ``[in, out]``; an :class:`ExpertLinear`'s fused
+    ``[experts, ., .]`` parameter (shared by all experts of the module)."""
+    if isinstance(layer, TransposedLinear):
+        return layer.module.weight
+    if isinstance(layer, ExpertLinear):
+        return getattr(layer.experts, layer.param)
+    return layer.weight
+
+
 def set_weight(layer, weight: torch.Tensor) -> None:
     """Replace the weight of a prunable layer (``nn.Linear``, :class:`TransposedLinear`, :class:`ExpertLinear`)
     with ``weight`` ``[out_features, in_features]`` (same dtype and device as the current one)."""

@@ -17,7 +17,7 @@ import torch
 from atprune import data as data_mod
 from atprune.api import check_widths, evaluate_perplexity, needs_calibration, plan, prune
 from atprune.errors import ConfigError
-from atprune.export import check_export_options, check_output_dir, record_masks, save_pruned
+from atprune.export import check_export_options, check_output_dir, check_saveable, record_masks, save_pruned
 from atprune.models import Adapter, load_model, num_blocks, resolve_device, resolve_dtype, resolve_model
 from atprune.placement import Placement, auto_batch_size, peak_memory_gib
 from atprune.report import build_report
@@ -84,6 +84,9 @@ def check_job(job: PruneJob):
         _positive("batch-size", job.batch_size)
     device = resolve_device(job.device)
     dtype = resolve_dtype(job.dtype, device)
+    if job.offload and job.zero_shot:
+        raise ConfigError("--zero-shot with --offload is not supported yet (lm-eval runs the whole model on one "
+                          "device); score the saved model with `atprune eval` instead")
     if (job.offload or job.offload_activations) and device.type == "cpu":
         raise ConfigError("--offload / --offload-activations move weights or activations off a GPU; they need "
                           "--device cuda")
@@ -124,6 +127,8 @@ def run_prune_job(job: PruneJob) -> dict:
     placement.prepare(model, adapter.blocks)
     timings["load"] = time.perf_counter() - t0
     check_widths(adapter, spec.pattern)  # before any data or evaluation work
+    if job.out:
+        check_saveable(model, job.blocks_path)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -179,7 +184,7 @@ def run_prune_job(job: PruneJob) -> dict:
                    allocation_options=job.allocation_options, placement=placement, blocks_path=job.blocks_path,
                    progress=job.progress)
     timings["prune"] = result.seconds
-    masks = record_masks(model) if job.out else None  # checked again at every step of the save
+    masks = record_masks(model, job.blocks_path) if job.out else None  # checked again at every step of the save
     if job.eval_data:
         evaluate("sparse")
         ppl = evaluation["sparse"]["ppl"]

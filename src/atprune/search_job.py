@@ -275,6 +275,10 @@ def run_search_job(job: SearchJob) -> dict:
     out = Path(job.out).expanduser() if job.out else None
     t_start = time.perf_counter()
     model, tokenizer = load_model(source, dtype=dtype, device=device, progress=job.progress)
+    if out is not None:
+        from atprune.export import check_saveable
+
+        check_saveable(model, job.blocks_path)
     zero_shot = None
     if job.zero_shot:  # the dense model, before any trial touches the weights
         from atprune.zeroshot import evaluate_zero_shot, sanity_gate
@@ -336,5 +340,6 @@ def run_search_job(job: SearchJob) -> dict:
             plot_search(state["trials"], chosen, job.metric, Path(tmp) / "search.png", title)
             # out was checked before loading (it holds at most this search's own search.json)
             save_pruned(model, tokenizer, out, report, overwrite=True, extra={"search.json": state},
-                        files={"search.png": Path(tmp) / "search.png"}, save_dtype=job.save_dtype, formats=job.formats)
+                        files={"search.png": Path(tmp) / "search.png"}, save_dtype=job.save_dtype, formats=job.formats,
+                        blocks_path=job.blocks_path)
     return state
