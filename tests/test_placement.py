@@ -152,3 +152,11 @@ def test_offload_with_zero_shot_is_refused_before_loading():
 
     with pytest.raises(atprune.ConfigError, match="--zero-shot with --offload"):
         check_job(PruneJob(model="smollm2-135m", device="cpu", offload=True, zero_shot="piqa"))
+
+
+@pytest.mark.parametrize("field", ["seqlen", "eval_seqlen"])
+def test_one_token_windows_are_refused_before_loading(field):
+    from atprune.pipeline import PruneJob, check_job
+
+    with pytest.raises(atprune.ConfigError, match="at least 2 tokens"):
+        check_job(PruneJob(model="smollm2-135m", device="cpu", **{field: 1}))

@@ -201,8 +201,10 @@ def _run_eval(args) -> int:
         pruning = json.loads(run_report.read_text()).get("pruning") or {}
         result["model"]["pruning"] = {"spec": pruning.get("spec"), "overall_sparsity": pruning.get("overall_sparsity")}
     if args.out:
+        from atprune.export import write_json
+
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "zeroshot.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_json(Path(args.out) / "zeroshot.json", result)  # atomic; a run folder gets it beside its report
     print(json.dumps(result, indent=2) if args.json else format_zero_shot({"model": result}))
     if args.out:
         print(f"saved: {os.path.abspath(args.out)}/zeroshot.json")

@@ -93,7 +93,7 @@ def run_compare_job(job: CompareJob) -> dict:
     evalset = data_mod.eval_set(tokenizer, job.eval_data, data_mod.eval_split(job.eval_data), job.data_dir)
 
     def ppl() -> dict:
-        return evaluate_perplexity(model, tokenizer, evalset, seqlen=job.seqlen, batch_size=runner.batch_size,
+        return evaluate_perplexity(model, tokenizer, evalset, seqlen=job.seqlen, batch_size=runner.eval_batch_size,
                                    max_windows=job.eval_windows, progress=False)
 
     state = {"schema": "atprune.compare/1", "config": asdict(job) | {"dtype": str(dtype), "device": str(device)},

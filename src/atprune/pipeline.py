@@ -82,6 +82,11 @@ def check_job(job: PruneJob):
         _positive(name.replace("_", "-"), getattr(job, name))
     if job.batch_size != "auto":
         _positive("batch-size", job.batch_size)
+    for name in ("seqlen", "eval_seqlen"):
+        value = getattr(job, name)
+        if value is not None and value < 2:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 2 tokens (a window predicts seqlen - 1 "
+                              f"tokens, and a BOS may take the first place), got {value}")
     device = resolve_device(job.device)
     dtype = resolve_dtype(job.dtype, device)
     if job.offload and job.zero_shot:

@@ -23,7 +23,7 @@ from atprune.allocators import beta_max
 from atprune.api import prune
 from atprune.api import resolve_batch_size
 from atprune.engine import first_block_inputs
-from atprune.placement import Placement
+from atprune.placement import Placement, auto_batch_size
 from atprune.errors import ConfigError
 from atprune.evaluate import kl_to_reference, next_token_logprobs, perplexity
 from atprune.export import check_export_options, check_output_dir, save_pruned, write_json
@@ -185,14 +185,18 @@ class TrialRunner:
         self.metric = metric
         self.blocks_path = blocks_path
         self.batch_size = resolve_batch_size(batch_size, model, calib, Placement.default_for(model))
+        # logits passes (selection perplexity / KL, evaluation) need room for [batch, seqlen, vocab] too
+        self.eval_batch_size = self.batch_size if batch_size != "auto" else auto_batch_size(
+            model.config.get_text_config(), select.shape[1], 16, Placement.default_for(model).device,
+            next(model.parameters()).dtype, logits=True)
         self.adapter = Adapter.for_model(model, blocks_path)
         self.inputs = first_block_inputs(self.adapter, calib, self.batch_size)
         self.linears = {f"{i}.{n}": lin for i, b in enumerate(self.adapter.blocks)
                         for n, lin in self.adapter.linears(b).items()}
         self.dense = {n: lin.weight.detach().to("cpu", copy=True) for n, lin in self.linears.items()}
-        self.reference = next_token_logprobs(model, select, batch_size=self.batch_size) if metric == "kl" else None
+        self.reference = next_token_logprobs(model, select, batch_size=self.eval_batch_size) if metric == "kl" else None
         self.seqlen = select.shape[1]
-        self.dense_select_ppl = perplexity(model, select.flatten(), self.seqlen, batch_size=self.batch_size)["ppl"]
+        self.dense_select_ppl = perplexity(model, select.flatten(), self.seqlen, batch_size=self.eval_batch_size)["ppl"]
 
     def restore(self) -> None:
         """Put the dense weights back."""
@@ -210,8 +214,8 @@ class TrialRunner:
     def score(self) -> float:
         """The selection metric of the model as it is now."""
         if self.metric == "kl":
-            return kl_to_reference(self.model, self.select, self.reference, batch_size=self.batch_size)
-        return perplexity(self.model, self.select.flatten(), self.seqlen, batch_size=self.batch_size)["ppl"]
+            return kl_to_reference(self.model, self.select, self.reference, batch_size=self.eval_batch_size)
+        return perplexity(self.model, self.select.flatten(), self.seqlen, batch_size=self.eval_batch_size)["ppl"]
 
     def trial(self, method: str, sparsity: float, beta: float) -> dict:
         """One full prune with ATP at ``beta`` and its selection metric."""
@@ -317,7 +321,7 @@ def run_search_job(job: SearchJob) -> dict:
         from atprune.api import evaluate_perplexity
 
         evaluation["sparse"] = evaluate_perplexity(model, tokenizer, job.eval_data, split=data_mod.eval_split(job.eval_data),
-                                                   seqlen=job.seqlen, data_dir=job.data_dir, batch_size=runner.batch_size,
+                                                   seqlen=job.seqlen, data_dir=job.data_dir, batch_size=runner.eval_batch_size,
                                                    max_windows=job.eval_windows, progress=job.progress)
         evaluation["sparse"]["selected_on_test"] = job.select_on_test
     state["final_evaluation"] = evaluation["sparse"]
