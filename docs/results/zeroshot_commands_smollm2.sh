@@ -1,10 +1,10 @@
 #!/bin/bash
-# zero-shot measurements for issue 7 (dense, 70% uniform Wanda, 70% ATP Wanda beta 0.0098), limit 50 per task
+# zero-shot measurements for issue 7 (dense, 70% uniform Wanda, 70% ATP Wanda beta 0.0098), LIMIT (default 50) examples per task
 set -x
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH=${PYTHONPATH:-src}
 PY=${PY:-python}
 D=${TASK_DATA:-../shared/data}
-L=50
+L=${LIMIT:-50}  # LIMIT=200 for the limit-200 tables
 cd "${OUT_DIR:-.}"
 date -u
 $PY -m atprune.cli eval --model smollm2-135m --tasks all --task-data $D --limit $L --out dense
