@@ -85,11 +85,16 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows (quick checks)")
     p.add_argument("--strict", action="store_true", help="fewer calibration tokens than asked is an error")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON instead of the table")
-    p.add_argument("--zero-shot", default=None, metavar="TASKS", help="also score zero-shot accuracy (lm-eval) of the "
-                   "pruned model and, unless --no-eval-dense, the dense one: comma list or 'all'")
+    _add_zero_shot_args(p, "the pruned model and, unless --no-eval-dense, the dense one")
+    _add_export_args(p)
+
+
+def _add_zero_shot_args(p: argparse.ArgumentParser, scored: str) -> None:
+    """``--zero-shot`` and its data / limit options (prune, search)."""
+    p.add_argument("--zero-shot", default=None, metavar="TASKS", help=f"also score zero-shot accuracy (lm-eval) of "
+                   f"{scored}: comma list or 'all'")
     p.add_argument("--task-data", default=None, help="folder with the original task files (default: the hub)")
     p.add_argument("--zero-shot-limit", type=int, default=None, help="first N examples per zero-shot task")
-    _add_export_args(p)
 
 
 def _add_export_args(p: argparse.ArgumentParser) -> None:
@@ -137,10 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--step", type=float, default=0.002, help="grid step (default 0.002, as the reference)")
     s.add_argument("--metric", default="ppl", help="ppl (selection perplexity, default) or kl (to the dense model)")
     s.add_argument("--resume", action="store_true", help="continue the search recorded in OUT/search.json")
-    s.add_argument("--zero-shot", default=None, metavar="TASKS", help="zero-shot accuracy (lm-eval) of the dense and "
-                   "the final model: comma list or 'all'")
-    s.add_argument("--task-data", default=None, help="folder with the original task files (default: the hub)")
-    s.add_argument("--zero-shot-limit", type=int, default=None, help="first N examples per zero-shot task")
+    _add_zero_shot_args(s, "the dense and the final model")
     c = sub.add_parser("compare", help="allocations x pruners x sparsities on one model, as Markdown/CSV tables")
     c.add_argument("--model", required=True, help="alias (smollm2-135m), .gguf file, model folder or Hugging Face id")
     c.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"], help="pruners (default wanda sparsegpt)")
