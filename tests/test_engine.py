@@ -50,6 +50,32 @@ def test_stats_reach_every_linear_with_all_tokens(llama):
         assert all(v == (48, False) for v in per_block.values())
 
 
+def test_statistics_pass_stops_after_the_last_layer_input(llama):
+    # the statistics pass needs no block output: down_proj (the last layer reached) never runs in it, while its
+    # statistics equal those of its inputs in a complete forward pass of the block
+    from atprune.engine import collect_stats
+
+    adapter = Adapter.for_model(llama)
+    windows = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(5))
+    inputs = first_block_inputs(adapter, windows, batch_size=2)
+    block = adapter.blocks[0]
+    down = block.mlp.down_proj
+    calls, full = [], []
+    h = down.register_forward_hook(lambda m, a, out: calls.append(a[0].shape))
+    stats = collect_stats(block, 0, adapter.linears(block), inputs, hessian=True)
+    h.remove()
+    assert calls == []
+    h = down.register_forward_hook(lambda m, a, out: full.append(a[0].reshape(-1, a[0].shape[-1]).double()))
+    outs = run_block(block, 0, inputs)
+    h.remove()
+    assert len(outs) == 2 and len(full) == 2  # the output pass does run every layer
+    x = torch.cat(full)
+    st = stats["mlp.down_proj"]
+    assert st.ntokens == 64
+    torch.testing.assert_close(st.sq_norm.double(), (x**2).sum(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(st.hessian().double(), x.T @ x / 64, rtol=1e-5, atol=1e-6)
+
+
 def test_block_zero_kwargs_are_captured(llama):
     adapter = Adapter.for_model(llama)
     inputs = first_block_inputs(adapter, torch.zeros(2, 8, dtype=torch.long), batch_size=1)

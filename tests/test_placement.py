@@ -135,6 +135,18 @@ def test_auto_batch_size(monkeypatch):
     assert auto_batch_size(cfg, 2048, 128, torch.device("cuda"), torch.bfloat16, logits=True) == 1
 
 
+def test_auto_batch_size_is_capped_at_4_with_offload(monkeypatch):
+    from atprune.api import resolve_batch_size
+
+    model = tiny_model("llama")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**50, 2**50))
+    calib = torch.zeros(128, 64, dtype=torch.long)
+    cuda = torch.device("cuda")
+    assert resolve_batch_size("auto", model, calib, Placement(cuda)) == 16
+    assert resolve_batch_size("auto", model, calib, Placement(cuda, offload=True)) == 4
+    assert resolve_batch_size(8, model, calib, Placement(cuda, offload=True)) == 8
+
+
 def test_bad_batch_size_is_a_config_error():
     with pytest.raises(atprune.ConfigError, match="positive integer or 'auto'"):
         atprune.prune(tiny_model("llama"), method="wanda", sparsity=0.5, calib=windows(), batch_size=0, progress=False)

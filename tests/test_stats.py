@@ -68,6 +68,18 @@ def test_low_precision_input_is_accumulated_in_float32():
     torch.testing.assert_close(st.hessian().double(), xf.T @ xf / 64, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_norms_without_hessian_match_float64(dtype):
+    # the 16-bit path without a Hessian reduces the input directly with float32 accumulation (no float32 copy)
+    x = (_x(4096, 16, 4) * 3).to(dtype)
+    st = InputStats(16)
+    st.add(x[:1000])
+    st.add(x[1000:])
+    ref = (x.double() ** 2).sum(0)
+    assert st.sq_norm.dtype == torch.float32 and st.ntokens == 4096
+    assert ((st.sq_norm.double() - ref) / ref).abs().max().item() < 2e-5
+
+
 def test_input_is_not_modified():
     x = torch.randn(10, 4)
     before = x.clone()

@@ -152,17 +152,22 @@ def _as_windows(calib, tokenizer, nsamples, seqlen, seed, data_dir, strict) -> t
     return tw.windows, tw.info
 
 
+OFFLOAD_BATCH_CAP = 4  # "auto" batch size with offloading (LLaMA-2-70B shape: transients ~3 GiB instead of ~12)
+
+
 def resolve_batch_size(batch_size: int | str, model, windows: torch.Tensor, placement: Placement) -> int:
-    """``"auto"`` -> :func:`atprune.placement.auto_batch_size` for this model and ``[nsamples, seqlen]`` windows;
-    an int is returned as is.
+    """``"auto"`` -> :func:`atprune.placement.auto_batch_size` for this model and ``[nsamples, seqlen]`` windows
+    (at most 16, or :data:`OFFLOAD_BATCH_CAP` when ``placement`` offloads); an int is returned as is.
 
     Raises:
         ConfigError: for anything else than ``"auto"`` or a positive int.
     """
     if batch_size == "auto":
         dtype = next(model.parameters()).dtype
+        # offloading is asked for to save device memory: keep the transient activations small too
+        cap = OFFLOAD_BATCH_CAP if placement.offload else 16
         return auto_batch_size(model.config.get_text_config(), windows.shape[1], windows.shape[0], placement.device,
-                               dtype)
+                               dtype, cap=cap)
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ConfigError(f"batch size must be a positive integer or 'auto', got {batch_size!r}")
     return batch_size

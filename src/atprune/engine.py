@@ -28,7 +28,8 @@ from atprune.stats import InputStats
 
 
 class _StopForward(Exception):
-    """Raised by the block-0 pre-hook to end the forward pass once its inputs are captured."""
+    """Raised by a hook to end a forward pass once it has seen what it needed (block 0's inputs; the inputs of
+    every layer of a block)."""
 
 
 @dataclass
@@ -174,6 +175,20 @@ def run_block(block: nn.Module, index: int, inputs: BlockInputs,
     return outs
 
 
+def _watch_inputs(layer, fn: Callable[[torch.Tensor], None]):
+    """Call ``fn(x)`` with every input ``x`` of ``layer``: before the layer runs where it takes a forward
+    pre-hook (``nn.Linear``, :class:`atprune.models.TransposedLinear`), otherwise after it (expert views, whose
+    inputs are only known once the router has run). Returns the hook handle."""
+    if hasattr(layer, "register_forward_pre_hook"):
+        def pre(module, args, kwargs=None):
+            fn(args[0] if args else next(iter((kwargs or {}).values())))
+
+        if isinstance(layer, nn.Module):
+            return layer.register_forward_pre_hook(pre, with_kwargs=True)
+        return layer.register_forward_pre_hook(lambda m, args: pre(m, args))
+    return layer.register_forward_hook(lambda module, args, out: fn(args[0]))
+
+
 def collect_stats(block: nn.Module, index: int, linears: dict[str, nn.Linear], inputs: BlockInputs,
                   hessian: bool, placement: Placement | None = None) -> dict[str, InputStats]:
     """One forward pass of ``block`` (number ``index``) over ``inputs`` with hooks that accumulate
@@ -181,30 +196,39 @@ def collect_stats(block: nn.Module, index: int, linears: dict[str, nn.Linear], i
 
     Layers that receive the very same input tensor (q/k/v projections, gate/up projections) share one
     :class:`InputStats` object: their statistics are identical, so they are computed and stored once.
+    The block's outputs are not needed here, so each batch's forward pass stops as soon as every layer has seen
+    its input (the last projection, e.g. ``down_proj``, and the residual after it are never computed).
     """
     stats: dict[str, InputStats] = {name: InputStats(lin.in_features, hessian=hessian) for name, lin in linears.items()}
     seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input kept alive, first layer that read it)
+    pending: set[str] = set()  # layers not reached yet in this batch
 
-    def make_hook(name):
-        def hook(module, args, out):
-            x = args[0]
-            first = seen.get(id(x))
-            if first is not None and first[0] is x and first[1] != name:
-                if stats[name] is stats[first[1]]:
-                    return  # shared: already added
-                if stats[name].ntokens == 0:
-                    stats[name] = stats[first[1]]
-                    return
+    def add(name: str, x: torch.Tensor) -> None:
+        first = seen.get(id(x))
+        shared = first is not None and first[0] is x and first[1] != name
+        if shared and stats[name] is not stats[first[1]] and stats[name].ntokens == 0:
+            stats[name] = stats[first[1]]
+        if not (shared and stats[name] is stats[first[1]]):
             seen[id(x)] = (x, name)
             stats[name].add(x)
+        pending.discard(name)
+        if not pending:
+            raise _StopForward
 
-        return hook
+    def start(module, args):
+        seen.clear()
+        pending.update(linears)
 
-    handles = [lin.register_forward_hook(make_hook(name)) for name, lin in linears.items()]
-    handles.append(block.register_forward_pre_hook(lambda m, a: seen.clear()))
+    handles = [_watch_inputs(lin, lambda x, name=name: add(name, x)) for name, lin in linears.items()]
+    handles.append(block.register_forward_pre_hook(start))
     try:
-        with exact_tf32_for(next(block.parameters()).dtype):
-            run_block(block, index, inputs, placement)
+        with torch.no_grad(), exact_tf32_for(next(block.parameters()).dtype):
+            for hidden in inputs.hidden:
+                x = placement.fetch(hidden) if placement else hidden
+                try:
+                    block(x, **inputs.kwargs(index, hidden.shape[0]))
+                except _StopForward:
+                    pass
     finally:
         for h in handles:
             h.remove()

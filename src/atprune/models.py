@@ -381,6 +381,10 @@ class TransposedLinear:
         """``hook(layer, (x,), out)`` with the module's input ``x`` ``[..., in_features]``."""
         return self.module.register_forward_hook(lambda mod, args, out: hook(self, args, out))
 
+    def register_forward_pre_hook(self, hook):
+        """``hook(layer, (x,))`` with the module's input ``x`` ``[..., in_features]``, before the module runs."""
+        return self.module.register_forward_pre_hook(lambda mod, args: hook(self, args))
+
     def __repr__(self) -> str:
         return f"TransposedLinear({self.module!r})"
 

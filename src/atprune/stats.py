@@ -50,16 +50,21 @@ class InputStats:
         """
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs with last dim {self.in_features}, got shape {tuple(x.shape)}")
-        x = x.detach().reshape(-1, self.in_features).float()
+        x = x.detach().reshape(-1, self.in_features)
         if self.device is not None:
             x = x.to(self.device)
         if self.sq_norm is None:
             self.sq_norm = torch.zeros(self.in_features, dtype=torch.float32, device=x.device)
             if self.want_hessian:
                 self.xtx = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=x.device)
-        self.sq_norm += x.square().sum(dim=0)
-        if self.xtx is not None:
-            self.xtx.addmm_(x.t(), x)
+        if self.xtx is None and x.dtype in (torch.bfloat16, torch.float16):
+            # one float32-accumulating reduction over the 16-bit input, no float32 copy of it
+            self.sq_norm += torch.linalg.vector_norm(x, dim=0, dtype=torch.float32).square_()
+        else:
+            x = x.float()
+            self.sq_norm += x.square().sum(dim=0)
+            if self.xtx is not None:
+                self.xtx.addmm_(x.t(), x)
         self.ntokens += x.shape[0]
 
     def col_norm(self) -> torch.Tensor:
