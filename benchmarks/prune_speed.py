@@ -75,7 +75,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="architecture config JSON (benchmarks/configs/)")
     p.add_argument("--blocks", type=int, default=None, help="build only this many blocks (70B shape)")
-    p.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"])
+    p.add_argument("--methods", nargs="*", default=["wanda", "sparsegpt"], help="passes to time (none: only --search-trials)")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
