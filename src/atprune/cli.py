@@ -59,7 +59,7 @@ def _batch_size(text: str) -> int | str:
 def _add_device_args(p: argparse.ArgumentParser, offload: bool = True) -> None:
     p.add_argument("--calib-batch-size", "--batch-size", dest="batch_size", type=_batch_size, default="auto",
                    help="windows per forward pass (calibration and evaluation); auto (default): from free GPU "
-                   "memory on CUDA, 1 on CPU; results do not depend on it")
+                   "memory on CUDA (at most 16, 4 with --offload), 1 on CPU; results do not depend on it")
     p.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16 (default on CUDA), float16")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     if offload:
