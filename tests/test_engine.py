@@ -50,6 +50,19 @@ def test_stats_reach_every_linear_with_all_tokens(llama):
         assert all(v == (48, False) for v in per_block.values())
 
 
+def test_last_output_pass_can_be_skipped(llama):
+    adapter = Adapter.for_model(llama)
+    windows = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(4))
+    inputs = first_block_inputs(adapter, windows, batch_size=3)  # (this runs every block once)
+    calls = []
+    h = adapter.blocks[-1].mlp.down_proj.register_forward_hook(lambda m, a, out: calls.append(1))
+    assert sequential(adapter, windows, lambda *a: None, inputs=inputs, last_outputs=False) == []
+    assert calls == []  # the last block's statistics pass stops before down_proj, its output pass is skipped
+    assert len(sequential(adapter, windows, lambda *a: None, inputs=inputs)) == 1
+    h.remove()
+    assert calls == [1]
+
+
 def test_statistics_pass_stops_after_the_last_layer_input(llama):
     # the statistics pass needs no block output: down_proj (the last layer reached) never runs in it, while its
     # statistics equal those of its inputs in a complete forward pass of the block

@@ -242,7 +242,7 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
     try:
         if pruner.needs_stats:
             sequential(adapter, windows, prune_block, needs_hessian=pruner.needs_hessian, batch_size=batch_size,
-                       inputs=block_inputs, progress=lambda i: bar.update(1), placement=placement)
+                       inputs=block_inputs, progress=lambda i: bar.update(1), placement=placement, last_outputs=False)
         else:  # data-free (magnitude): no forward pass at all
             for i, block in enumerate(adapter.blocks):
                 prune_block(i, block, adapter.linears(block), None)

@@ -250,6 +250,7 @@ def sequential(
     inputs: BlockInputs | None = None,
     progress: Callable[[int], None] | None = None,
     placement: Placement | None = None,
+    last_outputs: bool = True,
 ) -> list[torch.Tensor]:
     """Prune the model block by block.
 
@@ -264,9 +265,12 @@ def sequential(
         progress: called with i after block i is done.
         placement: where blocks and activations live (default: all on the model's device); with offloading
             each block is on the compute device only from its statistics pass to its output pass.
+        last_outputs: run the last block's output pass (its outputs feed no further block; callers that only
+            prune pass False and save that pass).
 
     Returns:
-        The last block's outputs, one ``[batch, seqlen, hidden]`` tensor per batch.
+        The last block's outputs, one ``[batch, seqlen, hidden]`` tensor per batch (empty with
+        ``last_outputs=False``).
     """
     placement = placement or Placement.default_for(adapter.model)
     if inputs is None:
@@ -278,7 +282,8 @@ def sequential(
         stats = collect_stats(block, i, linears, current, needs_hessian, placement) if needs_stats else None
         prune_block(i, block, linears, stats)
         del stats
-        current = current.with_hidden(run_block(block, i, current, placement))
+        last = i == adapter.num_blocks - 1
+        current = current.with_hidden([] if last and not last_outputs else run_block(block, i, current, placement))
         placement.leave(block)
         if progress is not None:
             progress(i)

@@ -43,7 +43,7 @@ class AllocationContext:
             raise ConfigError("this allocation needs calibration data")
         values: list[float] = []
         sequential(self.adapter, self.windows, lambda i, block, linears, stats: values.append(float(fn(linears, stats))),
-                   inputs=self.block_inputs, placement=self.placement)
+                   inputs=self.block_inputs, placement=self.placement, last_outputs=False)
         return values
 
 
