@@ -20,7 +20,7 @@ from atprune import data as data_mod
 from atprune.allocators import get_allocator
 from atprune.allocators import AllocationContext
 from atprune.engine import BlockInputs, first_block_inputs, sequential
-from atprune.errors import ConfigError
+from atprune.errors import ConfigError, check_positive_int
 from atprune.evaluate import perplexity
 from atprune.models import Adapter, set_weight
 from atprune.placement import Placement, auto_batch_size
@@ -168,8 +168,7 @@ def resolve_batch_size(batch_size: int | str, model, windows: torch.Tensor, plac
         cap = OFFLOAD_BATCH_CAP if placement.offload else 16
         return auto_batch_size(model.config.get_text_config(), windows.shape[1], windows.shape[0], placement.device,
                                dtype, cap=cap)
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ConfigError(f"batch size must be a positive integer or 'auto', got {batch_size!r}")
+    check_positive_int("batch size", batch_size, "a positive integer or 'auto'")
     return batch_size
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from atprune.atomic import atomic_file, umask
 from atprune.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -253,15 +254,9 @@ def write_json(path: str | os.PathLike, payload: dict) -> None:
     """Write ``payload`` as indented JSON atomically (temp file + rename). Non-finite floats become null."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(_finite(payload), fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as fh:
+        json.dump(_finite(payload), fh, indent=2)
+        fh.write("\n")
 
 
 def _finite(obj):
@@ -276,10 +271,9 @@ def _finite(obj):
 
 def _public(path: Path) -> None:
     """Give a folder tree made by mkdtemp/mkstemp (0700/0600) the permissions the user's umask asks for."""
-    umask = os.umask(0)
-    os.umask(umask)
+    mask = umask()
     for p in [path, *path.rglob("*")]:
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def check_export_options(save_dtype: str | None, formats) -> tuple[torch.dtype | None, tuple[str, ...]]:

@@ -16,7 +16,7 @@ import torch
 
 from atprune import data as data_mod
 from atprune.api import check_widths, evaluate_perplexity, needs_calibration, plan, prune
-from atprune.errors import ConfigError
+from atprune.errors import ConfigError, check_positive_int
 from atprune.export import check_export_options, check_output_dir, check_saveable, record_masks, save_pruned
 from atprune.models import Adapter, load_model, num_blocks, resolve_device, resolve_dtype, resolve_model
 from atprune.placement import Placement, auto_batch_size, peak_memory_gib
@@ -63,11 +63,6 @@ class PruneJob:
     blocks_path: str | None = None  # dotted path of the decoder-block nn.ModuleList (unknown layouts)
 
 
-def _positive(name: str, value: int | None) -> None:
-    if value is not None and (not isinstance(value, int) or value < 1):
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-
-
 def check_job(job: PruneJob):
     """Validate everything that can be checked without loading the model.
 
@@ -79,9 +74,9 @@ def check_job(job: PruneJob):
         ConfigError: the first problem found, as one line.
     """
     for name in ("nsamples", "seqlen", "eval_seqlen", "eval_windows"):
-        _positive(name.replace("_", "-"), getattr(job, name))
+        check_positive_int(name.replace("_", "-"), getattr(job, name))
     if job.batch_size != "auto":
-        _positive("batch-size", job.batch_size)
+        check_positive_int("batch-size", job.batch_size)
     for name in ("seqlen", "eval_seqlen"):
         value = getattr(job, name)
         if value is not None and value < 2:

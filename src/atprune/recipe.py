@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
+from atprune.atomic import atomic_file
 from atprune.errors import ConfigError
 
 MODIFIERS = {"wanda": "WandaPruningModifier", "sparsegpt": "SparseGPTModifier"}
@@ -93,19 +93,6 @@ def write_recipe(report_path: str | os.PathLike, out: str | os.PathLike, modifie
               f"{spec.get('allocation')}{beta} S={spec.get('sparsity')}; one sparsity per decoder block, in order\n")
     text = header + yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None, width=100)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(out) as fh:
+        fh.write(text)
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

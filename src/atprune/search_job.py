@@ -24,7 +24,7 @@ from atprune.api import prune
 from atprune.api import resolve_batch_size
 from atprune.engine import first_block_inputs
 from atprune.placement import Placement, auto_batch_size
-from atprune.errors import ConfigError
+from atprune.errors import ConfigError, check_positive_int
 from atprune.evaluate import kl_to_reference, next_token_logprobs, perplexity
 from atprune.export import check_export_options, check_output_dir, save_pruned, write_json
 from atprune.models import Adapter, load_model
@@ -85,8 +85,7 @@ def check_search(job: SearchJob):
         raise ConfigError(f"unknown strategy {job.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
     if job.metric not in ("ppl", "kl"):
         raise ConfigError(f"unknown selection metric {job.metric!r}; choose ppl or kl")
-    if job.nselect < 1:
-        raise ConfigError(f"--nselect must be a positive integer, got {job.nselect}")
+    check_positive_int("--nselect", job.nselect)
     if job.strategy == "golden" and job.max_trials < 3:
         raise ConfigError(f"golden search needs --max-trials >= 3 (uniform + 2 golden points), got {job.max_trials}")
     if job.strategy == "grid" and not job.step > 0:

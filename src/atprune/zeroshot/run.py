@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from atprune.errors import ConfigError
+from atprune.errors import ConfigError, check_positive_int
 from atprune.zeroshot import adapter
 from atprune.zeroshot.tasks import TASKS, check_task_data, parse_tasks, write_local
 
@@ -35,8 +35,7 @@ def check_zero_shot(tasks, task_data: str | Path | None = None, limit: int | Non
     """
     names = parse_tasks(tasks)
     for flag, value in (("--limit", limit), ("--batch-size", batch_size)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
+        check_positive_int(flag, value)
     if task_data is not None:
         check_task_data(names, task_data)
     elif _offline():
