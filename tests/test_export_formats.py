@@ -207,9 +207,21 @@ def test_compressed_is_2x_smaller_at_70_percent_and_bit_exact(tmp_path, save_dty
     sparsity = config["quantization_config"]["sparsity_config"]
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     assert sparsity["format"] == "sparse-bitmask" and len(sparsity["targets"]) == LAYERS * 7
+    assert sparsity["sparsity_structure"] == "unstructured"
     packed = load_file(packed_file)
     assert f"{NAME.removesuffix('.weight')}.bitmask" in packed and NAME not in packed
     assert (out / "compressed" / "tokenizer.json").is_file()
+
+
+def test_compressed_records_an_n_m_pattern(tmp_path):
+    model, result, report = _pruned(None, pattern="2:4")
+    out = save_pruned(model, char_tokenizer(), tmp_path / "out", report, formats=("compressed",))
+    sparsity = json.loads((out / "compressed" / "config.json").read_text())["quantization_config"]["sparsity_config"]
+    assert sparsity["sparsity_structure"] == "2:4"
+    assert sparsity["global_sparsity"] == pytest.approx(0.5)
+    back = load_compressed(out / "compressed")
+    w = back[NAME].reshape(-1, 4)
+    assert bool(((w != 0).sum(1) <= 2).all())  # every group of 4 keeps at most 2
 
 
 def test_unknown_format_and_dtype_are_config_errors(tmp_path, capsys):

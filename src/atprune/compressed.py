@@ -77,7 +77,8 @@ def _module(name: str) -> str:
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
 
-def write_compressed(dense_dir: Path, out_dir: Path, matrices: Mapping[str, torch.Tensor], tokenizer=None) -> int:
+def write_compressed(dense_dir: Path, out_dir: Path, matrices: Mapping[str, torch.Tensor], tokenizer=None,
+                     structure: str = "unstructured") -> int:
     """Write the sparse-bitmask checkpoint of the dense checkpoint in ``dense_dir`` into ``out_dir`` (created).
 
     Args:
@@ -85,6 +86,8 @@ def write_compressed(dense_dir: Path, out_dir: Path, matrices: Mapping[str, torc
         matrices: the pruned weights as saved (name -> ``[rows, cols]`` tensor); these are compressed, every
             other tensor of the dense checkpoint (including fused 3-D expert weights) is copied unchanged.
         tokenizer: saved alongside when given.
+        structure: the sparsity pattern the pruning used (``"unstructured"`` or ``"N:M"``, e.g. ``"2:4"``), recorded as
+            the config's ``sparsity_structure`` (the bitmask itself stores any pattern).
 
     Returns:
         Size of the compressed ``model.safetensors`` in bytes.
@@ -119,7 +122,7 @@ def write_compressed(dense_dir: Path, out_dir: Path, matrices: Mapping[str, torc
         if (dense_dir / extra).is_file():
             shutil.copyfile(dense_dir / extra, out_dir / extra)
     config = json.loads((dense_dir / "config.json").read_text())
-    sparsity = BitmaskConfig(global_sparsity=zeros / max(total, 1), sparsity_structure="unstructured",
+    sparsity = BitmaskConfig(global_sparsity=zeros / max(total, 1), sparsity_structure=structure,
                              targets=sorted(_module(n) for n in matrices), ignore=[])
     config["quantization_config"] = {"quant_method": "compressed-tensors", "version": compressed_tensors.__version__,
                                      "format": "dense", "sparsity_config": sparsity.model_dump(),

@@ -366,7 +366,9 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
             if "compressed" in formats:
                 from atprune.compressed import write_compressed
 
-                export["sizes_bytes"]["compressed"] = write_compressed(tmp, tmp / COMPRESSED_DIR, saved, tokenizer)
+                export["sizes_bytes"]["compressed"] = write_compressed(
+                    tmp, tmp / COMPRESSED_DIR, saved, tokenizer,
+                    structure=str(report.get("pruning", {}).get("spec", {}).get("pattern") or "unstructured"))
             del saved
             report = report | {"export": export} | ({"warnings": warnings} if export["underflow_zeros"] else {})
         write_json(tmp / "report.json", report)
