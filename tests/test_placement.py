@@ -133,6 +133,11 @@ def test_auto_batch_size(monkeypatch):
     assert auto_batch_size(cfg, 2048, 128, torch.device("cuda"), torch.bfloat16) == 16
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1, 2**50))
     assert auto_batch_size(cfg, 2048, 128, torch.device("cuda"), torch.bfloat16, logits=True) == 1
+    # memory PyTorch's allocator has reserved but not handed out counts as free
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * per_window, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 9 * per_window)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3 * per_window)
+    assert auto_batch_size(cfg, 2048, 128, torch.device("cuda"), torch.bfloat16) == 5  # (4 + 9 - 3) / 2
 
 
 def test_auto_batch_size_is_capped_at_4_with_offload(monkeypatch):

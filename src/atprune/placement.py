@@ -100,7 +100,8 @@ class Placement:
 
 def auto_batch_size(config, seqlen: int, nsamples: int, device: torch.device, dtype: torch.dtype,
                     cap: int = 16, logits: bool = False) -> int:
-    """Calibration windows per forward pass: 1 on CPU; on CUDA as many as half the free memory holds, by an
+    """Calibration windows per forward pass: 1 on CPU; on CUDA as many as half the free memory (the driver's free
+    memory plus what PyTorch's allocator holds unused) holds, by an
     estimate of one window's transient memory inside a block, at most ``cap`` and ``nsamples``.
 
     The estimate per window (bytes): ``seqlen * (6 * hidden + 3 * intermediate) * itemsize`` for the block's
@@ -119,6 +120,7 @@ def auto_batch_size(config, seqlen: int, nsamples: int, device: torch.device, dt
     if logits:
         per_window += seqlen * getattr(config, "vocab_size", 32000) * 12
     free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached by PyTorch, reusable
     return int(max(1, min(cap, nsamples, (free // 2) // max(per_window, 1))))
 
 
