@@ -34,10 +34,10 @@ class RecordingPlacement(Placement):
         self.max_resident = max(self.max_resident, len(self.resident))
         super().enter(block)
 
-    def leave(self, block):
+    def leave(self, block, modified=True):
         self.log.append(("leave", id(block)))
         self.resident.discard(id(block))
-        super().leave(block)
+        super().leave(block, modified)
 
 
 def windows(n=8, seqlen=24, seed=5):
@@ -90,6 +90,22 @@ def test_offload_streaming_evaluation_matches():
         got = perplexity(model, tokens, 32)["ppl"]
     assert got == ref
     assert placement.max_resident == 1 and len(placement.log) == 2 * 3 * 4  # 3 blocks x 4 windows
+
+
+def test_unmodified_blocks_are_not_copied_back():
+    # "meta" stands in for the compute device: a copy back from it would fail, so this shows that leaving an
+    # unmodified block only restores its CPU tensors, the very same storage as before
+    block = tiny_model("llama", layers=1).model.layers[0]
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in block.named_parameters()}
+    placement = Placement(torch.device("meta"), offload=True)
+    placement.enter(block)
+    assert all(p.device.type == "meta" for p in block.parameters())
+    placement.leave(block, modified=False)
+    for n, p in block.named_parameters():
+        assert p.device.type == "cpu" and p.data_ptr() == before[n][0] and torch.equal(p, before[n][1]), n
+    placement.enter(block)
+    with pytest.raises(NotImplementedError):  # a modified block is copied back, here from "meta"
+        placement.leave(block)
 
 
 def test_layers_reading_the_same_input_share_statistics():

@@ -34,6 +34,10 @@ class Placement:
     offload_activations: bool = False
     blocks: nn.ModuleList | None = None  # set by prepare()
 
+    def __post_init__(self):
+        # block id -> [(owning module's _parameters or _buffers, name, tensor object, its CPU data)]
+        self._home: dict[int, list[tuple[dict, str, torch.Tensor, torch.Tensor]]] = {}
+
     @classmethod
     def default_for(cls, model: nn.Module) -> "Placement":
         """Everything where the model's first parameter is (no offloading)."""
@@ -57,14 +61,25 @@ class Placement:
                 module._apply(lambda t: t.to(self.device), recurse=False)
 
     def enter(self, block: nn.Module) -> None:
-        """Before ``block`` runs: move it to the compute device (offload only)."""
+        """Before ``block`` runs: move it to the compute device (offload only), remembering its CPU tensors."""
         if self.offload:
+            self._home[id(block)] = [(table, name, t, t.data) for m in block.modules()
+                                     for table in (m._parameters, m._buffers) for name, t in table.items()
+                                     if t is not None]
             block.to(self.device)
 
-    def leave(self, block: nn.Module) -> None:
-        """After ``block`` is done: move it back to the CPU (offload only)."""
-        if self.offload:
+    def leave(self, block: nn.Module, modified: bool = True) -> None:
+        """After ``block`` is done (offload only): copy it back to the CPU if ``modified`` (pruned), otherwise point
+        its tensors at the CPU data they had before :meth:`enter` and drop the device copy (no transfer back)."""
+        if not self.offload:
+            return
+        home = self._home.pop(id(block), None)
+        if modified or home is None:
             block.to("cpu")
+            return
+        for table, name, tensor, data in home:  # the same objects (.to() may have replaced them) with their data
+            tensor.data = data
+            table[name] = tensor
 
     def fetch(self, hidden: torch.Tensor) -> torch.Tensor:
         """A stored activation, on the compute device."""
@@ -81,8 +96,9 @@ class Placement:
     @contextlib.contextmanager
     def streaming(self, blocks: nn.ModuleList | None = None):
         """While active, every block (of ``blocks``, default those given to :meth:`prepare`) moves itself to the
-        device when called and back afterwards (for full forward passes of an offloaded model: capturing block
-        inputs, evaluation). No-op without offload."""
+        device when called and afterwards drops the device copy, keeping its unchanged CPU tensors (for full forward
+        passes of an offloaded model that change no weight: capturing block inputs, evaluation). No-op without
+        offload."""
         if not self.offload:
             yield
             return
@@ -90,7 +106,7 @@ class Placement:
         handles = []
         for block in blocks:
             handles.append(block.register_forward_pre_hook(lambda m, args: self.enter(m)))
-            handles.append(block.register_forward_hook(lambda m, args, out: self.leave(m)))
+            handles.append(block.register_forward_hook(lambda m, args, out: self.leave(m, modified=False)))
         try:
             yield
         finally:
