@@ -13,6 +13,7 @@ import time
 import torch
 
 import atprune
+import atprune.adapter
 import atprune.api
 import atprune.engine as engine
 from atprune.pruners import get_pruner
@@ -68,7 +69,7 @@ def main() -> None:
     print(f"{args.method}: total {total:.2f}s, batch size {result.calibration['batch_size']}")
     for k, v in TOTALS.items():
         print(f"  {k:<20} {v:8.2f}s")
-    shared = atprune.api.first_block_inputs(atprune.models.Adapter.for_model(model), windows[:2], 2).shared[2]
+    shared = atprune.api.first_block_inputs(atprune.adapter.Adapter.for_model(model), windows[:2], 2).shared[2]
     print("block kwargs:", {k: (tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__) for k, v in shared.items()})
 
 

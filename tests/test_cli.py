@@ -10,8 +10,8 @@ import re
 import pytest
 import torch
 
-import atprune.models
 import atprune.pipeline
+import atprune.sources
 from atprune.allocators import atp_rates, beta_max
 from atprune.cli import main
 from tests.conftest import DATA_DIR, WIKITEXT, random_text, require_data, save_tiny_model
@@ -43,7 +43,7 @@ def no_load(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was reported")
 
-    monkeypatch.setattr(atprune.models, "load_model", forbidden)
+    monkeypatch.setattr(atprune.sources, "load_model", forbidden)
     monkeypatch.setattr(atprune.pipeline, "load_model", forbidden)
 
 

@@ -1,8 +1,9 @@
 """atprune: one-shot LLM pruning with layer-wise sparsity allocation (ATP)."""
 
+from atprune.adapter import Adapter
 from atprune.api import PruneResult, evaluate_perplexity, plan, prune
 from atprune.errors import ConfigError
-from atprune.models import Adapter, load_model
+from atprune.sources import load_model
 
 __version__ = "0.1.0"
 

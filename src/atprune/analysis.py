@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
+from atprune.adapter import Adapter, set_weight
 from atprune.api import plan, resolve_batch_size
 from atprune.engine import BlockInputs, collect_stats, first_block_inputs, run_block
-from atprune.models import Adapter, set_weight
 from atprune.placement import Placement
 from atprune.pruners import get_pruner
 
@@ -121,8 +121,8 @@ def run_analyze(*, model: str, method: str, sparsity: float, allocations: list[s
     """
     from atprune import data as data_mod
     from atprune.export import check_output_dir, write_json
-    from atprune.models import load_model, num_blocks
     from atprune.pipeline import PruneJob, check_job
+    from atprune.sources import load_model, num_blocks
 
     source, spec, dev, dt = check_job(PruneJob(model=model, method=method, sparsity=sparsity, calib_data=calib_data,
                                                eval_data=None, data_dir=data_dir, nsamples=nsamples, seqlen=seqlen,

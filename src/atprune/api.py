@@ -17,12 +17,12 @@ import torch
 from tqdm.auto import tqdm
 
 from atprune import data as data_mod
+from atprune.adapter import Adapter, set_weight
 from atprune.allocators import get_allocator
 from atprune.allocators import AllocationContext
 from atprune.engine import BlockInputs, first_block_inputs, sequential
 from atprune.errors import ConfigError, check_positive_int
 from atprune.evaluate import perplexity
-from atprune.models import Adapter, set_weight
 from atprune.placement import Placement, auto_batch_size
 from atprune.pruners import Pattern, check_sparsity, get_pruner
 

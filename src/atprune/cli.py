@@ -185,7 +185,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_eval(args) -> int:
-    from atprune.models import load_model, resolve_device, resolve_dtype, resolve_model
+    from atprune.sources import load_model, resolve_device, resolve_dtype, resolve_model
     from atprune.zeroshot import check_zero_shot, evaluate_zero_shot
     from atprune.zeroshot.run import format_zero_shot
 

@@ -19,10 +19,10 @@ from atprune.allocators import ALLOCATORS
 from atprune.api import evaluate_perplexity, plan
 from atprune.errors import ConfigError
 from atprune.export import check_output_dir, write_json
-from atprune.models import load_model
 from atprune.pipeline import PruneJob, check_job
 from atprune.report import versions
 from atprune.search_job import SearchJob, TrialRunner, selection_windows
+from atprune.sources import load_model
 
 
 @dataclass

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from atprune.models import Adapter
+from atprune.adapter import Adapter
 from atprune.placement import Placement, exact_tf32_for
 from atprune.stats import InputStats
 

@@ -103,7 +103,7 @@ def record_masks(model, blocks_path: str | None = None) -> Masks:
     Raises:
         ConfigError: the model's decoder blocks cannot be found.
     """
-    from atprune.models import Adapter, stored_parameter
+    from atprune.adapter import Adapter, stored_parameter
 
     adapter = Adapter.for_model(model, blocks_path)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -128,7 +128,7 @@ def check_saveable(model, blocks_path: str | None = None) -> None:
     Raises:
         ConfigError: names the first fused expert parameter found.
     """
-    from atprune.models import Adapter, ExpertLinear
+    from atprune.adapter import Adapter, ExpertLinear
 
     adapter = Adapter.for_model(model, blocks_path)
     for i, block in enumerate(adapter.blocks):

@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 
 from atprune import data as data_mod
+from atprune.adapter import Adapter
 from atprune.api import check_widths, evaluate_perplexity, needs_calibration, plan, prune
 from atprune.errors import ConfigError, check_positive_int
 from atprune.export import check_export_options, check_output_dir, check_saveable, record_masks, save_pruned
-from atprune.models import Adapter, load_model, num_blocks, resolve_device, resolve_dtype, resolve_model
 from atprune.placement import Placement, auto_batch_size, peak_memory_gib
 from atprune.report import build_report
+from atprune.sources import load_model, num_blocks, resolve_device, resolve_dtype, resolve_model
 
 log = logging.getLogger(__name__)
 

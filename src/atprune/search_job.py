@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from atprune import data as data_mod
+from atprune.adapter import Adapter
 from atprune.allocators import beta_max
 from atprune.api import prune
 from atprune.api import resolve_batch_size
@@ -27,10 +28,10 @@ from atprune.placement import Placement, auto_batch_size
 from atprune.errors import ConfigError, check_positive_int
 from atprune.evaluate import kl_to_reference, next_token_logprobs, perplexity
 from atprune.export import check_export_options, check_output_dir, save_pruned, write_json
-from atprune.models import Adapter, load_model
 from atprune.pipeline import PruneJob, check_job
 from atprune.report import build_report
 from atprune.search import STRATEGIES, best_trial, golden_search, grid_betas
+from atprune.sources import load_model
 
 SEARCH_SCHEMA = "atprune.search/1"
 # options that must match for a resumed search to reuse recorded trials

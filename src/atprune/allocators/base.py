@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from atprune.adapter import Adapter
 from atprune.errors import ConfigError
-from atprune.models import Adapter
 
 
 @dataclass
