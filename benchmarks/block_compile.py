@@ -19,7 +19,7 @@ import time
 import torch
 
 from atprune.engine import first_block_inputs
-from atprune.models import Adapter
+from atprune.adapter import Adapter
 from prune_speed import build, matmul_tflops  # noqa: E402  (run with benchmarks/ on sys.path)
 
 

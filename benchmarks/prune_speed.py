@@ -31,7 +31,7 @@ import torch
 
 import atprune
 from atprune.evaluate import perplexity
-from atprune.models import Adapter
+from atprune.adapter import Adapter
 from atprune.placement import Placement
 from atprune.search_job import TrialRunner
 

@@ -13,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 import atprune
 from atprune.engine import sequential
 from atprune.errors import ConfigError
-from atprune.models import Adapter, ExpertLinear, TransposedLinear
+from atprune.adapter import Adapter, ExpertLinear, TransposedLinear
 from tests.conftest import ARCHS, tiny_model
 
 LAYERS = 3
@@ -179,7 +179,7 @@ def test_gpt2_conv1d_is_pruned_per_output_row_with_its_own_inputs():
     assert torch.allclose(stats.xtx, x.reshape(-1, 64).T @ x.reshape(-1, 64), atol=1e-4)
     stored = lin.module.weight.detach().clone()  # [in, out]
     pruned = get_pruner("wanda").prune(lin.weight, stats, 0.5, Pattern())
-    from atprune.models import set_weight
+    from atprune.adapter import set_weight
 
     set_weight(lin, pruned)
     # manual Wanda in the stored layout: per output column j of W[in, out], drop the 32 inputs of lowest |W_ij|*||X_i||

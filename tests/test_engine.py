@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from atprune.engine import first_block_inputs, run_block, sequential
-from atprune.models import Adapter
+from atprune.adapter import Adapter
 from tests.conftest import tiny_model
 
 

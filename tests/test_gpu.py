@@ -9,7 +9,7 @@ import torch
 
 import atprune
 from atprune.engine import sequential
-from atprune.models import Adapter
+from atprune.adapter import Adapter
 from tests.conftest import tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

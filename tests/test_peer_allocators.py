@@ -1,6 +1,5 @@
 """OWL, AlphaPruning and DLP: invariants on tiny models, and their statistics against hand computations."""
 
-import math
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from atprune.allocators.dlp import default_alpha
 from atprune.allocators.owl import outlier_ratio
 from atprune.engine import first_block_inputs
 from atprune.errors import ConfigError
-from atprune.models import Adapter
+from atprune.adapter import Adapter
 from tests.conftest import tiny_model
 
 WINDOWS = torch.randint(0, 128, (6, 32), generator=torch.Generator().manual_seed(11))

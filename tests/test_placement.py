@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import atprune
-from atprune.engine import collect_stats, first_block_inputs, sequential
-from atprune.models import Adapter
+from atprune.engine import collect_stats, first_block_inputs
+from atprune.adapter import Adapter
 from atprune.placement import Placement, auto_batch_size
 from atprune.stats import InputStats
 from tests.conftest import tiny_model

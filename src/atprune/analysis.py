@@ -112,9 +112,10 @@ def parse_allocation(text: str) -> tuple[str, float | None]:
 def run_analyze(*, model: str, method: str, sparsity: float, allocations: list[str], calib_data: str,
                 data_dir: str | None = None, nsamples: int = 32, seqlen: int = 512, seed: int = 0, batch_size: int = 1,
                 dtype: str | None = None, device: str = "auto", out: str, overwrite: bool = False,
-                blocks_path: str | None = None) -> dict:
+                blocks_path: str | None = None, progress: bool = True) -> dict:
     """Measure local and accumulated errors for each allocation (same calibration windows, same dense start)
-    and write ``analysis.json`` and ``analysis.png`` into ``out``.
+    and write ``analysis.json`` and ``analysis.png`` into ``out``. ``progress=False`` silences the model loading
+    bars.
 
     Raises:
         ConfigError: bad options, checked for every allocation before the model is loaded.
@@ -122,7 +123,7 @@ def run_analyze(*, model: str, method: str, sparsity: float, allocations: list[s
     from atprune import data as data_mod
     from atprune.export import check_output_dir, write_json
     from atprune.pipeline import PruneJob, check_job
-    from atprune.sources import load_model, num_blocks
+    from atprune.sources import load_model
 
     source, spec, dev, dt = check_job(PruneJob(model=model, method=method, sparsity=sparsity, calib_data=calib_data,
                                                eval_data=None, data_dir=data_dir, nsamples=nsamples, seqlen=seqlen,
@@ -131,7 +132,7 @@ def run_analyze(*, model: str, method: str, sparsity: float, allocations: list[s
     for name, beta in parsed:
         plan(method, sparsity, len(spec.rates), allocation=name, beta=beta)
     out_dir = check_output_dir(out, overwrite, inputs=(source.path,) if source.kind != "hub" else ())
-    lm, tokenizer = load_model(source, dtype=dt, device=dev)
+    lm, tokenizer = load_model(source, dtype=dt, device=dev, progress=progress)
     windows = data_mod.calibration_windows(tokenizer, data_mod.load_text(calib_data, "train", data_dir), nsamples,
                                            seqlen, seed)
     adapter = Adapter.for_model(lm, blocks_path)

@@ -267,7 +267,8 @@ def _run_analyze(args) -> int:
     result = run_analyze(model=args.model, method=args.method, sparsity=args.sparsity, allocations=args.allocations,
                          calib_data=args.calib_data, data_dir=args.data_dir, nsamples=args.nsamples, seqlen=args.seqlen,
                          seed=args.seed, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
-                         out=args.out, overwrite=args.overwrite, blocks_path=args.blocks_path)
+                         out=args.out, overwrite=args.overwrite, blocks_path=args.blocks_path,
+                         progress=not args.quiet)
     names = list(result["curves"])
     print("block " + " ".join(f"{n + ' local':>18} {n + ' accum':>18}" for n in names))
     for i in range(len(result["curves"][names[0]]["local"])):

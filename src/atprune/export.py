@@ -92,7 +92,7 @@ class Masks(Mapping[str, torch.Tensor]):
 
 def record_masks(model, blocks_path: str | None = None) -> Masks:
     """The pruning masks of a model: for every stored weight parameter behind the prunable layers of the decoder
-    blocks (see :class:`atprune.models.Adapter`), ``weight == 0`` in the parameter's own layout and under its full
+    blocks (see :class:`atprune.adapter.Adapter`), ``weight == 0`` in the parameter's own layout and under its full
     name (``model.layers.0.mlp.up_proj.weight`` ``[out, in]``; a GPT-2 ``Conv1D`` weight ``[in, out]``; a fused
     mixture-of-experts parameter ``[experts, ., .]`` once for all its experts), packed 1 bit per weight
     (:class:`Masks`). ``masks.blocks_path`` is the blocks' dotted path.

