@@ -62,6 +62,16 @@ def test_offload_on_cuda_matches_and_keeps_blocks_on_cpu(method):
     for (name, a), (_, b) in zip(plain.named_parameters(), off.named_parameters()):
         assert torch.equal((a == 0).cpu(), (b == 0).cpu()), name
         torch.testing.assert_close(a.cpu(), b.cpu(), rtol=1e-4, atol=1e-5)
+    # offloaded evaluation streams the blocks and leaves their CPU storage untouched
+    from atprune.evaluate import perplexity
+
+    tokens = torch.randint(0, 128, (4 * 32,), generator=torch.Generator().manual_seed(7))
+    ptrs = [p.data_ptr() for p in blocks.parameters()]
+    with placement.streaming():
+        got = perplexity(off, tokens.cuda(), 32, batch_size=2)["ppl"]
+    assert [p.data_ptr() for p in blocks.parameters()] == ptrs
+    assert all(p.device.type == "cpu" for p in blocks.parameters())
+    assert got == pytest.approx(perplexity(plain, tokens.cuda(), 32, batch_size=2)["ppl"], rel=1e-4)
 
 
 def test_tf32_hessian_of_bf16_inputs_is_accurate():
