@@ -3,7 +3,7 @@ import torch
 
 from atprune.engine import first_block_inputs, run_block, sequential
 from atprune.adapter import Adapter
-from tests.conftest import tiny_model
+from tests.conftest import ARCHS, tiny_model
 
 
 def _last_block_outputs(model, adapter, windows):
@@ -53,23 +53,26 @@ def test_stats_reach_every_linear_with_all_tokens(llama):
 def test_last_output_pass_can_be_skipped(llama):
     adapter = Adapter.for_model(llama)
     windows = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(4))
-    inputs = first_block_inputs(adapter, windows, batch_size=3)  # (this runs every block once)
+    inputs = first_block_inputs(adapter, windows, batch_size=2)  # 2 batches (this runs every block once)
     calls = []
     h = adapter.blocks[-1].mlp.down_proj.register_forward_hook(lambda m, a, out: calls.append(1))
     assert sequential(adapter, windows, lambda *a: None, inputs=inputs, last_outputs=False) == []
-    assert calls == []  # the last block's statistics pass stops before down_proj, its output pass is skipped
-    assert len(sequential(adapter, windows, lambda *a: None, inputs=inputs)) == 1
+    # the last block's statistics pass runs down_proj for its first batch only (counting calls), and its output
+    # pass is skipped
+    assert len(calls) == 1
+    assert len(sequential(adapter, windows, lambda *a: None, inputs=inputs)) == 2
     h.remove()
-    assert calls == [1]
+    assert len(calls) == 1 + 1 + 2
 
 
 def test_statistics_pass_stops_after_the_last_layer_input(llama):
-    # the statistics pass needs no block output: down_proj (the last layer reached) never runs in it, while its
-    # statistics equal those of its inputs in a complete forward pass of the block
+    # the statistics pass needs no block output: after the first batch (run in full to count the layer calls)
+    # down_proj, the last layer reached, never runs in it, while its statistics equal those of its inputs in a
+    # complete forward pass of the block
     from atprune.engine import collect_stats
 
     adapter = Adapter.for_model(llama)
-    windows = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(5))
+    windows = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(5))
     inputs = first_block_inputs(adapter, windows, batch_size=2)
     block = adapter.blocks[0]
     down = block.mlp.down_proj
@@ -77,16 +80,16 @@ def test_statistics_pass_stops_after_the_last_layer_input(llama):
     h = down.register_forward_hook(lambda m, a, out: calls.append(a[0].shape))
     stats = collect_stats(block, 0, adapter.linears(block), inputs, hessian=True)
     h.remove()
-    assert calls == []
+    assert len(calls) == 1  # of 4 batches
     h = down.register_forward_hook(lambda m, a, out: full.append(a[0].reshape(-1, a[0].shape[-1]).double()))
     outs = run_block(block, 0, inputs)
     h.remove()
-    assert len(outs) == 2 and len(full) == 2  # the output pass does run every layer
+    assert len(outs) == 4 and len(full) == 4  # the output pass does run every layer
     x = torch.cat(full)
     st = stats["mlp.down_proj"]
-    assert st.ntokens == 64
+    assert st.ntokens == 128
     torch.testing.assert_close(st.sq_norm.double(), (x**2).sum(0), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(st.hessian().double(), x.T @ x / 64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(st.hessian().double(), x.T @ x / 128, rtol=1e-5, atol=1e-6)
 
 
 def test_block_zero_kwargs_are_captured(llama):
@@ -148,3 +151,61 @@ def test_blocks_returning_tuples_are_handled():
     plain = run_block(block, 0, inputs)
     wrapped = run_block(TupleBlock(block), 0, inputs)
     assert len(plain) == len(wrapped) == 2 and all(torch.equal(a, b) for a, b in zip(plain, wrapped))
+
+
+def _full_pass_stats(block, index, linears, inputs) -> dict[str, tuple]:
+    """Brute force: every layer's inputs in complete forward passes of the block (no early stop, no sharing)."""
+    rows: dict[str, list] = {n: [] for n in linears}
+    hooks = [lin.register_forward_hook(lambda m, a, out, n=n: rows[n].append(a[0].reshape(-1, a[0].shape[-1])))
+             for n, lin in linears.items()]
+    run_block(block, index, inputs)
+    for h in hooks:
+        h.remove()
+    out = {}
+    for n, xs in rows.items():
+        x = torch.cat(xs).double() if xs else torch.zeros(0, linears[n].in_features, dtype=torch.float64)
+        out[n] = (x.shape[0], (x**2).sum(0), x.T @ x)
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_early_stopped_statistics_equal_a_full_pass_in_every_family(arch):
+    from atprune.engine import collect_stats
+
+    model = tiny_model(arch, layers=2)
+    adapter = Adapter.for_model(model)
+    windows = torch.randint(3, 100, (6, 16), generator=torch.Generator().manual_seed(8))
+    inputs = first_block_inputs(adapter, windows, batch_size=2)
+    for i, block in enumerate(adapter.blocks):
+        linears = adapter.linears(block)
+        got = collect_stats(block, i, linears, inputs, hessian=True)
+        ref = _full_pass_stats(block, i, linears, inputs)
+        for n, (ntok, sq, xtx) in ref.items():
+            assert got[n].ntokens == ntok, (arch, i, n)
+            if ntok:  # float32 sums against float64: tolerances relative to the largest entry
+                torch.testing.assert_close(got[n].sq_norm.double(), sq, rtol=1e-5, atol=1e-6 * sq.max().item())
+                torch.testing.assert_close(got[n].xtx.double(), xtx, rtol=1e-5, atol=1e-6 * xtx.abs().max().item())
+
+
+def test_layers_called_several_times_per_block_keep_all_their_statistics():
+    # a feed-forward applied in chunks (transformers' chunk_size_feed_forward) calls its layers once per chunk: the
+    # early stop must wait for every call, not stop at the first call of the last layer
+    from transformers import BertConfig, BertLMHeadModel
+
+    from atprune.engine import collect_stats
+
+    config = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, is_decoder=True, chunk_size_feed_forward=4)
+    torch.manual_seed(0)
+    model = BertLMHeadModel(config).eval()
+    adapter = Adapter.for_model(model)
+    windows = torch.randint(3, 100, (6, 16), generator=torch.Generator().manual_seed(9))
+    inputs = first_block_inputs(adapter, windows, batch_size=2)
+    block = adapter.blocks[0]
+    linears = adapter.linears(block)
+    got = collect_stats(block, 0, linears, inputs, hessian=False)
+    ref = _full_pass_stats(block, 0, linears, inputs)
+    assert {n: s.ntokens for n, s in got.items()} == {n: r[0] for n, r in ref.items()}
+    assert got["intermediate.dense"].ntokens == 96  # 6 windows x 16 tokens, over 4 chunk calls per window batch
+    for n, (_, sq, _) in ref.items():
+        torch.testing.assert_close(got[n].sq_norm.double(), sq, rtol=1e-5, atol=1e-6 * sq.max().item())

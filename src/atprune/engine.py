@@ -27,9 +27,9 @@ from atprune.placement import Placement, exact_tf32_for
 from atprune.stats import InputStats
 
 
-class _StopForward(Exception):
+class _StopForward(BaseException):
     """Raised by a hook to end a forward pass once it has seen what it needed (block 0's inputs; the inputs of
-    every layer of a block)."""
+    every layer of a block). A ``BaseException``, so that model code catching ``Exception`` lets it through."""
 
 
 @dataclass
@@ -196,12 +196,16 @@ def collect_stats(block: nn.Module, index: int, linears: dict[str, nn.Linear], i
 
     Layers that receive the very same input tensor (q/k/v projections, gate/up projections) share one
     :class:`InputStats` object: their statistics are identical, so they are computed and stored once.
-    The block's outputs are not needed here, so each batch's forward pass stops as soon as every layer has seen
-    its input (the last projection, e.g. ``down_proj``, and the residual after it are never computed).
+    The block's outputs are not needed here. The first batch runs the whole block and counts how often each layer
+    is called (once in a decoder layer; more with chunked feed-forward layers); every later batch stops as soon as
+    every layer has been called that often, so the last projection (e.g. ``down_proj``) and the residual after it
+    are never computed. This assumes the same calls for every batch of equal-length windows, true of the decoders
+    atprune supports (MoE expert views are called once per forward whatever the routing).
     """
     stats: dict[str, InputStats] = {name: InputStats(lin.in_features, hessian=hessian) for name, lin in linears.items()}
     seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input kept alive, first layer that read it)
-    pending: set[str] = set()  # layers not reached yet in this batch
+    calls: dict[str, int] = {}  # calls of each layer in the current batch
+    expected: dict[str, int] | None = None  # calls per batch, counted in the first batch
 
     def add(name: str, x: torch.Tensor) -> None:
         first = seen.get(id(x))
@@ -211,24 +215,23 @@ def collect_stats(block: nn.Module, index: int, linears: dict[str, nn.Linear], i
         if not (shared and stats[name] is stats[first[1]]):
             seen[id(x)] = (x, name)
             stats[name].add(x)
-        pending.discard(name)
-        if not pending:
+        calls[name] = calls.get(name, 0) + 1
+        if calls == expected:
             raise _StopForward
 
-    def start(module, args):
-        seen.clear()
-        pending.update(linears)
-
     handles = [_watch_inputs(lin, lambda x, name=name: add(name, x)) for name, lin in linears.items()]
-    handles.append(block.register_forward_pre_hook(start))
     try:
         with torch.no_grad(), exact_tf32_for(next(block.parameters()).dtype):
             for hidden in inputs.hidden:
+                seen.clear()
+                calls.clear()
                 x = placement.fetch(hidden) if placement else hidden
                 try:
                     block(x, **inputs.kwargs(index, hidden.shape[0]))
                 except _StopForward:
                     pass
+                if expected is None:
+                    expected = dict(calls)
     finally:
         for h in handles:
             h.remove()
