@@ -104,8 +104,31 @@ def test_unmodified_blocks_are_not_copied_back():
     for n, p in block.named_parameters():
         assert p.device.type == "cpu" and p.data_ptr() == before[n][0] and torch.equal(p, before[n][1]), n
     placement.enter(block)
+    placement.enter(block)  # entering twice keeps the CPU storage remembered the first time
     with pytest.raises(NotImplementedError):  # a modified block is copied back, here from "meta"
         placement.leave(block)
+
+
+def test_modified_blocks_are_copied_into_their_own_cpu_storage():
+    block = tiny_model("llama", layers=1).model.layers[0]
+    placement = Placement(torch.device("cpu"), offload=True)
+    ptr = block.mlp.down_proj.weight.data_ptr()
+    placement.enter(block)
+    block.mlp.down_proj.weight.data = torch.zeros_like(block.mlp.down_proj.weight)  # as a pruner may assign
+    placement.leave(block)
+    assert block.mlp.down_proj.weight.data_ptr() == ptr and not block.mlp.down_proj.weight.any()
+
+
+def test_a_failing_streamed_pass_returns_blocks_to_the_cpu():
+    model = tiny_model("llama", layers=2)
+    blocks = Adapter.for_model(model).blocks
+    ptrs = [p.data_ptr() for p in blocks.parameters()]
+    placement = Placement(torch.device("meta"), offload=True)  # CPU inputs meet "meta" weights: the pass fails
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        with placement.streaming(blocks), torch.no_grad():
+            model(input_ids=windows(2, 8))
+    assert all(p.device.type == "cpu" for p in blocks.parameters())
+    assert [p.data_ptr() for p in blocks.parameters()] == ptrs
 
 
 def test_layers_reading_the_same_input_share_statistics():
@@ -168,9 +191,11 @@ def test_auto_batch_size_is_capped_at_4_with_offload(monkeypatch):
     assert resolve_batch_size(8, model, calib, Placement(cuda, offload=True)) == 8
 
 
-def test_bad_batch_size_is_a_config_error():
+@pytest.mark.parametrize("bad", [0, None, 2.0, True])
+def test_bad_batch_size_is_a_config_error(bad):
     with pytest.raises(atprune.ConfigError, match="positive integer or 'auto'"):
-        atprune.prune(tiny_model("llama"), method="wanda", sparsity=0.5, calib=windows(), batch_size=0, progress=False)
+        atprune.prune(tiny_model("llama"), method="wanda", sparsity=0.5, calib=windows(), batch_size=bad,
+                      progress=False)
 
 
 def test_offload_needs_cuda():

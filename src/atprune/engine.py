@@ -281,13 +281,15 @@ def sequential(
     current = inputs.with_hidden(list(inputs.hidden))
     for i, block in enumerate(adapter.blocks):
         placement.enter(block)
-        linears = adapter.linears(block)
-        stats = collect_stats(block, i, linears, current, needs_hessian, placement) if needs_stats else None
-        prune_block(i, block, linears, stats)
-        del stats
-        last = i == adapter.num_blocks - 1
-        current = current.with_hidden([] if last and not last_outputs else run_block(block, i, current, placement))
-        placement.leave(block)
+        try:
+            linears = adapter.linears(block)
+            stats = collect_stats(block, i, linears, current, needs_hessian, placement) if needs_stats else None
+            prune_block(i, block, linears, stats)
+            del stats
+            last = i == adapter.num_blocks - 1
+            current = current.with_hidden([] if last and not last_outputs else run_block(block, i, current, placement))
+        finally:
+            placement.leave(block)
         if progress is not None:
             progress(i)
     return current.hidden

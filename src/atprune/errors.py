@@ -10,8 +10,10 @@ class ConfigError(ValueError):
     """Bad user input: an illegal option value, a missing file or package, an unknown name."""
 
 
-def check_positive_int(name: str, value, allowed: str = "a positive integer") -> None:
-    """Raise :class:`ConfigError` ``"<name> must be <allowed>, got <value>"`` unless ``value`` is None (not given)
-    or an int >= 1 (bool is not accepted)."""
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+def check_positive_int(name: str, value, allowed: str = "a positive integer", optional: bool = False) -> None:
+    """Raise :class:`ConfigError` ``"<name> must be <allowed>, got <value>"`` unless ``value`` is an int >= 1 (bool
+    is not accepted), or None with ``optional`` (an option left unset)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{name} must be {allowed}, got {value!r}")

@@ -368,7 +368,7 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
 
                 export["sizes_bytes"]["compressed"] = write_compressed(
                     tmp, tmp / COMPRESSED_DIR, saved, tokenizer,
-                    structure=str(report.get("pruning", {}).get("spec", {}).get("pattern") or "unstructured"))
+                    structure=str(((report.get("pruning") or {}).get("spec") or {}).get("pattern") or "unstructured"))
             del saved
             report = report | {"export": export} | ({"warnings": warnings} if export["underflow_zeros"] else {})
         write_json(tmp / "report.json", report)

@@ -16,7 +16,7 @@ import torch
 
 from atprune import data as data_mod
 from atprune.adapter import Adapter
-from atprune.api import check_widths, evaluate_perplexity, needs_calibration, plan, prune
+from atprune.api import OFFLOAD_BATCH_CAP, check_widths, evaluate_perplexity, needs_calibration, plan, prune
 from atprune.errors import ConfigError, check_positive_int
 from atprune.export import check_export_options, check_output_dir, check_saveable, record_masks, save_pruned
 from atprune.placement import Placement, auto_batch_size, peak_memory_gib
@@ -75,7 +75,7 @@ def check_job(job: PruneJob):
         ConfigError: the first problem found, as one line.
     """
     for name in ("nsamples", "seqlen", "eval_seqlen", "eval_windows"):
-        check_positive_int(name.replace("_", "-"), getattr(job, name))
+        check_positive_int(name.replace("_", "-"), getattr(job, name), optional=name.startswith("eval"))
     if job.batch_size != "auto":
         check_positive_int("batch-size", job.batch_size)
     for name in ("seqlen", "eval_seqlen"):
@@ -156,7 +156,8 @@ def run_prune_job(job: PruneJob) -> dict:
 
     eval_batch = job.batch_size
     if eval_batch == "auto":
-        eval_batch = auto_batch_size(model.config.get_text_config(), eval_seqlen, 16, device, dtype, logits=True)
+        eval_batch = auto_batch_size(model.config.get_text_config(), eval_seqlen, 16, device, dtype, logits=True,
+                                     cap=OFFLOAD_BATCH_CAP if job.offload else 16)
 
     def evaluate(tag: str):
         t = time.perf_counter()

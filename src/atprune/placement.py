@@ -61,25 +61,35 @@ class Placement:
                 module._apply(lambda t: t.to(self.device), recurse=False)
 
     def enter(self, block: nn.Module) -> None:
-        """Before ``block`` runs: move it to the compute device (offload only), remembering its CPU tensors."""
-        if self.offload:
+        """Before ``block`` runs: move it to the compute device (offload only), remembering its CPU tensors. A block
+        already on the device (entered and not left) stays as it is."""
+        if self.offload and id(block) not in self._home:
             self._home[id(block)] = [(table, name, t, t.data) for m in block.modules()
                                      for table in (m._parameters, m._buffers) for name, t in table.items()
                                      if t is not None]
             block.to(self.device)
 
     def leave(self, block: nn.Module, modified: bool = True) -> None:
-        """After ``block`` is done (offload only): copy it back to the CPU if ``modified`` (pruned), otherwise point
-        its tensors at the CPU data they had before :meth:`enter` and drop the device copy (no transfer back)."""
+        """After ``block`` is done (offload only): its tensors get back the CPU storage they had before
+        :meth:`enter`, into which the device values are copied first if ``modified`` (pruned); unmodified blocks
+        (capture, evaluation) just drop the device copy, with no transfer back and no new CPU allocation."""
         if not self.offload:
             return
         home = self._home.pop(id(block), None)
-        if modified or home is None:
+        if home is None:
             block.to("cpu")
             return
-        for table, name, tensor, data in home:  # the same objects (.to() may have replaced them) with their data
-            tensor.data = data
-            table[name] = tensor
+        with torch.no_grad():
+            for table, name, tensor, data in home:  # the same objects (.to() may have replaced them)
+                current = table.get(name)
+                if modified and current is not None:
+                    value = current.detach()
+                    if value.shape == data.shape and value.dtype == data.dtype:
+                        data.copy_(value)
+                    else:
+                        data = value.to("cpu")
+                tensor.data = data
+                table[name] = tensor
 
     def fetch(self, hidden: torch.Tensor) -> torch.Tensor:
         """A stored activation, on the compute device."""
@@ -112,6 +122,9 @@ class Placement:
         finally:
             for h in handles:
                 h.remove()
+            for block in blocks:  # a pass that raised inside a block left it on the device
+                if id(block) in self._home:
+                    self.leave(block, modified=False)
 
 
 def auto_batch_size(config, seqlen: int, nsamples: int, device: torch.device, dtype: torch.dtype,

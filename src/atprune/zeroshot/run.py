@@ -34,8 +34,8 @@ def check_zero_shot(tasks, task_data: str | Path | None = None, limit: int | Non
             ``HF_HUB_OFFLINE``) without ``task_data``, lm-eval not installed.
     """
     names = parse_tasks(tasks)
-    for flag, value in (("--limit", limit), ("--batch-size", batch_size)):
-        check_positive_int(flag, value)
+    check_positive_int("--limit", limit, optional=True)
+    check_positive_int("--batch-size", batch_size)
     if task_data is not None:
         check_task_data(names, task_data)
     elif _offline():
