@@ -26,6 +26,7 @@ import torch
 import atprune
 from atprune.data import calibration_windows, load_text
 from atprune.sources import load_model, resolve_device
+from atprune.export import write_json
 
 
 def peak_reset(device: torch.device) -> None:
@@ -106,8 +107,7 @@ def main() -> None:
         print(f"{r['method']:<10} {r['seconds']:>9.1f} {r['seconds'] / base:>12.2f} {r['peak_gib']:>9.2f} "
               f"{r['overall_sparsity']:>9.4f}")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"argv": sys.argv, "device": dev, "rows": rows}, fh, indent=2)
+        write_json(args.json, {"argv": sys.argv, "device": dev, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -11,13 +11,13 @@ both pruned models, each evaluated on CUDA in float32 over the same windows. Not
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 
 import atprune
 from atprune.data import eval_set
+from atprune.export import write_json
 
 
 def main() -> None:
@@ -70,8 +70,7 @@ def main() -> None:
               f"{100 * r['ppl_rel_diff']:.3f} %), mask decisions differing {r['mask_decisions_differing']} of "
               f"{r['weights']} ({100 * r['fraction_differing']:.4f} %)")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"argv": sys.argv, "header": head, "rows": rows}, fh, indent=2)
+        write_json(args.json, {"argv": sys.argv, "header": head, "rows": rows})
 
 
 if __name__ == "__main__":

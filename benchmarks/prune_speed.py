@@ -34,6 +34,7 @@ from atprune.evaluate import perplexity
 from atprune.adapter import Adapter
 from atprune.placement import Placement
 from atprune.search_job import TrialRunner
+from atprune.export import write_json
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192, reps: int = 20) -> float:
@@ -152,8 +153,7 @@ def main() -> None:
         xf = f"{r['x_floor']:>8.2f}" if r["x_floor"] else f"{'':>8}"
         print(f"{r['what']:<60} {r['seconds']:>8.1f} {tps} {xf} {r['peak_gib']:>9.2f}")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"argv": sys.argv, "header": head, "tflops": tflops, "floor_s": floor, "rows": rows}, fh, indent=2)
+        write_json(args.json, {"argv": sys.argv, "header": head, "tflops": tflops, "floor_s": floor, "rows": rows})
 
 
 if __name__ == "__main__":
