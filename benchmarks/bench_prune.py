@@ -25,7 +25,7 @@ import torch
 
 import atprune
 from atprune.data import calibration_windows, load_text
-from atprune.sources import load_model, resolve_device
+from atprune.models.sources import load_model, resolve_device
 from atprune.export import write_json
 
 

@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from atprune.engine import first_block_inputs
-from atprune.adapter import Adapter
+from atprune.engine.passes import first_block_inputs
+from atprune.models.adapter import Adapter
 from prune_speed import build, matmul_tflops  # noqa: E402  (run with benchmarks/ on sys.path)
 
 

@@ -13,9 +13,9 @@ import time
 import torch
 
 import atprune
-import atprune.adapter
+import atprune.models.adapter
 import atprune.api
-import atprune.engine as engine
+import atprune.engine.passes as engine
 from atprune.pruners import get_pruner
 from prune_speed import build  # noqa: E402  (run from benchmarks/ or with it on sys.path)
 
@@ -69,7 +69,7 @@ def main() -> None:
     print(f"{args.method}: total {total:.2f}s, batch size {result.calibration['batch_size']}")
     for k, v in TOTALS.items():
         print(f"  {k:<20} {v:8.2f}s")
-    shared = atprune.api.first_block_inputs(atprune.adapter.Adapter.for_model(model), windows[:2], 2).shared[2]
+    shared = atprune.api.first_block_inputs(atprune.models.adapter.Adapter.for_model(model), windows[:2], 2).shared[2]
     print("block kwargs:", {k: (tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__) for k, v in shared.items()})
 
 

@@ -30,10 +30,10 @@ import time
 import torch
 
 import atprune
-from atprune.evaluate import perplexity
-from atprune.adapter import Adapter
-from atprune.placement import Placement
-from atprune.search_job import TrialRunner
+from atprune.eval.perplexity import perplexity
+from atprune.models.adapter import Adapter
+from atprune.engine.placement import Placement
+from atprune.jobs.search import TrialRunner
 from atprune.export import write_json
 
 

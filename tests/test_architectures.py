@@ -11,9 +11,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import atprune
-from atprune.engine import sequential
+from atprune.engine.passes import sequential
 from atprune.errors import ConfigError
-from atprune.adapter import Adapter, ExpertLinear, TransposedLinear
+from atprune.models.adapter import Adapter, ExpertLinear, TransposedLinear
 from tests.conftest import ARCHS, tiny_model
 
 LAYERS = 3
@@ -163,7 +163,7 @@ def _block_inputs_of(module, model, windows):
 def test_gpt2_conv1d_is_pruned_per_output_row_with_its_own_inputs():
     """GPT-2 stores Conv1D weights [in, out]: the adapter shows them [out, in], Wanda's scores use the layer's
     input norms along the input axis, and the zeros land in the stored layout transposed."""
-    from atprune.engine import collect_stats, first_block_inputs
+    from atprune.engine.passes import collect_stats, first_block_inputs
     from atprune.pruners import Pattern, get_pruner
 
     model = tiny_model("gpt2", layers=2)
@@ -179,7 +179,7 @@ def test_gpt2_conv1d_is_pruned_per_output_row_with_its_own_inputs():
     assert torch.allclose(stats.xtx, x.reshape(-1, 64).T @ x.reshape(-1, 64), atol=1e-4)
     stored = lin.module.weight.detach().clone()  # [in, out]
     pruned = get_pruner("wanda").prune(lin.weight, stats, 0.5, Pattern())
-    from atprune.adapter import set_weight
+    from atprune.models.adapter import set_weight
 
     set_weight(lin, pruned)
     # manual Wanda in the stored layout: per output column j of W[in, out], drop the 32 inputs of lowest |W_ij|*||X_i||
@@ -191,7 +191,7 @@ def test_gpt2_conv1d_is_pruned_per_output_row_with_its_own_inputs():
 
 
 def test_mixtral_expert_statistics_see_only_their_routed_tokens():
-    from atprune.engine import collect_stats, first_block_inputs
+    from atprune.engine.passes import collect_stats, first_block_inputs
 
     model = tiny_model("mixtral", layers=2)
     adapter = Adapter.for_model(model)
@@ -300,7 +300,7 @@ def test_model_dependent_allocators_work_on_views_of_conv1d_and_experts(arch, al
 
 @pytest.mark.parametrize("arch", ["gpt2", "mixtral"])
 def test_search_trials_restore_dense_weights_through_views(arch):
-    from atprune.search_job import TrialRunner
+    from atprune.jobs.search import TrialRunner
 
     model = tiny_model(arch, layers=3)
     dense = {k: v.clone() for k, v in model.state_dict().items()}

@@ -10,8 +10,8 @@ import re
 import pytest
 import torch
 
-import atprune.pipeline
-import atprune.sources
+import atprune.jobs.prune
+import atprune.models.sources
 from atprune.allocators import atp_rates, beta_max
 from atprune.cli import main
 from tests.conftest import DATA_DIR, WIKITEXT, random_text, require_data, save_tiny_model
@@ -43,8 +43,8 @@ def no_load(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was reported")
 
-    monkeypatch.setattr(atprune.sources, "load_model", forbidden)
-    monkeypatch.setattr(atprune.pipeline, "load_model", forbidden)
+    monkeypatch.setattr(atprune.models.sources, "load_model", forbidden)
+    monkeypatch.setattr(atprune.jobs.prune, "load_model", forbidden)
 
 
 def _base(files) -> list[str]:
@@ -211,9 +211,9 @@ def test_eval_on_c4_missing_from_data_dir_fails_before_loading(files, no_load, c
 
 
 def test_magnitude_needs_no_calibration_data(files, capsys, monkeypatch):
-    import atprune.engine
+    import atprune.engine.passes
 
-    monkeypatch.setattr(atprune.engine, "first_block_inputs", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(atprune.engine.passes, "first_block_inputs", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
     out = files["root"] / "mag"
     code, _, err = _run(capsys, _base(files) + ["--method", "magnitude", "--sparsity", "0.5", "--no-eval", "--out",
                                                 str(out)])

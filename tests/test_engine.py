@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from atprune.engine import first_block_inputs, run_block, sequential
-from atprune.adapter import Adapter
+from atprune.engine.passes import first_block_inputs, run_block, sequential
+from atprune.models.adapter import Adapter
 from tests.conftest import ARCHS, tiny_model
 
 
@@ -69,7 +69,7 @@ def test_statistics_pass_stops_after_the_last_layer_input(llama):
     # the statistics pass needs no block output: after the first batch (run in full to count the layer calls)
     # down_proj, the last layer reached, never runs in it, while its statistics equal those of its inputs in a
     # complete forward pass of the block
-    from atprune.engine import collect_stats
+    from atprune.engine.passes import collect_stats
 
     adapter = Adapter.for_model(llama)
     windows = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(5))
@@ -170,7 +170,7 @@ def _full_pass_stats(block, index, linears, inputs) -> dict[str, tuple]:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_early_stopped_statistics_equal_a_full_pass_in_every_family(arch):
-    from atprune.engine import collect_stats
+    from atprune.engine.passes import collect_stats
 
     model = tiny_model(arch, layers=2)
     adapter = Adapter.for_model(model)
@@ -192,7 +192,7 @@ def test_layers_called_several_times_per_block_keep_all_their_statistics():
     # early stop must wait for every call, not stop at the first call of the last layer
     from transformers import BertConfig, BertLMHeadModel
 
-    from atprune.engine import collect_stats
+    from atprune.engine.passes import collect_stats
 
     config = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, is_decoder=True, chunk_size_feed_forward=4)

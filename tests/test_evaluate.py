@@ -9,7 +9,7 @@ import torch
 
 from atprune.api import evaluate_perplexity
 from atprune.data import EvalSet
-from atprune.evaluate import _exp, perplexity
+from atprune.eval.perplexity import _exp, perplexity
 from tests.conftest import tiny_model
 
 SEQLEN = 16

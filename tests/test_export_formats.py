@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import atprune
 from atprune.allocators import atp_rates
 from atprune.cli import main
-from atprune.compressed import compress_matrix, decompress_matrix, load_compressed
+from atprune.export.compressed import compress_matrix, decompress_matrix, load_compressed
 from atprune.export import MaskViolation, mask_digest, record_masks, save_pruned, verify_checkpoint
 from tests.conftest import char_tokenizer, random_text, save_tiny_model, tiny_model
 
@@ -165,7 +165,7 @@ def test_verify_detects_tampered_checkpoints(tmp_path, capsys):
 def test_verify_bad_input_is_exit_2(tmp_path, capsys):
     assert main(["verify", str(tmp_path)]) == 2
     assert "has no report.json" in capsys.readouterr().err
-    (tmp_path / "report.json").write_text(json.dumps({"schema": "atprune.report/1"}))
+    (tmp_path / "report.json").write_text(json.dumps({"schema": "atprune.export.report/1"}))
     assert main(["verify", str(tmp_path)]) == 2
     assert "no export section" in capsys.readouterr().err
 

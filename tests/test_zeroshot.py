@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from atprune.errors import ConfigError
-from atprune.zeroshot import adapter, check_zero_shot, evaluate_zero_shot, sanity_gate
-from atprune.zeroshot import tasks as T
+from atprune.eval.zeroshot import adapter, check_zero_shot, evaluate_zero_shot, sanity_gate
+from atprune.eval.zeroshot import tasks as T
 from tests.conftest import DATA_DIR, char_tokenizer, require_data, tiny_model
 
 pytest.importorskip("lm_eval")
@@ -185,7 +185,7 @@ def test_bad_options_raise_config_error(tmp_path, monkeypatch):
 def test_sanity_gate_flags_chance_everywhere():
     def result(accs):
         per = {k: {"acc": v} for k, v in accs.items()}
-        from atprune.zeroshot import at_or_below_chance
+        from atprune.eval.zeroshot import at_or_below_chance
         return {"tasks": per, "at_or_below_chance_everywhere": at_or_below_chance(per)}
 
     dense = result({"boolq": 0.62, "arc_easy": 0.55})

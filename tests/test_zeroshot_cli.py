@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-import atprune.sources
+import atprune.models.sources
 from atprune.cli import main
 from tests.conftest import random_text, save_tiny_model
 
@@ -37,7 +37,7 @@ def test_eval_bad_input_exit_2_before_loading(files, argv, message, monkeypatch,
     def no_load(*a, **k):
         raise AssertionError("model loaded before the options were checked")
 
-    monkeypatch.setattr(atprune.sources, "load_model", no_load)
+    monkeypatch.setattr(atprune.models.sources, "load_model", no_load)
     argv = [a.format(root=files) for a in argv]
     assert main(["eval", "--model", str(files / "model"), *argv]) == 2
     err = capsys.readouterr().err.strip()

@@ -1,9 +1,9 @@
 """atprune: one-shot LLM pruning with layer-wise sparsity allocation (ATP)."""
 
-from atprune.adapter import Adapter
+from atprune.models.adapter import Adapter
 from atprune.api import PruneResult, evaluate_perplexity, plan, prune
 from atprune.errors import ConfigError
-from atprune.sources import load_model
+from atprune.models.sources import load_model
 
 __version__ = "0.1.0"
 

@@ -17,13 +17,13 @@ import torch
 from tqdm.auto import tqdm
 
 from atprune import data as data_mod
-from atprune.adapter import Adapter, set_weight
+from atprune.models.adapter import Adapter, set_weight
 from atprune.allocators import get_allocator
 from atprune.allocators import AllocationContext
-from atprune.engine import BlockInputs, first_block_inputs, sequential
+from atprune.engine.passes import BlockInputs, first_block_inputs, sequential
 from atprune.errors import ConfigError, check_positive_int
-from atprune.evaluate import perplexity
-from atprune.placement import Placement, auto_batch_size
+from atprune.eval.perplexity import perplexity
+from atprune.engine.placement import Placement, auto_batch_size
 from atprune.pruners import Pattern, check_sparsity, get_pruner
 
 
@@ -156,7 +156,7 @@ OFFLOAD_BATCH_CAP = 4  # "auto" batch size with offloading (LLaMA-2-70B shape: t
 
 
 def resolve_batch_size(batch_size: int | str, model, windows: torch.Tensor, placement: Placement) -> int:
-    """``"auto"`` -> :func:`atprune.placement.auto_batch_size` for this model and ``[nsamples, seqlen]`` windows
+    """``"auto"`` -> :func:`atprune.engine.placement.auto_batch_size` for this model and ``[nsamples, seqlen]`` windows
     (at most 16, or :data:`OFFLOAD_BATCH_CAP` when ``placement`` offloads); an int is returned as is.
 
     Raises:
@@ -187,11 +187,11 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
             (``"c4"``, ``"wikitext2"``, a file) or None (C4).
         nsamples, seqlen, seed: calibration windows to draw when ``calib`` is a spec.
         batch_size: calibration windows per forward pass, or ``"auto"`` (see
-            :func:`atprune.placement.auto_batch_size`; 1 on CPU). Results do not depend on it.
+            :func:`atprune.engine.placement.auto_batch_size`; 1 on CPU). Results do not depend on it.
         data_dir: local data folder for named data sets.
         strict: fewer calibration tokens than asked is an error instead of a warning.
         block_inputs: block-0 inputs already captured for these windows (reused between runs).
-        placement: :class:`atprune.placement.Placement` (block / activation offloading); default: everything on
+        placement: :class:`atprune.engine.placement.Placement` (block / activation offloading); default: everything on
             the model's device. With ``offload`` the model must already be placed by ``placement.prepare``.
         blocks_path: dotted path of the decoder-block ``nn.ModuleList`` for a layout atprune does not recognise
             (e.g. ``"model.decoder.layers"``); default: found automatically (see :meth:`Adapter.for_model`).
@@ -257,14 +257,14 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
 def evaluate_perplexity(model, tokenizer, data: str | data_mod.EvalSet = "wikitext2", *, split: str = "test", seqlen: int = 2048,
                         data_dir: str | None = None, batch_size: int = 1, max_windows: int | None = None,
                         placement: Placement | None = None, progress: bool = True) -> dict:
-    """Perplexity of ``model`` on a text set (default WikiText-2 raw test), see :func:`atprune.evaluate.perplexity`.
+    """Perplexity of ``model`` on a text set (default WikiText-2 raw test), see :func:`atprune.eval.perplexity.perplexity`.
 
     ``data`` is a data spec (see :func:`atprune.data.load_text`) or an already tokenized
     :class:`atprune.data.EvalSet` (to evaluate several models on the same tokens). With an offloading
     ``placement`` (after its ``prepare``) each block visits the compute device while it runs.
 
     Returns:
-        The dict of :func:`atprune.evaluate.perplexity` plus the data description (dataset, split, origin,
+        The dict of :func:`atprune.eval.perplexity.perplexity` plus the data description (dataset, split, origin,
         BOS policy).
     """
     evalset = data if isinstance(data, data_mod.EvalSet) else data_mod.eval_set(tokenizer, data, split, data_dir)

@@ -1,4 +1,4 @@
-"""Command line: ``atprune prune ...`` (a thin layer over :mod:`atprune.pipeline`).
+"""Command line: ``atprune prune ...`` (a thin layer over :mod:`atprune.jobs.prune`).
 
 Bad input is one line on stderr and exit code 2, before any heavy work.
 """
@@ -185,9 +185,9 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_eval(args) -> int:
-    from atprune.sources import load_model, resolve_device, resolve_dtype, resolve_model
-    from atprune.zeroshot import check_zero_shot, evaluate_zero_shot
-    from atprune.zeroshot.run import format_zero_shot
+    from atprune.models.sources import load_model, resolve_device, resolve_dtype, resolve_model
+    from atprune.eval.zeroshot import check_zero_shot, evaluate_zero_shot
+    from atprune.eval.zeroshot.run import format_zero_shot
 
     check_zero_shot(args.tasks, args.task_data, args.limit, args.batch_size)
     device = resolve_device(args.device)
@@ -214,7 +214,7 @@ def _run_eval(args) -> int:
 
 
 def _run_search(args) -> int:
-    from atprune.search_job import SearchJob, run_search_job
+    from atprune.jobs.search import SearchJob, run_search_job
 
     job = SearchJob(model=args.model, method=args.method, sparsity=args.sparsity, calib_data=args.calib_data,
                     select_data=args.select_data, eval_data=None if args.no_eval else args.eval_data,
@@ -238,7 +238,7 @@ def _run_search(args) -> int:
         print(f"final perplexity {final['dataset']} {final['split']}: {final['ppl']:.3f} "
               f"({final['windows']}/{final['windows_total']} windows x {final['seqlen']} tokens){mark}")
     if state.get("zero_shot"):
-        from atprune.zeroshot.run import format_zero_shot
+        from atprune.eval.zeroshot.run import format_zero_shot
 
         zs = state["zero_shot"]
         print(format_zero_shot({"dense": zs["dense"], "sparse": zs["sparse"]}, zs["gate"]))
@@ -247,7 +247,7 @@ def _run_search(args) -> int:
 
 
 def _run_compare(args) -> int:
-    from atprune.compare import CompareJob, run_compare_job
+    from atprune.jobs.compare import CompareJob, run_compare_job
 
     job = CompareJob(model=args.model, out=args.out, methods=args.methods, sparsities=args.sparsities,
                      allocations=args.allocations, calib_data=args.calib_data, eval_data=args.eval_data,
@@ -262,7 +262,7 @@ def _run_compare(args) -> int:
 
 
 def _run_analyze(args) -> int:
-    from atprune.analysis import run_analyze
+    from atprune.jobs.analysis import run_analyze
 
     result = run_analyze(model=args.model, method=args.method, sparsity=args.sparsity, allocations=args.allocations,
                          calib_data=args.calib_data, data_dir=args.data_dir, nsamples=args.nsamples, seqlen=args.seqlen,
@@ -287,7 +287,7 @@ def _run_verify(args) -> int:
 
 
 def _run_recipe(args) -> int:
-    from atprune.recipe import write_recipe
+    from atprune.export.recipe import write_recipe
 
     print(f"saved: {write_recipe(args.report, args.out, args.modifier, args.blocks_path, args.overwrite)}")
     return 0
@@ -312,7 +312,7 @@ def _alloc_options(items: list[str]) -> dict | None:
 
 
 def _job_from_args(args):
-    from atprune.pipeline import PruneJob
+    from atprune.jobs.prune import PruneJob
 
     sparsity = args.sparsity
     if sparsity is None and args.pattern.strip().lower() in ("unstructured", "none", ""):
@@ -355,8 +355,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_prune(args) -> int:
-    from atprune.pipeline import run_prune_job
-    from atprune.report import format_table
+    from atprune.jobs.prune import run_prune_job
+    from atprune.export.report import format_table
 
     report = run_prune_job(_job_from_args(args))
     if args.json:

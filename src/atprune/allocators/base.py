@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from atprune.adapter import Adapter
+from atprune.models.adapter import Adapter
 from atprune.errors import ConfigError
 
 
@@ -15,10 +15,10 @@ class AllocationContext:
     """The model and calibration data an allocator may use (built by :func:`atprune.prune`).
 
     Attributes:
-        adapter: the model's :class:`atprune.adapter.Adapter`.
+        adapter: the model's :class:`atprune.models.adapter.Adapter`.
         windows: ``[nsamples, seqlen]`` int64 calibration tokens (None for data-free allocation).
         block_inputs: the captured block-0 inputs for ``windows`` (shared with the pruning pass).
-        placement: the :class:`atprune.placement.Placement` of the pruning pass (offloading), or None.
+        placement: the :class:`atprune.engine.placement.Placement` of the pruning pass (offloading), or None.
     """
 
     adapter: Adapter
@@ -32,12 +32,12 @@ class AllocationContext:
 
     def dense_block_stat(self, fn) -> list[float]:
         """``fn(linears, stats) -> float`` for every block of the *dense* model, with the Wanda input statistics
-        (:class:`atprune.stats.InputStats`) collected block by block on dense inputs (the OWL / DLP protocol).
+        (:class:`atprune.engine.stats.InputStats`) collected block by block on dense inputs (the OWL / DLP protocol).
 
         Raises:
             ConfigError: if no calibration windows were given.
         """
-        from atprune.engine import sequential
+        from atprune.engine.passes import sequential
 
         if self.windows is None or self.block_inputs is None:
             raise ConfigError("this allocation needs calibration data")

@@ -9,7 +9,7 @@ from typing import Protocol
 import torch
 
 from atprune.errors import ConfigError
-from atprune.stats import InputStats
+from atprune.engine.stats import InputStats
 
 
 @dataclass(frozen=True)

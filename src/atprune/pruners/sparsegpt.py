@@ -21,7 +21,7 @@ import logging
 import torch
 
 from atprune.pruners.base import Pattern
-from atprune.stats import InputStats
+from atprune.engine.stats import InputStats
 
 log = logging.getLogger(__name__)
 

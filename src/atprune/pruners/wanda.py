@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from atprune.pruners.base import Pattern, prune_mask
-from atprune.stats import InputStats
+from atprune.engine.stats import InputStats
 
 
 class WandaPruner:

@@ -19,10 +19,10 @@ from atprune.allocators import ALLOCATORS
 from atprune.api import evaluate_perplexity, plan
 from atprune.errors import ConfigError
 from atprune.export import check_output_dir, write_json
-from atprune.pipeline import PruneJob, check_job
-from atprune.report import versions
-from atprune.search_job import SearchJob, TrialRunner, selection_windows
-from atprune.sources import load_model
+from atprune.jobs.prune import PruneJob, check_job
+from atprune.export.report import versions
+from atprune.jobs.search import SearchJob, TrialRunner, selection_windows
+from atprune.models.sources import load_model
 
 
 @dataclass
@@ -96,7 +96,7 @@ def run_compare_job(job: CompareJob) -> dict:
         return evaluate_perplexity(model, tokenizer, evalset, seqlen=job.seqlen, batch_size=runner.eval_batch_size,
                                    max_windows=job.eval_windows, progress=False)
 
-    state = {"schema": "atprune.compare/1", "config": asdict(job) | {"dtype": str(dtype), "device": str(device)},
+    state = {"schema": "atprune.jobs.compare/1", "config": asdict(job) | {"dtype": str(dtype), "device": str(device)},
              "versions": versions(), "selection_data": select_info, "dense": ppl(), "rows": []}
     total = len(job.methods) * len(job.sparsities) * len(job.allocations)
     for method in job.methods:

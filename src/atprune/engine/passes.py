@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from atprune.adapter import Adapter
-from atprune.placement import Placement, exact_tf32_for
-from atprune.stats import InputStats
+from atprune.models.adapter import Adapter
+from atprune.engine.placement import Placement, exact_tf32_for
+from atprune.engine.stats import InputStats
 
 
 class _StopForward(BaseException):
@@ -177,7 +177,7 @@ def run_block(block: nn.Module, index: int, inputs: BlockInputs,
 
 def _watch_inputs(layer, fn: Callable[[torch.Tensor], None]):
     """Call ``fn(x)`` with every input ``x`` of ``layer``: before the layer runs where it takes a forward
-    pre-hook (``nn.Linear``, :class:`atprune.adapter.TransposedLinear`), otherwise after it (expert views, whose
+    pre-hook (``nn.Linear``, :class:`atprune.models.adapter.TransposedLinear`), otherwise after it (expert views, whose
     inputs are only known once the router has run). Returns the hook handle."""
     if hasattr(layer, "register_forward_pre_hook"):
         def pre(module, args, kwargs=None):

@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 
 from atprune import data as data_mod
-from atprune.adapter import Adapter
+from atprune.models.adapter import Adapter
 from atprune.api import OFFLOAD_BATCH_CAP, check_widths, evaluate_perplexity, needs_calibration, plan, prune
 from atprune.errors import ConfigError, check_positive_int
 from atprune.export import check_export_options, check_output_dir, check_saveable, record_masks, save_pruned
-from atprune.placement import Placement, auto_batch_size, peak_memory_gib
-from atprune.report import build_report
-from atprune.sources import load_model, num_blocks, resolve_device, resolve_dtype, resolve_model
+from atprune.engine.placement import Placement, auto_batch_size, peak_memory_gib
+from atprune.export.report import build_report
+from atprune.models.sources import load_model, num_blocks, resolve_device, resolve_dtype, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def check_job(job: PruneJob):
     if job.eval_data:
         data_mod.check_available(job.eval_data, data_mod.eval_split(job.eval_data), job.data_dir)
     if job.zero_shot:
-        from atprune.zeroshot import check_zero_shot
+        from atprune.eval.zeroshot import check_zero_shot
 
         check_zero_shot(job.zero_shot, job.task_data, job.zero_shot_limit, job.zero_shot_batch_size)
     plan(job.method, job.sparsity, 2, allocation=job.allocation, beta=0.0 if job.beta is not None else None,
@@ -172,7 +172,7 @@ def run_prune_job(job: PruneJob) -> dict:
     zero_shot = {"dense": None, "sparse": None, "gate": None}
 
     def score(tag: str):
-        from atprune.zeroshot import evaluate_zero_shot
+        from atprune.eval.zeroshot import evaluate_zero_shot
 
         t = time.perf_counter()
         zero_shot[tag] = evaluate_zero_shot(model, tokenizer, job.zero_shot, job.task_data, limit=job.zero_shot_limit,
@@ -196,7 +196,7 @@ def run_prune_job(job: PruneJob) -> dict:
             log.warning("!" * 20 + " %s " + "!" * 20, msg)
 
     if job.zero_shot:
-        from atprune.zeroshot import sanity_gate
+        from atprune.eval.zeroshot import sanity_gate
 
         score("sparse")
         zero_shot["gate"] = sanity_gate(zero_shot["sparse"], zero_shot["dense"])

@@ -5,7 +5,7 @@
   calibrated, pruned and run (everything outside the blocks -- embeddings, rotary tables, final norm, lm_head --
   stays on the device). Peak device memory is then one block plus the activations, so a model larger than the
   device can be pruned (the layer-wise offloading of the SparseGPT / Wanda reference scripts, done here for any
-  decoder the :class:`atprune.adapter.Adapter` understands).
+  decoder the :class:`atprune.models.adapter.Adapter` understands).
 * ``offload_activations``: the calibration hidden states between blocks are kept in pinned CPU memory and
   streamed to the device one batch at a time.
 """

@@ -101,7 +101,8 @@ def write_compressed(dense_dir: Path, out_dir: Path, matrices: Mapping[str, torc
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from atprune.export import MaskViolation, safetensors_files
+    from atprune.export.files import safetensors_files
+    from atprune.export.masks import MaskViolation
 
     out_dir.mkdir(parents=True)
     matrices = {n: w for n, w in matrices.items() if w.dim() == 2}  # fused expert tensors [E, ., .] stay dense
@@ -157,7 +158,7 @@ def load_compressed(folder: str | Path, names=None, failed: dict[str, str] | Non
     """
     from safetensors import safe_open
 
-    from atprune.export import safetensors_files
+    from atprune.export.files import safetensors_files
 
     wanted = None if names is None else set(names)
     raw: dict[str, torch.Tensor] = {}

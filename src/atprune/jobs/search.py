@@ -19,21 +19,21 @@ import torch
 from tqdm.auto import tqdm
 
 from atprune import data as data_mod
-from atprune.adapter import Adapter
+from atprune.models.adapter import Adapter
 from atprune.allocators import beta_max
 from atprune.api import prune
 from atprune.api import resolve_batch_size
-from atprune.engine import first_block_inputs
-from atprune.placement import Placement, auto_batch_size
+from atprune.engine.passes import first_block_inputs
+from atprune.engine.placement import Placement, auto_batch_size
 from atprune.errors import ConfigError, check_positive_int
-from atprune.evaluate import kl_to_reference, next_token_logprobs, perplexity
+from atprune.eval.perplexity import kl_to_reference, next_token_logprobs, perplexity
 from atprune.export import check_export_options, check_output_dir, save_pruned, write_json
-from atprune.pipeline import PruneJob, check_job
-from atprune.report import build_report
-from atprune.search import STRATEGIES, best_trial, golden_search, grid_betas
-from atprune.sources import load_model
+from atprune.jobs.prune import PruneJob, check_job
+from atprune.export.report import build_report
+from atprune.jobs.strategies import STRATEGIES, best_trial, golden_search, grid_betas
+from atprune.models.sources import load_model
 
-SEARCH_SCHEMA = "atprune.search/1"
+SEARCH_SCHEMA = "atprune.jobs.strategies/1"
 # options that must match for a resumed search to reuse recorded trials
 RESUME_KEYS = ("model", "method", "sparsity", "calib_data", "select_data", "select_on_test", "data_dir", "nsamples",
                "nselect", "seqlen", "seed", "metric", "dtype", "device", "batch_size")
@@ -67,9 +67,9 @@ class SearchJob:
     overwrite: bool = False
     resume: bool = False
     progress: bool = True
-    save_dtype: str | None = None  # see atprune.pipeline.PruneJob
+    save_dtype: str | None = None  # see atprune.jobs.prune.PruneJob
     formats: tuple[str, ...] = ("dense",)
-    zero_shot: str | None = None  # lm-eval tasks scored on the dense and the final model (see atprune.zeroshot)
+    zero_shot: str | None = None  # lm-eval tasks scored on the dense and the final model (see atprune.eval.zeroshot)
     task_data: str | None = None
     zero_shot_limit: int | None = None
     blocks_path: str | None = None  # dotted path of the decoder-block nn.ModuleList (unknown layouts)
@@ -285,7 +285,7 @@ def run_search_job(job: SearchJob) -> dict:
         check_saveable(model, job.blocks_path)
     zero_shot = None
     if job.zero_shot:  # the dense model, before any trial touches the weights
-        from atprune.zeroshot import evaluate_zero_shot, sanity_gate
+        from atprune.eval.zeroshot import evaluate_zero_shot, sanity_gate
 
         def score():
             return evaluate_zero_shot(model, tokenizer, job.zero_shot, job.task_data, limit=job.zero_shot_limit)

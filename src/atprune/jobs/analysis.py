@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from atprune.adapter import Adapter, set_weight
+from atprune.models.adapter import Adapter, set_weight
 from atprune.api import plan, resolve_batch_size
-from atprune.engine import BlockInputs, collect_stats, first_block_inputs, run_block
-from atprune.placement import Placement
+from atprune.engine.passes import BlockInputs, collect_stats, first_block_inputs, run_block
+from atprune.engine.placement import Placement
 from atprune.pruners import get_pruner
 
 
@@ -122,8 +122,8 @@ def run_analyze(*, model: str, method: str, sparsity: float, allocations: list[s
     """
     from atprune import data as data_mod
     from atprune.export import check_output_dir, write_json
-    from atprune.pipeline import PruneJob, check_job
-    from atprune.sources import load_model
+    from atprune.jobs.prune import PruneJob, check_job
+    from atprune.models.sources import load_model
 
     source, spec, dev, dt = check_job(PruneJob(model=model, method=method, sparsity=sparsity, calib_data=calib_data,
                                                eval_data=None, data_dir=data_dir, nsamples=nsamples, seqlen=seqlen,
@@ -145,7 +145,7 @@ def run_analyze(*, model: str, method: str, sparsity: float, allocations: list[s
         curves[text] = reconstruction_errors(lm, windows.windows, method=method, sparsity=sparsity, allocation=name,
                                              beta=beta, batch_size=batch_size, inputs=inputs,
                                              blocks_path=blocks_path)
-    result = {"schema": "atprune.analysis/1", "model": model, "method": method, "sparsity": sparsity,
+    result = {"schema": "atprune.jobs.analysis/1", "model": model, "method": method, "sparsity": sparsity,
               "calibration": windows.info, "curves": curves}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "analysis.json", result)

@@ -7,7 +7,7 @@ import platform
 import sys
 from datetime import datetime, timezone
 
-SCHEMA = "atprune.report/1"
+SCHEMA = "atprune.export.report/1"
 
 
 def versions() -> dict:
@@ -23,7 +23,7 @@ def versions() -> dict:
 
 def build_report(*, config: dict, prune_result: dict | None, evaluation: dict, timings: dict, model: dict,
                  warnings: list[str] | None = None) -> dict:
-    """Assemble the report (``schema`` = ``atprune.report/1``).
+    """Assemble the report (``schema`` = ``atprune.export.report/1``).
 
     Args:
         config: the options of the run as the user gave them (plus resolved defaults, seed included).
@@ -70,7 +70,7 @@ def format_table(report: dict) -> str:
                          f"({e['windows']}/{e['windows_total']} windows x {e['seqlen']} tokens)")
     zs = report.get("zero_shot")
     if zs and zs.get("sparse"):
-        from atprune.zeroshot.run import format_zero_shot
+        from atprune.eval.zeroshot.run import format_zero_shot
 
         lines.append(format_zero_shot({"dense": zs.get("dense"), "sparse": zs["sparse"]}, zs.get("gate")))
     times = " ".join(f"{k}={v:.1f}s" for k, v in report.get("timings_s", {}).items())

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from atprune.errors import ConfigError
-from atprune.sources import _config_num_blocks
+from atprune.models.sources import _config_num_blocks
 
 
 KNOWN_BLOCK_PATHS = (

@@ -8,12 +8,12 @@ import tempfile
 from pathlib import Path
 
 from atprune.errors import ConfigError, check_positive_int
-from atprune.zeroshot import adapter
-from atprune.zeroshot.tasks import TASKS, check_task_data, parse_tasks, write_local
+from atprune.eval.zeroshot import adapter
+from atprune.eval.zeroshot.tasks import TASKS, check_task_data, parse_tasks, write_local
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "atprune.zeroshot/1"
+SCHEMA = "atprune.eval.zeroshot/1"
 
 
 def _offline() -> bool:
@@ -63,7 +63,7 @@ def evaluate_zero_shot(model, tokenizer, tasks="all", task_data: str | Path | No
         limit: score only the first ``limit`` examples of each task (None: the whole split).
         batch_size: loglikelihood requests per forward pass.
         max_length: context window in tokens for lm-eval (default: from the model config).
-        lm: an ``HFLM`` from :func:`atprune.zeroshot.adapter.make_lm` to reuse (tests).
+        lm: an ``HFLM`` from :func:`atprune.eval.zeroshot.adapter.make_lm` to reuse (tests).
 
     Returns:
         ``{"schema", "tasks": {name: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr" (None where the task

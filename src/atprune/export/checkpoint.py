@@ -15,7 +15,6 @@ and of the packed zero pattern actually saved; :func:`verify_checkpoint` recompu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,143 +24,17 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from atprune.atomic import atomic_file, umask
 from atprune.errors import ConfigError
+from atprune.export.files import check_output_dir, public_permissions, read_tensors, safetensors_files, write_json
+from atprune.export.masks import check_masks, check_saveable, mask_digest, matrix_entries, record_masks
 
 log = logging.getLogger(__name__)
 
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FORMATS = ("dense", "compressed")
 COMPRESSED_DIR = "compressed"
-
-
-class MaskViolation(RuntimeError):
-    """A weight the pruning mask says is zero is non-zero (a step re-densified it); the message names it."""
-
-
-def mask_digest(zeros: torch.Tensor) -> str:
-    """sha256 (hex) of a boolean zero pattern: row-major flattened, packed 8 per byte, little bit order
-    (``numpy.packbits(..., bitorder="little")``), so the same pattern always gives the same digest.
-
-    Args:
-        zeros: bool tensor of any shape (True = weight is zero), any device.
-    """
-    bits = np.packbits(zeros.detach().reshape(-1).cpu().numpy().astype(bool), bitorder="little")
-    return hashlib.sha256(bits.tobytes()).hexdigest()
-
-
-class Masks(Mapping[str, torch.Tensor]):
-    """Pruning masks kept packed, 1 bit per weight (a bool tensor would take 1 byte per weight: 7 GB for a 7B
-    model); a read-only mapping: ``masks[name]`` unpacks one bool tensor (True = pruned, must stay 0)."""
-
-    blocks_path: str | None = None
-
-    def __init__(self) -> None:
-        self._packed: dict[str, tuple[tuple[int, ...], np.ndarray, int]] = {}
-
-    def add(self, name: str, zeros: torch.Tensor) -> None:
-        """Record ``zeros`` (bool tensor, any shape/device) as the mask of ``name``."""
-        flat = zeros.detach().reshape(-1).cpu().numpy().astype(bool, copy=False)
-        self._packed[name] = (tuple(zeros.shape), np.packbits(flat, bitorder="little"), int(np.count_nonzero(flat)))
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        shape, bits, _ = self._packed[name]
-        n = int(np.prod(shape))
-        return torch.from_numpy(np.unpackbits(bits, count=n, bitorder="little").astype(bool)).reshape(shape)
-
-    def __iter__(self):
-        return iter(self._packed)
-
-    def __len__(self) -> int:
-        return len(self._packed)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._packed[name][0]
-
-    def zeros(self, name: str) -> int:
-        """Number of pruned weights of ``name``."""
-        return self._packed[name][2]
-
-    def digest(self, name: str) -> str:
-        """:func:`mask_digest` of the mask of ``name`` (from the packed bits, no unpacking)."""
-        return hashlib.sha256(self._packed[name][1].tobytes()).hexdigest()
-
-
-def record_masks(model, blocks_path: str | None = None) -> Masks:
-    """The pruning masks of a model: for every stored weight parameter behind the prunable layers of the decoder
-    blocks (see :class:`atprune.adapter.Adapter`), ``weight == 0`` in the parameter's own layout and under its full
-    name (``model.layers.0.mlp.up_proj.weight`` ``[out, in]``; a GPT-2 ``Conv1D`` weight ``[in, out]``; a fused
-    mixture-of-experts parameter ``[experts, ., .]`` once for all its experts), packed 1 bit per weight
-    (:class:`Masks`). ``masks.blocks_path`` is the blocks' dotted path.
-
-    Args:
-        blocks_path: as ``Adapter.for_model`` (for layouts atprune does not recognise).
-
-    Raises:
-        ConfigError: the model's decoder blocks cannot be found.
-    """
-    from atprune.adapter import Adapter, stored_parameter
-
-    adapter = Adapter.for_model(model, blocks_path)
-    names = {id(p): n for n, p in model.named_parameters()}
-    masks = Masks()
-    masks.blocks_path = adapter.blocks_path
-    for block in adapter.blocks:
-        for lin in adapter.linears(block).values():
-            param = stored_parameter(lin)
-            name = names.get(id(param))
-            if name is not None and name not in masks:
-                masks.add(name, param.detach() == 0)
-    return masks
-
-
-def check_saveable(model, blocks_path: str | None = None) -> None:
-    """Refuse, before any pruning work, a model whose pruned weights atprune cannot yet follow into a checkpoint.
-
-    transformers writes fused mixture-of-experts tensors (e.g. Mixtral's ``experts.gate_up_proj``
-    ``[experts, 2I, H]``) back as one matrix per expert under other names, so their masks could not be checked in
-    the files; such models prune and evaluate, but ``--out`` is refused.
-
-    Raises:
-        ConfigError: names the first fused expert parameter found.
-    """
-    from atprune.adapter import Adapter, ExpertLinear
-
-    adapter = Adapter.for_model(model, blocks_path)
-    for i, block in enumerate(adapter.blocks):
-        for name, lin in adapter.linears(block).items():
-            if isinstance(lin, ExpertLinear):
-                raise ConfigError(f"saving fused mixture-of-experts weights ({adapter.blocks_path}.{i}.{name}) is not "
-                                  "supported yet (transformers re-splits them per expert on save, so the masks could "
-                                  "not be checked); prune and evaluate without --out")
-
-
-def check_masks(tensors: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], where: str) -> None:
-    """Check that every masked weight is still zero.
-
-    Args:
-        tensors: parameter name -> weight tensor (any dtype/device), for at least every name in ``masks``.
-        masks: parameter name -> bool tensor of the same shape (True = must be zero).
-        where: the step being checked, for the message (e.g. ``"after the cast to float16"``).
-
-    Raises:
-        MaskViolation: a name is missing, a shape differs, or a masked weight is non-zero; names the matrix
-            and the number of re-densified weights.
-    """
-    for name, mask in masks.items():
-        if name not in tensors:
-            raise MaskViolation(f"{name}: pruned matrix missing {where}")
-        t = tensors[name]
-        if tuple(t.shape) != tuple(mask.shape):
-            raise MaskViolation(f"{name}: shape {tuple(t.shape)} {where}, pruned as {tuple(mask.shape)}")
-        bad = int(torch.count_nonzero((t.detach().cpu() != 0) & mask))  # count_nonzero: bool .sum() is slow
-        if bad:
-            raise MaskViolation(f"{name}: {bad} of {int(torch.count_nonzero(mask))} pruned weights are non-zero {where}; "
-                                "checkpoint refused")
-
 
 def _cast_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The model's state dict with floating tensors cast to ``dtype`` (shared tensors, e.g. tied embeddings,
@@ -177,38 +50,6 @@ def _cast_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return out
 
 
-def safetensors_files(folder: Path) -> list[Path]:
-    """The ``*.safetensors`` files of a checkpoint folder (one file, or the shards an index lists)."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-    return sorted(folder.glob("*.safetensors"))
-
-
-def read_tensors(folder: Path, names) -> dict[str, torch.Tensor]:
-    """Read the named tensors (those present) from a checkpoint folder's safetensors files, on CPU."""
-    from safetensors import safe_open
-
-    wanted, found = set(names), {}
-    for path in safetensors_files(Path(folder)):
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in wanted.intersection(f.keys()):
-                found[key] = f.get_tensor(key)
-    return found
-
-
-def _matrix_entries(saved: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> dict[str, dict]:
-    entries = {}
-    for name, mask in masks.items():
-        zeros = saved[name] == 0
-        n, z, zs = mask.numel(), int(torch.count_nonzero(mask)), int(torch.count_nonzero(zeros))
-        digest = masks.digest(name) if isinstance(masks, Masks) else mask_digest(mask)
-        entries[name] = {"shape": list(mask.shape), "zeros": z, "sparsity": z / n, "mask_sha256": digest,
-                         "saved_zeros": zs, "saved_sparsity": zs / n, "saved_sha256": mask_digest(zeros),
-                         "underflow_zeros": zs - z}
-    return entries
-
-
 def _blocks_path(name: str) -> str | None:
     """``model.layers.0.mlp.up_proj.weight`` -> ``model.layers`` (the dotted path before the first index)."""
     match = re.match(r"^(.*?)\.\d+\.", name)
@@ -222,58 +63,6 @@ def _fix_config_dtype(folder: Path, dtype: torch.dtype) -> None:
         if key in config:
             config[key] = str(dtype).removeprefix("torch.")
     write_json(path, config)
-
-
-def check_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: tuple[str, ...] = ()) -> Path:
-    """Refuse a destination that would lose data; call before any heavy work.
-
-    Args:
-        inputs: paths of the input model (a folder, or a file such as a ``.gguf``).
-
-    Raises:
-        ConfigError: ``out`` is a file; is or contains an input file; is, contains or lies inside an input
-            folder; or is a non-empty folder (e.g. holding a model) and ``overwrite`` is False.
-    """
-    out = Path(out).expanduser().resolve()
-    for src in inputs:
-        src_path = Path(src).expanduser().resolve()
-        overlaps = (src_path.is_relative_to(out) if src_path.is_file()
-                    else out == src_path or src_path.is_relative_to(out) or out.is_relative_to(src_path))
-        if overlaps:
-            raise ConfigError(f"output folder {out} overlaps the input model at {src_path}; choose another --out")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output path {out} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        holds_model = (out / "config.json").exists() or any(out.glob("*.safetensors"))
-        what = "already holds a model" if holds_model else "is not empty"
-        raise ConfigError(f"output folder {out} {what}; pass --overwrite to replace it")
-    return out
-
-
-def write_json(path: str | os.PathLike, payload: dict) -> None:
-    """Write ``payload`` as indented JSON atomically (temp file + rename). Non-finite floats become null."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as fh:
-        json.dump(_finite(payload), fh, indent=2)
-        fh.write("\n")
-
-
-def _finite(obj):
-    if isinstance(obj, float) and not (obj == obj and abs(obj) != float("inf")):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def _public(path: Path) -> None:
-    """Give a folder tree made by mkdtemp/mkstemp (0700/0600) the permissions the user's umask asks for."""
-    mask = umask()
-    for p in [path, *path.rglob("*")]:
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def check_export_options(save_dtype: str | None, formats) -> tuple[torch.dtype | None, tuple[str, ...]]:
@@ -293,7 +82,7 @@ def check_export_options(save_dtype: str | None, formats) -> tuple[torch.dtype |
         if f not in FORMATS:
             raise ConfigError(f"unknown format {f!r}; choose one of: {', '.join(FORMATS)}")
     if "compressed" in formats:
-        from atprune.compressed import check_available
+        from atprune.export.compressed import check_available
 
         check_available()
     return (SAVE_DTYPES[save_dtype] if save_dtype else None), tuple(dict.fromkeys(("dense", *formats)))
@@ -314,7 +103,7 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
         save_dtype: ``float32``, ``float16`` or ``bfloat16``; None saves in the model's dtype. The in-memory
             model is not changed.
         formats: ``("dense",)`` (default) or with ``"compressed"``: the compressed-tensors sparse-bitmask
-            checkpoint is written in addition, to ``out/compressed/`` (see :mod:`atprune.compressed`).
+            checkpoint is written in addition, to ``out/compressed/`` (see :mod:`atprune.export.compressed`).
 
     The report gets an ``export`` section (dtype, formats, sizes in bytes, per-matrix zeros, sparsity,
     mask checksums, underflow zeros); the caller's dict is not modified.
@@ -356,7 +145,7 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
             export = {"dtype": str(next(iter(saved.values())).dtype).removeprefix("torch."), "formats": list(formats),
                       "blocks_path": getattr(masks, "blocks_path", None) or _blocks_path(next(iter(masks))),
                       "sizes_bytes": {"dense": sum(p.stat().st_size for p in safetensors_files(tmp))},
-                      "underflow_zeros": 0, "matrices": _matrix_entries(saved, masks)}
+                      "underflow_zeros": 0, "matrices": matrix_entries(saved, masks)}
             export["underflow_zeros"] = sum(m["underflow_zeros"] for m in export["matrices"].values())
             warnings = list(report.get("warnings") or [])
             if export["underflow_zeros"]:
@@ -364,7 +153,7 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
                                 "weights into 0 (per matrix: export.matrices.*.underflow_zeros)")
                 log.warning("%s", warnings[-1])
             if "compressed" in formats:
-                from atprune.compressed import write_compressed
+                from atprune.export.compressed import write_compressed
 
                 export["sizes_bytes"]["compressed"] = write_compressed(
                     tmp, tmp / COMPRESSED_DIR, saved, tokenizer,
@@ -376,7 +165,7 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
             write_json(tmp / name, payload)
         for name, src in (files or {}).items():
             shutil.copyfile(src, tmp / name)
-        _public(tmp)
+        public_permissions(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
@@ -418,7 +207,7 @@ def verify_checkpoint(folder: str | os.PathLike) -> list[dict]:
     matrices = export["matrices"]
     checks = [("dense", read_tensors(folder, matrices), {})]
     if (folder / COMPRESSED_DIR).is_dir():
-        from atprune.compressed import load_compressed
+        from atprune.export.compressed import load_compressed
 
         failed: dict[str, str] = {}
         checks.append(("compressed", load_compressed(folder / COMPRESSED_DIR, names=matrices, failed=failed), failed))

@@ -1,6 +1,6 @@
 """The one module that touches lm-evaluation-harness (``lm-eval``, pinned 0.4.13).
 
-Everything else in :mod:`atprune.zeroshot` goes through the functions here, so an lm-eval API change
+Everything else in :mod:`atprune.eval.zeroshot` goes through the functions here, so an lm-eval API change
 touches this file only. What is used: ``HFLM`` (built around an in-memory transformers model and
 tokenizer), ``TaskManager`` (the stock task registry), the stock task YAML files (loaded with their
 ``!function`` helpers resolved) and ``simple_evaluate``.

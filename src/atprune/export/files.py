@@ -1,0 +1,84 @@
+"""Files of a run folder: checkpoint tensors read back, output folders checked, JSON written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from atprune.atomic import atomic_file, umask
+from atprune.errors import ConfigError
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The ``*.safetensors`` files of a checkpoint folder (one file, or the shards an index lists)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    return sorted(folder.glob("*.safetensors"))
+
+
+def read_tensors(folder: Path, names) -> dict[str, torch.Tensor]:
+    """Read the named tensors (those present) from a checkpoint folder's safetensors files, on CPU."""
+    from safetensors import safe_open
+
+    wanted, found = set(names), {}
+    for path in safetensors_files(Path(folder)):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in wanted.intersection(f.keys()):
+                found[key] = f.get_tensor(key)
+    return found
+
+
+def check_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: tuple[str, ...] = ()) -> Path:
+    """Refuse a destination that would lose data; call before any heavy work.
+
+    Args:
+        inputs: paths of the input model (a folder, or a file such as a ``.gguf``).
+
+    Raises:
+        ConfigError: ``out`` is a file; is or contains an input file; is, contains or lies inside an input
+            folder; or is a non-empty folder (e.g. holding a model) and ``overwrite`` is False.
+    """
+    out = Path(out).expanduser().resolve()
+    for src in inputs:
+        src_path = Path(src).expanduser().resolve()
+        overlaps = (src_path.is_relative_to(out) if src_path.is_file()
+                    else out == src_path or src_path.is_relative_to(out) or out.is_relative_to(src_path))
+        if overlaps:
+            raise ConfigError(f"output folder {out} overlaps the input model at {src_path}; choose another --out")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        holds_model = (out / "config.json").exists() or any(out.glob("*.safetensors"))
+        what = "already holds a model" if holds_model else "is not empty"
+        raise ConfigError(f"output folder {out} {what}; pass --overwrite to replace it")
+    return out
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> None:
+    """Write ``payload`` as indented JSON atomically (temp file + rename). Non-finite floats become null."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as fh:
+        json.dump(_finite(payload), fh, indent=2)
+        fh.write("\n")
+
+
+def _finite(obj):
+    if isinstance(obj, float) and not (obj == obj and abs(obj) != float("inf")):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def public_permissions(path: Path) -> None:
+    """Give a folder tree made by mkdtemp/mkstemp (0700/0600) the permissions the user's umask asks for."""
+    mask = umask()
+    for p in [path, *path.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
