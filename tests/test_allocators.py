@@ -57,7 +57,7 @@ def test_atp_rates_progression(s, n, frac):
 @pytest.mark.parametrize("s,n", PAIRS)
 def test_atp_beta_zero_equals_uniform(s, n):
     rates = atp_rates(s, n, 0.0)
-    assert rates == UniformAllocator().rates(s, n)
+    assert rates == list(UniformAllocator().allocate(s, n).rates)
     assert rates == [s] * n
 
 
@@ -105,7 +105,7 @@ def test_atp_illegal_sparsity_raises(s):
     with pytest.raises(ConfigError):
         ATPAllocator(beta=0.0).check(s, 10)
     with pytest.raises(ConfigError):
-        UniformAllocator().rates(s, 10)
+        list(UniformAllocator().allocate(s, 10).rates)
     with pytest.raises(ConfigError):
         UniformAllocator().check(s, 10)
 
@@ -117,7 +117,7 @@ def test_atp_zero_blocks_raises():
 
 def test_atp_allocator_object_matches_function():
     alloc = ATPAllocator(beta=0.01)
-    assert alloc.rates(0.5, 32) == atp_rates(0.5, 32, 0.01)
+    assert list(alloc.allocate(0.5, 32).rates) == atp_rates(0.5, 32, 0.01)
     alloc.check(0.5, 32)  # legal: 0.01 < 1/31
     with pytest.raises(ConfigError):
         ATPAllocator(beta=0.1).check(0.5, 32)  # 0.1 > 1/31
@@ -125,8 +125,8 @@ def test_atp_allocator_object_matches_function():
 
 
 def test_uniform_rates():
-    assert UniformAllocator().rates(0.3, 5) == [0.3] * 5
-    assert UniformAllocator().rates(0.0, 3) == [0.0] * 3
+    assert list(UniformAllocator().allocate(0.3, 5).rates) == [0.3] * 5
+    assert list(UniformAllocator().allocate(0.0, 3).rates) == [0.0] * 3
     assert UniformAllocator().describe() == {"name": "uniform"}
 
 
@@ -139,7 +139,7 @@ def test_get_allocator_known_names():
     # atp without a beta is an error, not a silent uniform
     with pytest.raises(ConfigError, match="needs --beta"):
         get_allocator("atp", beta=None)
-    assert get_allocator("atp", beta=0.0).rates(0.4, 4) == [0.4] * 4
+    assert list(get_allocator("atp", beta=0.0).allocate(0.4, 4).rates) == [0.4] * 4
 
 
 @pytest.mark.parametrize("name", ["bogus", "ATP", "", "OWL"])

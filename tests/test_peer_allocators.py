@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import atprune
-from atprune.allocators import AllocationContext, get_allocator
+from atprune.allocation import block_sizes, block_statistic
+from atprune.allocators import get_allocator
 from atprune.allocators.alphapruning import hill_alpha
 from atprune.allocators.dlp import default_alpha
 from atprune.allocators.owl import outlier_ratio
@@ -17,9 +18,23 @@ from tests.conftest import tiny_model
 WINDOWS = torch.randint(0, 128, (6, 32), generator=torch.Generator().manual_seed(11))
 
 
+class _Context:
+    """A tiny model with its calibration inputs; ``run(alloc, S)`` computes what ``alloc`` needs and allocates."""
+
+    def __init__(self, adapter, windows=None):
+        self.adapter, self.windows = adapter, windows
+        self.block_inputs = first_block_inputs(adapter, windows) if windows is not None else None
+
+    def block_params(self):
+        return block_sizes(self.adapter)
+
+    def run(self, alloc, sparsity):
+        stat = block_statistic(alloc, self.adapter, self.windows, self.block_inputs)
+        return alloc.allocate(sparsity, self.block_params(), stat)
+
+
 def _context(layers=6, seed=0):
-    adapter = Adapter.for_model(tiny_model("llama", layers=layers, seed=seed))
-    return AllocationContext(adapter, WINDOWS, first_block_inputs(adapter, WINDOWS))
+    return _Context(Adapter.for_model(tiny_model("llama", layers=layers, seed=seed)), WINDOWS)
 
 
 @pytest.mark.parametrize("name,options,width", [("owl", {}, 0.16), ("owl", {"lam": 0.05}, 0.10),
@@ -28,14 +43,15 @@ def _context(layers=6, seed=0):
 def test_window_allocators_invariants(name, options, width, sparsity):
     ctx = _context()
     alloc = get_allocator(name, **options)
-    rates = alloc.rates(sparsity, 6, ctx)
+    allocation = ctx.run(alloc, sparsity)
+    rates = allocation.rates
     params = ctx.block_params()
     if name == "dlp" and not options:
         width = 2 * default_alpha(sparsity)
     assert len(rates) == 6 and all(0 <= r < 1 for r in rates)
     assert sum(r * p for r, p in zip(rates, params)) / sum(params) == pytest.approx(sparsity, abs=1e-12)
     assert max(rates) - min(rates) == pytest.approx(width, abs=1e-12)
-    stat = alloc.statistic
+    stat = allocation.statistic["outlier_ratio" if name == "owl" else "importance"]
     assert len(stat) == 6
     # more outliers / more importance -> pruned less: the rates are ordered opposite to the statistic
     order = sorted(range(6), key=lambda i: stat[i])
@@ -45,7 +61,7 @@ def test_window_allocators_invariants(name, options, width, sparsity):
 def test_owl_outlier_ratio_is_the_hand_computation():
     ctx = _context(layers=2)
     alloc = get_allocator("owl", M=3.0)
-    alloc.rates(0.5, 2, ctx)
+    allocation = ctx.run(alloc, 0.5)
     # by hand: the dense model's block-0 inputs, Wanda scores of all 7 layers, share above 3 x their mean
     block = ctx.adapter.blocks[0]
     feats = {}
@@ -62,7 +78,7 @@ def test_owl_outlier_ratio_is_the_hand_computation():
         scores.append((lin.weight.double().abs() * x.square().sum(0).sqrt()).flatten())
     s = torch.cat(scores)
     expected = (s > 3.0 * s.mean()).double().mean().item()
-    assert alloc.statistic[0] == pytest.approx(expected, abs=1e-6)
+    assert allocation.statistic["outlier_ratio"][0] == pytest.approx(expected, abs=1e-6)
     assert outlier_ratio(torch.tensor([1.0, 1.0, 1.0, 9.0]), 2.0) == 0.25  # mean 3: only 9 > 6
 
 
@@ -80,12 +96,13 @@ def test_hill_alpha_recovers_a_planted_power_law(planted):
 
 
 def test_alphapruning_orders_rates_by_alpha_and_keeps_the_weighted_mean():
-    ctx = AllocationContext(Adapter.for_model(tiny_model("llama", layers=6, seed=3)))  # no data needed
+    ctx = _Context(Adapter.for_model(tiny_model("llama", layers=6, seed=3)))  # no data needed
     alloc = get_allocator("alphapruning", eps=0.2)
-    rates = alloc.rates(0.6, 6, ctx)
+    allocation = ctx.run(alloc, 0.6)
+    rates, alphas = allocation.rates, allocation.statistic["alpha"]
     params = ctx.block_params()
     assert sum(r * p for r, p in zip(rates, params)) / sum(params) == pytest.approx(0.6, abs=1e-12)
-    order = sorted(range(6), key=lambda i: alloc.statistic[i])
+    order = sorted(range(6), key=lambda i: alphas[i])
     assert [rates[i] for i in order] == sorted(rates)  # higher alpha -> higher sparsity
     lo, hi = min(rates), max(rates)
     assert hi / lo == pytest.approx(1.2 / 0.8)  # the [S(1-eps), S(1+eps)] window survives the rescaling
@@ -107,9 +124,9 @@ def test_peer_allocator_bad_options():
     with pytest.raises(ConfigError, match="does not take options"):
         get_allocator("owl", eps=0.1)
     with pytest.raises(ConfigError, match="too wide"):
-        get_allocator("owl", lam=0.4).rates(0.05, 6, _context())
+        _context().run(get_allocator("owl", lam=0.4), 0.05)
     with pytest.raises(ConfigError, match="needs the model"):
-        get_allocator("alphapruning").rates(0.5, 4)
+        get_allocator("alphapruning").allocate(0.5, 4)
 
 
 def test_compare_cli_writes_tables(tmp_path, capsys):

@@ -17,14 +17,15 @@ import torch
 from tqdm.auto import tqdm
 
 from atprune import data as data_mod
-from atprune.models.adapter import Adapter, set_weight
-from atprune.allocators import get_allocator
-from atprune.allocators import AllocationContext
+from atprune.allocation import allocate
+from atprune.allocation import needs_calibration as allocator_needs_calibration
+from atprune.allocators import NEEDS_NOTHING, get_allocator
 from atprune.engine.passes import BlockInputs, first_block_inputs, sequential
-from atprune.errors import ConfigError, check_positive_int
-from atprune.eval.perplexity import perplexity
 from atprune.engine.placement import Placement, auto_batch_size
-from atprune.pruners import Pattern, check_sparsity, get_pruner
+from atprune.errors import ConfigError, check_positive_int, check_sparsity
+from atprune.eval.perplexity import perplexity
+from atprune.models.adapter import Adapter, set_weight
+from atprune.pruners import Pattern, get_pruner
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,12 @@ class PruneSpec:
     pattern: Pattern
     allocation: str
     beta: float | None
-    rates: tuple[float, ...]  # empty until the model is seen, for allocators that need it
+    rates: tuple[float, ...]  # for L equal blocks; empty for allocators that need the model (see prune())
     allocator: object = None
+    statistic: dict = field(default_factory=dict)  # what the allocator derived the rates from (after prune())
 
     def describe(self) -> dict:
-        extra = self.allocator.describe() if self.allocator is not None else {}
+        extra = (self.allocator.describe() if self.allocator is not None else {}) | self.statistic
         return {"method": self.method, "sparsity": self.sparsity, "pattern": str(self.pattern),
                 "allocation": self.allocation, "beta": self.beta} | {f"allocator_{k}": v for k, v in extra.items()
                                                                       if k != "name"}
@@ -59,7 +61,8 @@ def plan(method: str, sparsity: float | None, num_blocks: int, *, allocation: st
         beta: ATP step (required for ``atp``).
         pattern: ``"unstructured"`` or ``"N:M"``.
         allocation_options: options of the allocator (``M``, ``lam`` for owl; ``eps`` for alphapruning;
-            ``alpha`` for dlp). Model-dependent allocators leave ``rates`` empty until :func:`prune`.
+            ``alpha`` for dlp). Rates are for ``num_blocks`` equal blocks; :func:`prune` recomputes them for the
+            model's block sizes. Model-dependent allocators leave ``rates`` empty until :func:`prune`.
 
     Raises:
         ConfigError: unknown method or allocation, sparsity outside [0, 1), illegal beta (the message gives the
@@ -84,7 +87,7 @@ def plan(method: str, sparsity: float | None, num_blocks: int, *, allocation: st
         raise ConfigError(f"--beta applies to allocation 'atp' only, not {allocation!r}")
     allocator = get_allocator(allocation, beta=beta, **(allocation_options or {}))
     allocator.check(sparsity, num_blocks)
-    rates = () if allocator.needs_model else tuple(allocator.rates(sparsity, num_blocks))
+    rates = () if allocator.needs != NEEDS_NOTHING else allocator.allocate(sparsity, num_blocks).rates
     return PruneSpec(method, float(sparsity), pattern, allocation, beta, rates, allocator)
 
 
@@ -95,27 +98,10 @@ def check_widths(adapter: Adapter, pattern: Pattern) -> None:
             pattern.check_width(lin.in_features, f"block {i} {name}")
 
 
-DATA_ALLOCATORS = ("owl", "dlp")  # allocators that read calibration activations
-
-
-def needs_calibration(method: str, allocation: str) -> bool:
-    """Whether pruning with ``method`` and ``allocation`` reads calibration data (magnitude + uniform/atp/
-    alphapruning does not)."""
-    return get_pruner(method).needs_stats or allocation in DATA_ALLOCATORS
-
-
-def check_rates(rates, sparsity: float, params: list[int], allocation: str) -> None:
-    """Every allocator must give one rate in [0, 1] per block with parameter-weighted mean ``sparsity``.
-
-    Raises:
-        RuntimeError: if it does not (a bug in the allocator, not bad input).
-    """
-    if len(rates) != len(params) or any(not 0 <= r <= 1 for r in rates):
-        raise RuntimeError(f"allocation {allocation!r} returned {len(rates)} rates for {len(params)} blocks or a rate "
-                           f"outside [0, 1]: {rates}")
-    mean = sum(r * p for r, p in zip(rates, params)) / sum(params)
-    if abs(mean - sparsity) > 1e-6:
-        raise RuntimeError(f"allocation {allocation!r} has parameter-weighted mean {mean:.6f}, not {sparsity:g}")
+def needs_calibration(spec: PruneSpec) -> bool:
+    """Whether pruning as ``spec`` says reads calibration data (magnitude with uniform, atp or alphapruning does
+    not)."""
+    return get_pruner(spec.method).needs_stats or allocator_needs_calibration(spec.allocator)
 
 
 @dataclass
@@ -211,19 +197,18 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
     check_widths(adapter, spec.pattern)
     pruner = get_pruner(method)
     placement = placement or Placement.default_for(model)
-    if needs_calibration(method, allocation):
+    if needs_calibration(spec):
         windows, calib_info = _as_windows(calib, tokenizer, nsamples, seqlen, seed, data_dir, strict)
         batch_size = resolve_batch_size(batch_size, model, windows, placement)
         calib_info = dict(calib_info) | {"batch_size": batch_size}
     else:
         windows, calib_info = None, {}
     start = time.perf_counter()
-    if not spec.rates:  # model-dependent allocation (OWL, DLP: dense Wanda statistics; AlphaPruning: spectra)
-        if windows is not None and block_inputs is None:
-            block_inputs = first_block_inputs(adapter, windows, batch_size, placement)
-        context = AllocationContext(adapter, windows, block_inputs, placement)
-        spec = replace(spec, rates=tuple(spec.allocator.rates(spec.sparsity, adapter.num_blocks, context)))
-        check_rates(spec.rates, spec.sparsity, context.block_params(), spec.allocation)
+    if allocator_needs_calibration(spec.allocator) and block_inputs is None:
+        block_inputs = first_block_inputs(adapter, windows, batch_size, placement)
+    # rates for the model's block sizes, from the statistic the allocator declared it needs (computed here)
+    allocation = allocate(spec.allocator, spec.sparsity, adapter, windows, block_inputs, placement)
+    spec = replace(spec, rates=allocation.rates, statistic=allocation.statistic)
     blocks: list[dict] = []
 
     def prune_block(i, block, linears, stats):

@@ -5,6 +5,8 @@ Every check that can fail because of what a user asked for raises :class:`Config
 it into that line on stderr and exit code 2, before any heavy work starts.
 """
 
+import math
+
 
 class ConfigError(ValueError):
     """Bad user input: an illegal option value, a missing file or package, an unknown name."""
@@ -17,3 +19,10 @@ def check_positive_int(name: str, value, allowed: str = "a positive integer", op
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{name} must be {allowed}, got {value!r}")
+
+
+def check_sparsity(sparsity) -> None:
+    """Raise :class:`ConfigError` unless ``sparsity`` is a finite number with ``0 <= sparsity < 1``."""
+    if not (isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool) and math.isfinite(sparsity)
+            and 0.0 <= sparsity < 1.0):
+        raise ConfigError(f"sparsity ratio must be in [0, 1), got {sparsity!r}")

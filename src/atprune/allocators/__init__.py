@@ -1,42 +1,31 @@
-"""Layer-wise sparsity allocators, registered by name.
+"""Layer-wise sparsity allocators, registered by name (:mod:`.registry`).
 
-An allocator turns a target sparsity ratio S and a number of blocks L into one rate per block
-(input side first), with parameter-weighted mean S. ``check`` validates its options before any model is
-loaded. Allocators with ``needs_model`` (OWL, DLP, AlphaPruning) also get an
-:class:`~atprune.allocators.base.AllocationContext` (the model, and calibration data for OWL / DLP).
+An allocator turns a target sparsity ratio S and the block sizes into one rate per block (input side first), with
+parameter-weighted mean S (:class:`~atprune.allocators.base.Allocator`). ``check`` validates its options before any
+model is loaded. Allocators are pure: one that needs the model (OWL, DLP: dense Wanda statistics; AlphaPruning:
+weight spectra) declares it in ``needs``, and the caller (:func:`atprune.prune`) computes its per-block statistic
+with its ``block_statistic`` and passes it in. Every module of this package is imported here, so an allocator
+registers itself by its decorator alone.
 """
 
 from __future__ import annotations
 
-from atprune.allocators.alphapruning import AlphaPruningAllocator
-from atprune.allocators.atp import ATPAllocator, atp_rates, beta_max
-from atprune.allocators.base import AllocationContext
-from atprune.allocators.dlp import DLPAllocator
-from atprune.allocators.owl import OWLAllocator
-from atprune.allocators.uniform import UniformAllocator
-from atprune.errors import ConfigError
+import importlib
+import pkgutil
 
-ALLOCATORS: dict[str, type] = {
-    cls.name: cls for cls in (UniformAllocator, ATPAllocator, OWLAllocator, AlphaPruningAllocator, DLPAllocator)
-}
+from atprune.allocators.base import (NEEDS, NEEDS_DENSE_WANDA, NEEDS_NOTHING, NEEDS_WEIGHTS, Allocation, Allocator,
+                                     weighted_mean)
+from atprune.allocators.registry import ALLOCATORS, get_allocator, register_allocator
 
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
-def get_allocator(name: str, **options):
-    """Instantiate the allocator registered as ``name`` with its options (e.g. ``beta`` for ``atp``).
+from atprune.allocators.alphapruning import AlphaPruningAllocator  # noqa: E402  (registered above)
+from atprune.allocators.atp import ATPAllocator, atp_rates, beta_max  # noqa: E402
+from atprune.allocators.dlp import DLPAllocator  # noqa: E402
+from atprune.allocators.owl import OWLAllocator  # noqa: E402
+from atprune.allocators.uniform import UniformAllocator  # noqa: E402
 
-    Raises:
-        ConfigError: for an unknown name or an option it does not take.
-    """
-    try:
-        cls = ALLOCATORS[name]
-    except KeyError:
-        raise ConfigError(f"unknown allocation {name!r}; choose one of: {', '.join(ALLOCATORS)}") from None
-    options = {k: v for k, v in options.items() if v is not None}
-    try:
-        return cls(**options)
-    except TypeError:
-        raise ConfigError(f"allocation {name!r} does not take options {sorted(options)}") from None
-
-
-__all__ = ["ALLOCATORS", "ATPAllocator", "AllocationContext", "AlphaPruningAllocator", "DLPAllocator", "OWLAllocator",
-           "UniformAllocator", "atp_rates", "beta_max", "get_allocator"]
+__all__ = ["ALLOCATORS", "ATPAllocator", "Allocation", "Allocator", "AlphaPruningAllocator", "DLPAllocator", "NEEDS",
+           "NEEDS_DENSE_WANDA", "NEEDS_NOTHING", "NEEDS_WEIGHTS", "OWLAllocator", "UniformAllocator", "atp_rates",
+           "beta_max", "get_allocator", "register_allocator", "weighted_mean"]

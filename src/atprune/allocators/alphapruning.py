@@ -12,11 +12,13 @@ Needs no calibration data.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from atprune.allocators.base import AllocationContext, weighted_mean
-from atprune.errors import ConfigError
-from atprune.pruners.base import check_sparsity
+from atprune.allocators.base import NEEDS_WEIGHTS, Allocation, as_sizes, require_statistic, weighted_mean
+from atprune.allocators.registry import register_allocator
+from atprune.errors import ConfigError, check_sparsity
 
 
 def hill_alpha(weight: torch.Tensor, bins: int = 100) -> float:
@@ -35,42 +37,45 @@ def hill_alpha(weight: torch.Tensor, bins: int = 100) -> float:
     return 1.0 + tail.numel() / denom if denom > 0 else float("nan")
 
 
+@register_allocator("alphapruning")
 class AlphaPruningAllocator:
-    """``eps``: relative spread of the rates around S (default 0.3)."""
+    """``eps``: relative spread of the rates around S (default 0.3).
 
-    name = "alphapruning"
-    needs_model = True
+    Raises:
+        ConfigError: unless ``0 <= eps < 1``.
+    """
+
+    needs = NEEDS_WEIGHTS
 
     def __init__(self, eps: float = 0.3):
         if not 0 <= eps < 1:
             raise ConfigError(f"alphapruning needs 0 <= eps < 1, got {eps}")
         self.eps = float(eps)
-        self.statistic: list[float] | None = None
 
     def check(self, sparsity: float, num_blocks: int) -> None:
         check_sparsity(sparsity)
 
-    def rates(self, sparsity: float, num_blocks: int, context: AllocationContext | None = None) -> list[float]:
+    def block_statistic(self, weights, col_norms=None) -> float:
+        """The block's alpha: the mean :func:`hill_alpha` of its matrices."""
+        return sum(hill_alpha(w) for w in weights.values()) / len(weights)
+
+    def allocate(self, sparsity: float, block_sizes: int | Sequence[int],
+                 statistic: Sequence[float] | None = None) -> Allocation:
         """One rate per block, parameter-weighted mean ``sparsity``, ordered like the block alphas.
 
         Raises:
-            ConfigError: without a context, or if a rate leaves [0, 1).
+            ConfigError: without the statistic, or if a rate leaves [0, 1).
         """
-        if context is None:
-            raise ConfigError("alphapruning needs the model")
-        adapter = context.adapter
-        self.statistic = [
-            sum(hill_alpha(lin.weight) for lin in adapter.linears(b).values()) / len(adapter.linears(b))
-            for b in adapter.blocks
-        ]
-        lo, hi = min(self.statistic), max(self.statistic)
-        unit = [0.5] * len(self.statistic) if hi == lo else [(a - lo) / (hi - lo) for a in self.statistic]
+        sizes = as_sizes(block_sizes)
+        alphas = require_statistic(self.name, statistic, len(sizes))
+        lo, hi = min(alphas), max(alphas)
+        unit = [0.5] * len(alphas) if hi == lo else [(a - lo) / (hi - lo) for a in alphas]
         raw = [sparsity * (1 - self.eps + 2 * self.eps * u) for u in unit]
-        scale = sparsity / weighted_mean(raw, context.block_params()) if sparsity > 0 else 0.0
+        scale = sparsity / weighted_mean(raw, sizes) if sparsity > 0 else 0.0
         rates = [r * scale for r in raw]
         if max(rates) >= 1:
             raise ConfigError(f"alphapruning rate {max(rates):.3f} >= 1: eps {self.eps:g} too large for sparsity {sparsity:g}")
-        return rates
+        return Allocation(tuple(rates), {"alpha": alphas})
 
     def describe(self) -> dict:
-        return {"name": self.name, "eps": self.eps, "alpha": self.statistic}
+        return {"name": self.name, "eps": self.eps}

@@ -8,50 +8,84 @@ pruned less and output-side blocks more. Block i of L (i = 0 .. L-1, input side 
 whose mean is S. Every s_i must lie in [0, 1], which gives the legal range
 
     0 <= beta <= min(2 S, 2 (1 - S)) / (L - 1).
+
+Blocks of different sizes (p_i prunable weights): the step stays beta and the progression is shifted so that the
+*parameter-weighted* mean is S, i.e. the fraction of weights removed is S, as for every allocator:
+
+    s_i = S - beta * ibar + beta * i,   ibar = sum_i p_i i / sum_i p_i,
+
+legal for 0 <= beta <= min(S / ibar, (1 - S) / (L - 1 - ibar)); with equal blocks ibar = (L - 1) / 2 and both
+reduce to the formulas above (and are computed by them exactly).
 """
 
 from __future__ import annotations
 
-from atprune.errors import ConfigError
-from atprune.pruners.base import check_sparsity
+from collections.abc import Sequence
+
+from atprune.allocators.base import NEEDS_NOTHING, Allocation, as_sizes
+from atprune.allocators.registry import register_allocator
+from atprune.errors import ConfigError, check_sparsity
 
 _EPS = 1e-12
 
 
-def beta_max(sparsity: float, num_blocks: int) -> float:
-    """Largest legal beta for target ``sparsity`` S and ``num_blocks`` L: ``min(2S, 2(1-S)) / (L-1)``.
+def _mean_index(sizes: list[int]) -> float:
+    """Parameter-weighted mean block index ``ibar``; exactly ``(L-1)/2`` for equal sizes."""
+    if len(set(sizes)) == 1:
+        return (len(sizes) - 1) / 2
+    return sum(p * i for i, p in enumerate(sizes)) / sum(sizes)
 
+
+def beta_max(sparsity: float, blocks: int | Sequence[int]) -> float:
+    """Largest legal beta for target ``sparsity`` S and ``blocks`` (L, or the L block sizes).
+
+    Equal blocks: ``min(2S, 2(1-S)) / (L-1)``; sizes p_i: ``min(S / ibar, (1-S) / (L-1-ibar))`` (module docstring).
     Returns 0.0 for a single block (only beta = 0 is possible).
     """
-    if num_blocks <= 1:
+    sizes = as_sizes(blocks)
+    n = len(sizes)
+    if n <= 1:
         return 0.0
-    return min(2 * sparsity, 2 * (1 - sparsity)) / (num_blocks - 1)
+    if len(set(sizes)) == 1:
+        return min(2 * sparsity, 2 * (1 - sparsity)) / (n - 1)
+    ibar = _mean_index(sizes)
+    return min(sparsity / ibar, (1 - sparsity) / (n - 1 - ibar))
 
 
-def atp_rates(sparsity: float, num_blocks: int, beta: float) -> list[float]:
-    """``[s_0, ..., s_{L-1}]`` with ``s_i = S - beta (L-1)/2 + beta i`` (floats in [0, 1]).
+def _check_beta(sparsity: float, blocks: int | Sequence[int], beta: float) -> list[int]:
+    check_sparsity(sparsity)
+    if isinstance(blocks, int) and blocks < 1:
+        raise ConfigError(f"number of blocks must be >= 1, got {blocks}")
+    sizes = as_sizes(blocks)
+    hi = beta_max(sparsity, sizes)
+    if not (-_EPS <= beta <= hi + _EPS):
+        rule = "min(2S, 2(1-S))/(L-1)" if len(set(sizes)) == 1 else "min(S/ibar, (1-S)/(L-1-ibar)) for these block sizes"
+        raise ConfigError(f"illegal beta {beta:g}: for sparsity {sparsity:g} and {len(sizes)} blocks it must be in "
+                          f"[0, {hi:.6g}] ({rule})")
+    return sizes
+
+
+def atp_rates(sparsity: float, blocks: int | Sequence[int], beta: float) -> list[float]:
+    """``[s_0, ..., s_{L-1}]``, ``s_i = S - beta ibar + beta i`` (floats in [0, 1]); for ``blocks`` = L (or equal
+    sizes) this is the paper's ``s_i = S - beta (L-1)/2 + beta i``.
 
     Raises:
-        ConfigError: if S is outside [0, 1), L < 1, or beta outside ``[0, beta_max(S, L)]``.
+        ConfigError: if S is outside [0, 1), there is no block, or beta is outside ``[0, beta_max(S, blocks)]``.
     """
-    check_sparsity(sparsity)
-    if num_blocks < 1:
-        raise ConfigError(f"number of blocks must be >= 1, got {num_blocks}")
-    hi = beta_max(sparsity, num_blocks)
-    if not (-_EPS <= beta <= hi + _EPS):
-        raise ConfigError(
-            f"illegal beta {beta:g}: for sparsity {sparsity:g} and {num_blocks} blocks it must be in [0, {hi:.6g}] "
-            f"(min(2S, 2(1-S))/(L-1))"
-        )
-    start = sparsity - beta * (num_blocks - 1) / 2
-    return [min(1.0, max(0.0, start + beta * i)) for i in range(num_blocks)]
+    sizes = _check_beta(sparsity, blocks, beta)
+    start = sparsity - beta * _mean_index(sizes)
+    return [min(1.0, max(0.0, start + beta * i)) for i in range(len(sizes))]
 
 
+@register_allocator("atp")
 class ATPAllocator:
-    """Arithmetic-progression allocation with step ``beta`` (see module docstring)."""
+    """Arithmetic-progression allocation with step ``beta`` (see module docstring).
 
-    name = "atp"
-    needs_model = False
+    Raises:
+        ConfigError: without a beta (0 gives uniform).
+    """
+
+    needs = NEEDS_NOTHING
 
     def __init__(self, beta: float | None = None):
         if beta is None:
@@ -59,12 +93,15 @@ class ATPAllocator:
         self.beta = float(beta)
 
     def check(self, sparsity: float, num_blocks: int) -> None:
-        """Raise ConfigError for an illegal S or beta (the message prints the legal range)."""
-        atp_rates(sparsity, num_blocks, self.beta)
+        """Raise ConfigError for an illegal S or beta for L equal blocks (the message prints the legal range)."""
+        _check_beta(sparsity, num_blocks, self.beta)
 
-    def rates(self, sparsity: float, num_blocks: int, context=None) -> list[float]:
-        """Per-block sparsity ratios, see :func:`atp_rates`."""
-        return atp_rates(sparsity, num_blocks, self.beta)
+    def block_statistic(self, weights, col_norms) -> float:
+        raise NotImplementedError("atp needs no statistic")
+
+    def allocate(self, sparsity: float, block_sizes: int | Sequence[int], statistic=None) -> Allocation:
+        """Per-block rates, see :func:`atp_rates` (parameter-weighted mean S for blocks of different sizes)."""
+        return Allocation(tuple(atp_rates(sparsity, block_sizes, self.beta)))
 
     def describe(self) -> dict:
         return {"name": self.name, "beta": self.beta}

@@ -1,63 +1,119 @@
-"""What model-dependent allocators may look at, and the mapping several of them share."""
+"""The allocator interface, what an allocator may ask for, and the mappings several of them share.
+
+An allocator is pure: it gets the target S, the block sizes and (if it declares a need) one number per block that
+the job computed for it, and returns the rates with the statistic behind them. It never runs the model and keeps
+no state between runs.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
-from atprune.models.adapter import Adapter
 from atprune.errors import ConfigError
 
+# What an allocator asks the job to compute, one float per block, with its ``block_statistic``:
+NEEDS_NOTHING = "nothing"  # rates from S and the block sizes alone (uniform, ATP)
+NEEDS_WEIGHTS = "weights"  # from the dense weights alone (AlphaPruning: spectra); no calibration data
+NEEDS_DENSE_WANDA = "dense_wanda"  # from the dense weights and the column norms ||X_j||_2 of each layer's input,
+#                                    collected block by block on the *dense* model (OWL, DLP)
+NEEDS = (NEEDS_NOTHING, NEEDS_WEIGHTS, NEEDS_DENSE_WANDA)
 
-@dataclass
-class AllocationContext:
-    """The model and calibration data an allocator may use (built by :func:`atprune.prune`).
+
+@dataclass(frozen=True)
+class Allocation:
+    """The result of an allocation.
 
     Attributes:
-        adapter: the model's :class:`atprune.models.adapter.Adapter`.
-        windows: ``[nsamples, seqlen]`` int64 calibration tokens (None for data-free allocation).
-        block_inputs: the captured block-0 inputs for ``windows`` (shared with the pruning pass).
-        placement: the :class:`atprune.engine.placement.Placement` of the pruning pass (offloading), or None.
+        rates: one sparsity ratio in [0, 1] per block, input side first; parameter-weighted mean S.
+        statistic: what the rates were derived from, for the report (e.g. ``{"outlier_ratio": [...]}``);
+            keys become ``allocator_<key>`` in the run's spec.
     """
 
-    adapter: Adapter
-    windows: torch.Tensor | None = None
-    block_inputs: object | None = None
-    placement: object | None = None
+    rates: tuple[float, ...]
+    statistic: dict = field(default_factory=dict)
 
-    def block_params(self) -> list[int]:
-        """Number of prunable weights per block, input side first."""
-        return [sum(lin.weight.numel() for lin in self.adapter.linears(b).values()) for b in self.adapter.blocks]
 
-    def dense_block_stat(self, fn) -> list[float]:
-        """``fn(linears, stats) -> float`` for every block of the *dense* model, with the Wanda input statistics
-        (:class:`atprune.engine.stats.InputStats`) collected block by block on dense inputs (the OWL / DLP protocol).
+class Allocator(Protocol):
+    """A layer-wise sparsity allocator, registered with :func:`atprune.allocators.registry.register_allocator`.
+
+    Attributes:
+        name: the registered name (``--allocation``).
+        needs: one of :data:`NEEDS`: what the job must compute (with :meth:`block_statistic`) before
+            :meth:`allocate`.
+    """
+
+    name: str
+    needs: str
+
+    def check(self, sparsity: float, num_blocks: int) -> None:
+        """Validate S and the options for ``num_blocks`` blocks before any model is loaded (ConfigError)."""
+
+    def block_statistic(self, weights: Mapping[str, torch.Tensor],
+                        col_norms: Mapping[str, torch.Tensor] | None) -> float:
+        """One block's number (only called when ``needs`` is not ``NEEDS_NOTHING``).
+
+        Args:
+            weights: layer name -> ``[out, in]`` dense weight (any float dtype and device; do not modify).
+            col_norms: layer name -> ``[in]`` float32 ``||X_j||_2`` of the layer's dense calibration input
+                (``NEEDS_DENSE_WANDA``), else None.
+        """
+
+    def allocate(self, sparsity: float, block_sizes: int | Sequence[int],
+                 statistic: Sequence[float] | None = None) -> Allocation:
+        """Rates for blocks of ``block_sizes`` prunable weights (an int L: L equal blocks), with parameter-weighted
+        mean ``sparsity``; ``statistic``: the per-block numbers the job computed (None for ``NEEDS_NOTHING``).
 
         Raises:
-            ConfigError: if no calibration windows were given.
+            ConfigError: if no legal rates exist for these options (e.g. a window too wide for S).
         """
-        from atprune.engine.passes import sequential
 
-        if self.windows is None or self.block_inputs is None:
-            raise ConfigError("this allocation needs calibration data")
-        values: list[float] = []
-        sequential(self.adapter, self.windows, lambda i, block, linears, stats: values.append(float(fn(linears, stats))),
-                   inputs=self.block_inputs, placement=self.placement, last_outputs=False)
-        return values
+    def describe(self) -> dict:
+        """The allocator's name and options, for the report."""
 
 
-def wanda_scores(linears: dict, stats: dict) -> torch.Tensor:
-    """All Wanda scores ``|W_ij| * ||X_j||_2`` of one block's Linear layers, flattened into one float32 vector."""
-    return torch.cat([(lin.weight.detach().abs().float() * stats[name].col_norm().to(lin.weight.device)).flatten()
-                      for name, lin in linears.items()])
+def as_sizes(block_sizes: int | Sequence[int]) -> list[int]:
+    """``L`` -> ``[1] * L`` (equal blocks); a sequence of sizes is returned as a list.
+
+    Raises:
+        ConfigError: for no blocks or a size below 1.
+    """
+    sizes = [1] * block_sizes if isinstance(block_sizes, int) else [int(s) for s in block_sizes]
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(f"an allocation needs at least one block of at least one weight, got {block_sizes!r}")
+    return sizes
 
 
-def weighted_mean(values: list[float], weights: list[int]) -> float:
+def require_statistic(name: str, statistic: Sequence[float] | None, num_blocks: int) -> list[float]:
+    """The per-block statistic as a list, checked to hold one number per block.
+
+    Raises:
+        ConfigError: if it is missing (the allocator was called without what it declared it needs) or has the
+            wrong length.
+    """
+    if statistic is None:
+        raise ConfigError(f"{name} needs the model (its per-block statistic); call it through atprune.prune")
+    if len(statistic) != num_blocks:
+        raise ConfigError(f"{name} got a statistic for {len(statistic)} blocks, expected {num_blocks}")
+    return [float(v) for v in statistic]
+
+
+def wanda_scores(weights: Mapping[str, torch.Tensor], col_norms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """All Wanda scores ``|W_ij| * ||X_j||_2`` (Sun et al. 2023, Eq. 1) of one block's layers, flattened into one
+    float32 vector (on the weights' device)."""
+    return torch.cat([(w.detach().abs().float() * col_norms[name].to(w.device)).flatten()
+                      for name, w in weights.items()])
+
+
+def weighted_mean(values: Sequence[float], weights: Sequence[int]) -> float:
+    """``sum(v * w) / sum(w)``."""
     return sum(v * w for v, w in zip(values, weights)) / sum(weights)
 
 
-def window_rates(score: list[float], sparsity: float, width: float, weights: list[int],
+def window_rates(score: Sequence[float], sparsity: float, width: float, weights: Sequence[int],
                  higher_is_sparser: bool) -> list[float]:
     """Min-max map ``score`` onto a window of ``width`` (rates differ by at most ``width``), then shift so the
     parameter-weighted mean is ``sparsity`` (OWL, Yin et al. 2024, Sec. 4; DLP uses the same mapping).

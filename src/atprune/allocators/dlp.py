@@ -8,9 +8,12 @@ min-max mapped onto a window of width ``2 * alpha`` and shifted so the mean spar
 
 from __future__ import annotations
 
-from atprune.allocators.base import AllocationContext, wanda_scores, window_rates
-from atprune.errors import ConfigError
-from atprune.pruners.base import check_sparsity
+from collections.abc import Sequence
+
+from atprune.allocators.base import (NEEDS_DENSE_WANDA, Allocation, as_sizes, require_statistic, wanda_scores,
+                                     window_rates)
+from atprune.allocators.registry import register_allocator
+from atprune.errors import ConfigError, check_sparsity
 
 
 def default_alpha(sparsity: float) -> float:
@@ -18,33 +21,40 @@ def default_alpha(sparsity: float) -> float:
     return 0.04 if sparsity <= 0.55 else 0.1 if sparsity <= 0.65 else 0.15
 
 
+@register_allocator("dlp")
 class DLPAllocator:
-    """``alpha``: half window (default by sparsity, see :func:`default_alpha`)."""
+    """``alpha``: half window (default by sparsity, see :func:`default_alpha`).
 
-    name = "dlp"
-    needs_model = True
+    Raises:
+        ConfigError: unless ``0 <= alpha < 0.5``.
+    """
+
+    needs = NEEDS_DENSE_WANDA
 
     def __init__(self, alpha: float | None = None):
         if alpha is not None and not 0 <= alpha < 0.5:
             raise ConfigError(f"dlp needs 0 <= alpha < 0.5, got {alpha}")
         self.alpha = alpha
-        self.statistic: list[float] | None = None
 
     def check(self, sparsity: float, num_blocks: int) -> None:
         check_sparsity(sparsity)
 
-    def rates(self, sparsity: float, num_blocks: int, context: AllocationContext | None = None) -> list[float]:
+    def block_statistic(self, weights, col_norms) -> float:
+        """The block's mean dense Wanda score."""
+        return wanda_scores(weights, col_norms).mean().item()
+
+    def allocate(self, sparsity: float, block_sizes: int | Sequence[int],
+                 statistic: Sequence[float] | None = None) -> Allocation:
         """One rate per block, parameter-weighted mean ``sparsity``, max - min = 2 alpha.
 
         Raises:
-            ConfigError: without a context or if a rate leaves [0, 1).
+            ConfigError: without the statistic, or if a rate leaves [0, 1).
         """
-        if context is None:
-            raise ConfigError("dlp needs the model and calibration data")
+        sizes = as_sizes(block_sizes)
+        importance = require_statistic(self.name, statistic, len(sizes))
         alpha = default_alpha(sparsity) if self.alpha is None else self.alpha
-        self.alpha_used = alpha
-        self.statistic = context.dense_block_stat(lambda linears, stats: wanda_scores(linears, stats).mean().item())
-        return window_rates(self.statistic, sparsity, 2 * alpha, context.block_params(), higher_is_sparser=False)
+        rates = window_rates(importance, sparsity, 2 * alpha, sizes, higher_is_sparser=False)
+        return Allocation(tuple(rates), {"alpha": alpha, "importance": importance})
 
     def describe(self) -> dict:
-        return {"name": self.name, "alpha": getattr(self, "alpha_used", self.alpha), "importance": self.statistic}
+        return {"name": self.name, "alpha": self.alpha}

@@ -2,15 +2,18 @@
 
 Yin et al., ICML 2024, "Outlier Weighed Layerwise Sparsity (OWL)", Sec. 4: for each block, the layerwise
 outlier distribution ``D_i`` is the fraction of its Wanda scores ``|W| * ||X||_2`` (all Linear sublayers
-together) larger than ``M`` times their mean. Blocks with more outliers are pruned less: ``D`` is min-max
-mapped onto a window of width ``2 * lambda`` and shifted so the mean sparsity is S.
+together, on the dense model's inputs) larger than ``M`` times their mean. Blocks with more outliers are pruned
+less: ``D`` is min-max mapped onto a window of width ``2 * lambda`` and shifted so the mean sparsity is S.
 """
 
 from __future__ import annotations
 
-from atprune.allocators.base import AllocationContext, wanda_scores, window_rates
-from atprune.errors import ConfigError
-from atprune.pruners.base import check_sparsity
+from collections.abc import Sequence
+
+from atprune.allocators.base import (NEEDS_DENSE_WANDA, Allocation, as_sizes, require_statistic, wanda_scores,
+                                     window_rates)
+from atprune.allocators.registry import register_allocator
+from atprune.errors import ConfigError, check_sparsity
 
 
 def outlier_ratio(scores, m: float) -> float:
@@ -18,31 +21,39 @@ def outlier_ratio(scores, m: float) -> float:
     return (scores > m * scores.mean()).float().mean().item()
 
 
+@register_allocator("owl")
 class OWLAllocator:
-    """``M`` (outlier threshold, default 5) and ``lam`` (half window, default 0.08)."""
+    """``M`` (outlier threshold, default 5) and ``lam`` (half window, default 0.08).
 
-    name = "owl"
-    needs_model = True
+    Raises:
+        ConfigError: unless ``M > 0`` and ``0 <= lam < 0.5``.
+    """
+
+    needs = NEEDS_DENSE_WANDA
 
     def __init__(self, M: float = 5.0, lam: float = 0.08):
         if not (M > 0 and 0 <= lam < 0.5):
             raise ConfigError(f"owl needs M > 0 and 0 <= lam < 0.5, got M={M}, lam={lam}")
         self.M, self.lam = float(M), float(lam)
-        self.statistic: list[float] | None = None
 
     def check(self, sparsity: float, num_blocks: int) -> None:
         check_sparsity(sparsity)
 
-    def rates(self, sparsity: float, num_blocks: int, context: AllocationContext | None = None) -> list[float]:
+    def block_statistic(self, weights, col_norms) -> float:
+        """The block's outlier ratio ``D_i`` (see :func:`outlier_ratio`) of its dense Wanda scores."""
+        return outlier_ratio(wanda_scores(weights, col_norms), self.M)
+
+    def allocate(self, sparsity: float, block_sizes: int | Sequence[int],
+                 statistic: Sequence[float] | None = None) -> Allocation:
         """One rate per block (input side first), parameter-weighted mean ``sparsity``, max - min = 2 lam.
 
         Raises:
-            ConfigError: without a context (model and calibration data) or if a rate leaves [0, 1).
+            ConfigError: without the statistic, or if a rate leaves [0, 1).
         """
-        if context is None:
-            raise ConfigError("owl needs the model and calibration data")
-        self.statistic = context.dense_block_stat(lambda linears, stats: outlier_ratio(wanda_scores(linears, stats), self.M))
-        return window_rates(self.statistic, sparsity, 2 * self.lam, context.block_params(), higher_is_sparser=False)
+        sizes = as_sizes(block_sizes)
+        ratios = require_statistic(self.name, statistic, len(sizes))
+        rates = window_rates(ratios, sparsity, 2 * self.lam, sizes, higher_is_sparser=False)
+        return Allocation(tuple(rates), {"outlier_ratio": ratios})
 
     def describe(self) -> dict:
-        return {"name": self.name, "M": self.M, "lam": self.lam, "outlier_ratio": self.statistic}
+        return {"name": self.name, "M": self.M, "lam": self.lam}

@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
-from atprune.pruners.base import check_sparsity
+from collections.abc import Sequence
+
+from atprune.allocators.base import NEEDS_NOTHING, Allocation, as_sizes
+from atprune.allocators.registry import register_allocator
+from atprune.errors import check_sparsity
 
 
+@register_allocator("uniform")
 class UniformAllocator:
     """``s_i = S`` for every block i."""
 
-    name = "uniform"
-    needs_model = False
+    needs = NEEDS_NOTHING
 
     def check(self, sparsity: float, num_blocks: int) -> None:
         """Raise ConfigError unless ``0 <= sparsity < 1``."""
         check_sparsity(sparsity)
 
-    def rates(self, sparsity: float, num_blocks: int, context=None) -> list[float]:
-        """Per-block sparsity ratios, a list of ``num_blocks`` floats equal to ``sparsity``."""
-        self.check(sparsity, num_blocks)
-        return [float(sparsity)] * num_blocks
+    def block_statistic(self, weights, col_norms) -> float:
+        raise NotImplementedError("uniform needs no statistic")
+
+    def allocate(self, sparsity: float, block_sizes: int | Sequence[int], statistic=None) -> Allocation:
+        """``sparsity`` for each of the blocks (``block_sizes``: L or the L sizes).
+
+        Raises:
+            ConfigError: unless ``0 <= sparsity < 1``.
+        """
+        check_sparsity(sparsity)
+        return Allocation((float(sparsity),) * len(as_sizes(block_sizes)))
 
     def describe(self) -> dict:
         return {"name": self.name}

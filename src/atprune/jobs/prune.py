@@ -137,7 +137,7 @@ def run_prune_job(job: PruneJob) -> dict:
     calib = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if needs_calibration(spec.method, spec.allocation):
+        if needs_calibration(spec):
             calib_source = data_mod.load_text(job.calib_data, "train", job.data_dir)
             calib = data_mod.calibration_windows(tokenizer, calib_source, job.nsamples, job.seqlen, job.seed,
                                                  job.strict)

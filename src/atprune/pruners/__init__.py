@@ -1,27 +1,17 @@
-"""Pruners, registered by name. Each is a pure tensor function over one Linear weight."""
+"""Pruners, registered by name (:mod:`.registry`). Each is a pure tensor function over one weight matrix.
+
+Every module of this package is imported here, so a pruner registers itself by its decorator alone.
+"""
 
 from __future__ import annotations
 
-from atprune.errors import ConfigError
+import importlib
+import pkgutil
+
 from atprune.pruners.base import Pattern, Pruner, check_sparsity, prune_mask
-from atprune.pruners.magnitude import MagnitudePruner
-from atprune.pruners.sparsegpt import SparseGPTPruner
-from atprune.pruners.wanda import WandaPruner
+from atprune.pruners.registry import PRUNERS, get_pruner, register_pruner
 
-PRUNERS: dict[str, type] = {cls.name: cls for cls in (MagnitudePruner, WandaPruner, SparseGPTPruner)}
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
-
-def get_pruner(name: str, **options) -> Pruner:
-    """Instantiate the pruner registered as ``name`` (``magnitude``, ``wanda``, ``sparsegpt``).
-
-    Raises:
-        ConfigError: for an unknown name (the message lists the known ones).
-    """
-    try:
-        cls = PRUNERS[name]
-    except KeyError:
-        raise ConfigError(f"unknown pruning method {name!r}; choose one of: {', '.join(PRUNERS)}") from None
-    return cls(**options)
-
-
-__all__ = ["PRUNERS", "Pattern", "Pruner", "check_sparsity", "get_pruner", "prune_mask"]
+__all__ = ["PRUNERS", "Pattern", "Pruner", "check_sparsity", "get_pruner", "prune_mask", "register_pruner"]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from atprune.errors import ConfigError
+from atprune.errors import ConfigError, check_sparsity  # noqa: F401  (check_sparsity: re-exported)
 from atprune.engine.stats import InputStats
 
 
@@ -61,13 +60,21 @@ class Pattern:
 
 
 class Pruner(Protocol):
-    """One pruning criterion (and, for SparseGPT, weight update).
+    """One pruning criterion (and, for SparseGPT, weight update), registered with
+    :func:`atprune.pruners.registry.register_pruner`.
 
-    ``prune`` is a pure tensor function: it returns the pruned weight and leaves ``weight`` as it was.
+    ``prune`` is a pure tensor function: it returns the pruned weight and leaves ``weight`` as it was. The engine
+    collects what the pruner declares it needs before calling it, and nothing else.
+
+    Attributes:
+        name: the registered name (``--method``).
+        needs_stats: True if ``prune`` reads input statistics (False: data-free, no calibration pass at all).
+        needs_hessian: True if the statistics must include ``X X^T`` (``InputStats(hessian=True)``).
     """
 
     name: str
-    needs_hessian: bool  # True: stats must be InputStats(hessian=True)
+    needs_stats: bool
+    needs_hessian: bool
 
     def prune(self, weight: torch.Tensor, stats: InputStats | None, sparsity: float, pattern: Pattern) -> torch.Tensor:
         """Prune one Linear weight.
@@ -83,12 +90,6 @@ class Pruner(Protocol):
             (weights that were already zero count as pruned).
         """
         ...
-
-
-def check_sparsity(sparsity: float) -> None:
-    """Raise ConfigError unless ``0 <= sparsity < 1``."""
-    if not (isinstance(sparsity, (int, float)) and math.isfinite(sparsity) and 0.0 <= sparsity < 1.0):
-        raise ConfigError(f"sparsity ratio must be in [0, 1), got {sparsity!r}")
 
 
 def prune_mask(scores: torch.Tensor, sparsity: float, pattern: Pattern, per_row: bool) -> torch.Tensor:

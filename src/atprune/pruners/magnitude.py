@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import torch
 
+from atprune.pruners.registry import register_pruner
 from atprune.pruners.base import Pattern, prune_mask
 from atprune.engine.stats import InputStats
 
 
+@register_pruner("magnitude")
 class MagnitudePruner:
     """Score ``|W_ij|``; unstructured: lowest ``floor(numel * s)`` over the whole matrix; N:M: per group."""
 
-    name = "magnitude"
     needs_hessian = False
     needs_stats = False
 

@@ -20,6 +20,7 @@ import logging
 
 import torch
 
+from atprune.pruners.registry import register_pruner
 from atprune.pruners.base import Pattern
 from atprune.engine.stats import InputStats
 
@@ -146,6 +147,7 @@ def _block_solve(w1: torch.Tensor, hinv1: torch.Tensor, sparsity: float,
     return q1, err1, mask1
 
 
+@register_pruner("sparsegpt")
 class SparseGPTPruner:
     """OBS pruning with weight reconstruction.
 
@@ -159,7 +161,6 @@ class SparseGPTPruner:
             uses the loop, as each group's mask depends on the updates of the groups before it.
     """
 
-    name = "sparsegpt"
     needs_hessian = True
     needs_stats = True
 

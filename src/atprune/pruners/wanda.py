@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import torch
 
+from atprune.pruners.registry import register_pruner
 from atprune.pruners.base import Pattern, prune_mask
 from atprune.engine.stats import InputStats
 
 
+@register_pruner("wanda")
 class WandaPruner:
     """Score ``|W_ij| * ||X_j||_2``; unstructured: lowest ``floor(in * s)`` in every row; N:M: per group."""
 
-    name = "wanda"
     needs_hessian = False
     needs_stats = True
 

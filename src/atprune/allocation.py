@@ -1,0 +1,90 @@
+"""What an allocator needs, computed for it: block sizes and, where it declares a need, one number per block.
+
+Allocators are pure (:mod:`atprune.allocators`); this module is the one place that runs the model for them:
+``NEEDS_WEIGHTS`` reads the dense weights, ``NEEDS_DENSE_WANDA`` runs the block-by-block engine on the dense model
+and hands each block's weights and input column norms to the allocator's ``block_statistic``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from atprune.allocators import NEEDS_DENSE_WANDA, NEEDS_NOTHING, NEEDS_WEIGHTS, Allocation
+from atprune.engine.passes import BlockInputs, sequential
+from atprune.engine.placement import Placement
+from atprune.errors import ConfigError
+from atprune.models.adapter import Adapter
+
+
+def block_sizes(adapter: Adapter) -> list[int]:
+    """Number of prunable weights per block, input side first (embeddings and lm_head are not in any block)."""
+    return [sum(lin.weight.numel() for lin in adapter.linears(b).values()) for b in adapter.blocks]
+
+
+def needs_calibration(allocator) -> bool:
+    """Whether the allocator's statistic reads calibration activations."""
+    return allocator.needs == NEEDS_DENSE_WANDA
+
+
+def block_statistic(allocator, adapter: Adapter, windows: torch.Tensor | None = None,
+                    inputs: BlockInputs | None = None, placement: Placement | None = None) -> list[float] | None:
+    """The per-block statistic ``allocator.needs``, computed on the model as it is now (dense, before pruning).
+
+    Args:
+        allocator: an :class:`~atprune.allocators.base.Allocator`.
+        windows: ``[nsamples, seqlen]`` int64 calibration tokens (``NEEDS_DENSE_WANDA`` only).
+        inputs: their captured block-0 inputs (shared with the pruning pass).
+        placement: where blocks and activations live during the pass (offloading).
+
+    Returns:
+        One float per block, or None for ``NEEDS_NOTHING``.
+
+    Raises:
+        ConfigError: for ``NEEDS_DENSE_WANDA`` without calibration windows.
+        ValueError: for an unknown need (a bug in the allocator).
+    """
+    if allocator.needs == NEEDS_NOTHING:
+        return None
+    if allocator.needs == NEEDS_WEIGHTS:
+        with torch.no_grad():
+            return [float(allocator.block_statistic({n: lin.weight.detach() for n, lin in adapter.linears(b).items()},
+                                                    None)) for b in adapter.blocks]
+    if allocator.needs != NEEDS_DENSE_WANDA:
+        raise ValueError(f"allocator {allocator.name!r} declares an unknown need {allocator.needs!r}")
+    if windows is None:
+        raise ConfigError(f"allocation {allocator.name!r} needs calibration data")
+    values: list[float] = []
+
+    def measure(i, block, linears, stats):
+        weights = {n: lin.weight.detach() for n, lin in linears.items()}
+        values.append(float(allocator.block_statistic(weights, {n: stats[n].col_norm() for n in linears})))
+
+    sequential(adapter, windows, measure, inputs=inputs, placement=placement, last_outputs=False)
+    return values
+
+
+def check_rates(rates, sparsity: float, sizes: list[int], allocation: str) -> None:
+    """Every allocator must give one rate in [0, 1] per block with parameter-weighted mean ``sparsity``.
+
+    Raises:
+        RuntimeError: if it does not (a bug in the allocator, not bad input).
+    """
+    if len(rates) != len(sizes) or any(not 0 <= r <= 1 for r in rates):
+        raise RuntimeError(f"allocation {allocation!r} returned {len(rates)} rates for {len(sizes)} blocks or a rate "
+                           f"outside [0, 1]: {rates}")
+    mean = sum(r * p for r, p in zip(rates, sizes)) / sum(sizes)
+    if abs(mean - sparsity) > 1e-6:
+        raise RuntimeError(f"allocation {allocation!r} has parameter-weighted mean {mean:.6f}, not {sparsity:g}")
+
+
+def allocate(allocator, sparsity: float, adapter: Adapter, windows: torch.Tensor | None = None,
+             inputs: BlockInputs | None = None, placement: Placement | None = None) -> Allocation:
+    """Compute what ``allocator`` needs on ``adapter``'s model, call it, and check its rates (:func:`check_rates`).
+
+    Raises:
+        ConfigError: as :func:`block_statistic` and the allocator's ``allocate``.
+    """
+    sizes = block_sizes(adapter)
+    result = allocator.allocate(sparsity, sizes, block_statistic(allocator, adapter, windows, inputs, placement))
+    check_rates(result.rates, sparsity, sizes, allocator.name)
+    return result
