@@ -165,7 +165,7 @@ def test_verify_detects_tampered_checkpoints(tmp_path, capsys):
 def test_verify_bad_input_is_exit_2(tmp_path, capsys):
     assert main(["verify", str(tmp_path)]) == 2
     assert "has no report.json" in capsys.readouterr().err
-    (tmp_path / "report.json").write_text(json.dumps({"schema": "atprune.export.report/1"}))
+    (tmp_path / "report.json").write_text(json.dumps({"schema": "atprune.report/1"}))
     assert main(["verify", str(tmp_path)]) == 2
     assert "no export section" in capsys.readouterr().err
 

@@ -15,7 +15,7 @@ TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge"
 
 def load(path: str) -> tuple[dict, dict | None]:
     d = json.load(open(path))
-    if d.get("schema", "").startswith("atprune.eval.zeroshot"):
+    if d.get("schema", "").startswith("atprune.zeroshot"):
         return d, None
     return d["zero_shot"]["sparse"], d
 

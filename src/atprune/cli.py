@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data-dir", default=None, help="local data folder for named sets (default $ATPRUNE_DATA_DIR)")
     c.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
     c.add_argument("--nselect", type=int, default=16, help="selection windows for ATP's beta search (default 16)")
+    c.add_argument("--select-data", default=None, help="selection text for ATP's beta search (validation split of a "
+                   "named set, or a file); default: windows of the calibration source disjoint from the calibration "
+                   "samples")
     c.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
     c.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     c.add_argument("--max-trials", type=int, default=6, help="golden-search trials for ATP (default 6)")
@@ -213,19 +216,28 @@ def _run_eval(args) -> int:
     return 0
 
 
+def _run_options(args, **overrides) -> dict:
+    """The :class:`atprune.jobs.options.RunOptions` fields every job shares, from the parsed arguments (a field the
+    subcommand has no flag for keeps its default); ``overrides`` replace or add fields."""
+    from dataclasses import fields
+
+    from atprune.jobs.options import RunOptions
+
+    options = {f.name: getattr(args, f.name) for f in fields(RunOptions) if hasattr(args, f.name)}
+    options["progress"] = not args.quiet
+    if getattr(args, "no_eval", False):
+        options["eval_data"] = None
+    return options | overrides
+
+
 def _run_search(args) -> int:
     from atprune.jobs.search import SearchJob, run_search_job
 
-    job = SearchJob(model=args.model, method=args.method, sparsity=args.sparsity, calib_data=args.calib_data,
-                    select_data=args.select_data, eval_data=None if args.no_eval else args.eval_data,
-                    select_on_test=args.select_on_test, data_dir=args.data_dir, nsamples=args.nsamples,
-                    nselect=args.nselect, seqlen=args.seqlen, seed=args.seed, strategy=args.strategy,
-                    max_trials=args.max_trials, step=args.step, metric=args.metric, eval_windows=args.eval_windows,
-                    batch_size=args.batch_size, dtype=args.dtype, device=args.device, out=args.out,
-                    overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
+    job = SearchJob(**_run_options(args), method=args.method, sparsity=args.sparsity, select_data=args.select_data,
+                    select_on_test=args.select_on_test, nselect=args.nselect, strategy=args.strategy,
+                    max_trials=args.max_trials, step=args.step, metric=args.metric, resume=args.resume,
                     save_dtype=args.save_dtype, formats=(args.format,), zero_shot=args.zero_shot,
-                    task_data=args.task_data, zero_shot_limit=args.zero_shot_limit,
-                    blocks_path=args.blocks_path)
+                    task_data=args.task_data, zero_shot_limit=args.zero_shot_limit)
     state = run_search_job(job)
     mark = "  [SELECTED ON TEST]" if state["selected_on_test"] else ""
     print(f"{'beta':>8} {'metric':>12} {'seconds':>8}{mark}")
@@ -249,12 +261,9 @@ def _run_search(args) -> int:
 def _run_compare(args) -> int:
     from atprune.jobs.compare import CompareJob, run_compare_job
 
-    job = CompareJob(model=args.model, out=args.out, methods=args.methods, sparsities=args.sparsities,
-                     allocations=args.allocations, calib_data=args.calib_data, eval_data=args.eval_data,
-                     data_dir=args.data_dir, nsamples=args.nsamples, nselect=args.nselect, seqlen=args.seqlen,
-                     seed=args.seed, max_trials=args.max_trials, eval_windows=args.eval_windows,
-                     batch_size=args.batch_size, dtype=args.dtype, device=args.device, overwrite=args.overwrite,
-                     progress=not args.quiet, blocks_path=args.blocks_path)
+    job = CompareJob(**_run_options(args), methods=args.methods, sparsities=args.sparsities,
+                     allocations=args.allocations, nselect=args.nselect, select_data=args.select_data,
+                     max_trials=args.max_trials)
     run_compare_job(job)
     print((Path(args.out) / "results.md").read_text())
     print(f"saved: {os.path.abspath(args.out)} (compare.json, results.csv, results.md, rates.png)")
@@ -262,13 +271,10 @@ def _run_compare(args) -> int:
 
 
 def _run_analyze(args) -> int:
-    from atprune.jobs.analysis import run_analyze
+    from atprune.jobs.analysis import AnalyzeJob, run_analyze_job
 
-    result = run_analyze(model=args.model, method=args.method, sparsity=args.sparsity, allocations=args.allocations,
-                         calib_data=args.calib_data, data_dir=args.data_dir, nsamples=args.nsamples, seqlen=args.seqlen,
-                         seed=args.seed, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
-                         out=args.out, overwrite=args.overwrite, blocks_path=args.blocks_path,
-                         progress=not args.quiet)
+    result = run_analyze_job(AnalyzeJob(**_run_options(args), method=args.method, sparsity=args.sparsity,
+                                        allocations=args.allocations))
     names = list(result["curves"])
     print("block " + " ".join(f"{n + ' local':>18} {n + ' accum':>18}" for n in names))
     for i in range(len(result["curves"][names[0]]["local"])):
@@ -317,17 +323,12 @@ def _job_from_args(args):
     sparsity = args.sparsity
     if sparsity is None and args.pattern.strip().lower() in ("unstructured", "none", ""):
         sparsity = 0.5
-    return PruneJob(model=args.model, method=args.method, sparsity=sparsity, pattern=args.pattern,
-                    allocation=args.allocation, beta=args.beta, allocation_options=_alloc_options(args.alloc_opt), calib_data=args.calib_data,
-                    eval_data=None if args.no_eval else args.eval_data, data_dir=args.data_dir,
-                    nsamples=args.nsamples, seqlen=args.seqlen, eval_seqlen=args.eval_seqlen,
-                    eval_windows=args.eval_windows, eval_dense=not args.no_eval_dense, seed=args.seed,
-                    batch_size=args.batch_size, dtype=args.dtype, device=args.device, out=args.out,
-                    offload=args.offload, offload_activations=args.offload_activations,
-                    overwrite=args.overwrite, strict=args.strict, progress=not args.quiet,
-                    save_dtype=args.save_dtype, formats=(args.format,), zero_shot=args.zero_shot,
-                    task_data=args.task_data, zero_shot_limit=args.zero_shot_limit,
-                    blocks_path=args.blocks_path)
+    return PruneJob(**_run_options(args), method=args.method, sparsity=sparsity, pattern=args.pattern,
+                    allocation=args.allocation, beta=args.beta, allocation_options=_alloc_options(args.alloc_opt),
+                    eval_seqlen=args.eval_seqlen, eval_dense=not args.no_eval_dense, offload=args.offload,
+                    offload_activations=args.offload_activations, strict=args.strict, save_dtype=args.save_dtype,
+                    formats=(args.format,), zero_shot=args.zero_shot, task_data=args.task_data,
+                    zero_shot_limit=args.zero_shot_limit)
 
 
 def main(argv: list[str] | None = None) -> int:

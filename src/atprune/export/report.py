@@ -7,7 +7,7 @@ import platform
 import sys
 from datetime import datetime, timezone
 
-SCHEMA = "atprune.export.report/1"
+SCHEMA = "atprune.report/1"
 
 
 def versions() -> dict:

@@ -12,14 +12,21 @@ pruned model is exactly the one :func:`atprune.prune` would produce.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from atprune import data as data_mod
 
 from atprune.models.adapter import Adapter, set_weight
 from atprune.api import plan, resolve_batch_size
 from atprune.engine.passes import BlockInputs, collect_stats, first_block_inputs, run_block
 from atprune.engine.placement import Placement
+from atprune.errors import ConfigError
+from atprune.export import check_output_dir, write_json
+from atprune.jobs.options import RunOptions, check_run_options
+from atprune.models.sources import load_model
 from atprune.pruners import get_pruner
 
 
@@ -98,8 +105,6 @@ def parse_allocation(text: str) -> tuple[str, float | None]:
     Raises:
         ConfigError: for anything else.
     """
-    from atprune.errors import ConfigError
-
     name, _, value = text.partition(":")
     if not value:
         return name, None
@@ -109,46 +114,62 @@ def parse_allocation(text: str) -> tuple[str, float | None]:
         raise ConfigError(f"allocation must look like 'uniform' or 'atp:0.01', got {text!r}") from None
 
 
-def run_analyze(*, model: str, method: str, sparsity: float, allocations: list[str], calib_data: str,
-                data_dir: str | None = None, nsamples: int = 32, seqlen: int = 512, seed: int = 0, batch_size: int = 1,
-                dtype: str | None = None, device: str = "auto", out: str, overwrite: bool = False,
-                blocks_path: str | None = None, progress: bool = True) -> dict:
+@dataclass(kw_only=True)
+class AnalyzeJob(RunOptions):
+    """Options of ``atprune analyze`` (the CLI flags, one to one); the shared ones are in :class:`RunOptions`.
+
+    ``allocations`` are texts such as ``"uniform"`` or ``"atp:0.01"`` (see :func:`parse_allocation`)."""
+
+    out: str
+    method: str = "wanda"
+    sparsity: float = 0.5
+    allocations: list[str] = field(default_factory=lambda: ["uniform"])
+    eval_data: str | None = None
+    nsamples: int = 32
+    seqlen: int = 512
+    batch_size: int | str = 1
+
+
+def run_analyze(**options) -> dict:
+    """:func:`run_analyze_job` of ``AnalyzeJob(**options)``."""
+    return run_analyze_job(AnalyzeJob(**options))
+
+
+def run_analyze_job(job: AnalyzeJob) -> dict:
     """Measure local and accumulated errors for each allocation (same calibration windows, same dense start)
-    and write ``analysis.json`` and ``analysis.png`` into ``out``. ``progress=False`` silences the model loading
+    and write ``analysis.json`` and ``analysis.png`` into ``job.out``. ``progress=False`` silences the model loading
     bars.
 
     Raises:
         ConfigError: bad options, checked for every allocation before the model is loaded.
     """
-    from atprune import data as data_mod
-    from atprune.export import check_output_dir, write_json
-    from atprune.jobs.prune import PruneJob, check_job
-    from atprune.models.sources import load_model
+    parsed = [parse_allocation(a) for a in job.allocations]
 
-    source, spec, dev, dt = check_job(PruneJob(model=model, method=method, sparsity=sparsity, calib_data=calib_data,
-                                               eval_data=None, data_dir=data_dir, nsamples=nsamples, seqlen=seqlen,
-                                               batch_size=batch_size, dtype=dtype, device=device))
-    parsed = [parse_allocation(a) for a in allocations]
+    def own_checks():
+        for name, beta in parsed:
+            plan(job.method, job.sparsity, 2, allocation=name, beta=0.0 if beta is not None else None)
+
+    checked = check_run_options(job, own_checks=own_checks)
     for name, beta in parsed:
-        plan(method, sparsity, len(spec.rates), allocation=name, beta=beta)
-    out_dir = check_output_dir(out, overwrite, inputs=(source.path,) if source.kind != "hub" else ())
-    lm, tokenizer = load_model(source, dtype=dt, device=dev, progress=progress)
-    windows = data_mod.calibration_windows(tokenizer, data_mod.load_text(calib_data, "train", data_dir), nsamples,
-                                           seqlen, seed)
-    adapter = Adapter.for_model(lm, blocks_path)
-    batch_size = resolve_batch_size(batch_size, lm, windows.windows, Placement.default_for(lm))
+        plan(job.method, job.sparsity, checked.num_blocks, allocation=name, beta=beta)
+    out_dir = check_output_dir(job.out, job.overwrite, inputs=checked.inputs())
+    lm, tokenizer = load_model(checked.source, dtype=checked.dtype, device=checked.device, progress=job.progress)
+    windows = data_mod.calibration_windows(tokenizer, data_mod.load_text(job.calib_data, "train", job.data_dir),
+                                           job.nsamples, job.seqlen, job.seed)
+    adapter = Adapter.for_model(lm, job.blocks_path)
+    batch_size = resolve_batch_size(job.batch_size, lm, windows.windows, Placement.default_for(lm))
     inputs = first_block_inputs(adapter, windows.windows, batch_size)
     dense = {k: v.detach().to("cpu", copy=True) for k, v in lm.state_dict().items()}
     curves = {}
-    for text, (name, beta) in zip(allocations, parsed):
+    for text, (name, beta) in zip(job.allocations, parsed):
         lm.load_state_dict(dense)
-        curves[text] = reconstruction_errors(lm, windows.windows, method=method, sparsity=sparsity, allocation=name,
-                                             beta=beta, batch_size=batch_size, inputs=inputs,
-                                             blocks_path=blocks_path)
-    result = {"schema": "atprune.jobs.analysis/1", "model": model, "method": method, "sparsity": sparsity,
+        curves[text] = reconstruction_errors(lm, windows.windows, method=job.method, sparsity=job.sparsity,
+                                             allocation=name, beta=beta, batch_size=batch_size, inputs=inputs,
+                                             blocks_path=job.blocks_path)
+    result = {"schema": "atprune.analysis/1", "model": job.model, "method": job.method, "sparsity": job.sparsity,
               "calibration": windows.info, "curves": curves}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "analysis.json", result)
-    plot_errors(curves, out_dir / "analysis.png", f"{model} {method} S={sparsity:g}, {windows.info['nsamples']} x "
-                f"{seqlen} calibration tokens")
+    plot_errors(curves, out_dir / "analysis.png", f"{job.model} {job.method} S={job.sparsity:g}, "
+                f"{windows.info['nsamples']} x {job.seqlen} calibration tokens")
     return result

@@ -19,36 +19,23 @@ from atprune.allocators import ALLOCATORS
 from atprune.api import evaluate_perplexity, plan
 from atprune.errors import ConfigError
 from atprune.export import check_output_dir, write_json
-from atprune.jobs.prune import PruneJob, check_job
+from atprune.jobs.options import RunOptions, SelectionOptions, check_run_options, check_selection
 from atprune.export.report import versions
-from atprune.jobs.search import SearchJob, TrialRunner, selection_windows
+from atprune.jobs.search import TrialRunner, selection_windows
 from atprune.models.sources import load_model
 
 
-@dataclass
-class CompareJob:
-    """Options of one comparison (the CLI flags, one to one)."""
+@dataclass(kw_only=True)
+class CompareJob(SelectionOptions, RunOptions):
+    """Options of one comparison (the CLI flags, one to one); the shared ones are in :class:`RunOptions`, the
+    held-out selection data of ATP's beta search in :class:`SelectionOptions`."""
 
-    model: str
     out: str
+    eval_data: str = "wikitext2"
     methods: list[str] = field(default_factory=lambda: ["wanda", "sparsegpt"])
     sparsities: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7])
     allocations: list[str] = field(default_factory=lambda: ["uniform", "atp", "owl", "alphapruning", "dlp"])
-    calib_data: str = "c4"
-    eval_data: str = "wikitext2"
-    data_dir: str | None = None
-    nsamples: int = 128
-    nselect: int = 16
-    seqlen: int = 2048
-    seed: int = 0
     max_trials: int = 6
-    eval_windows: int | None = None
-    batch_size: int | str = "auto"
-    dtype: str | None = None
-    device: str = "auto"
-    overwrite: bool = False
-    progress: bool = True
-    blocks_path: str | None = None  # dotted path of the decoder-block nn.ModuleList (unknown layouts)
 
 
 def check_compare(job: CompareJob):
@@ -64,16 +51,17 @@ def check_compare(job: CompareJob):
         raise ConfigError("compare needs at least one method, sparsity and allocation")
     if "atp" in job.allocations and job.max_trials < 3:
         raise ConfigError(f"ATP's golden search needs --max-trials >= 3, got {job.max_trials}")
-    source, spec, device, dtype = check_job(PruneJob(
-        model=job.model, method=job.methods[0], sparsity=job.sparsities[0], calib_data=job.calib_data,
-        eval_data=job.eval_data, data_dir=job.data_dir, nsamples=job.nsamples, seqlen=job.seqlen,
-        eval_windows=job.eval_windows, batch_size=job.batch_size, dtype=job.dtype, device=job.device))
-    for method in job.methods:
-        for s in job.sparsities:
-            for a in job.allocations:
-                plan(method, s, len(spec.rates), allocation=a, beta=0.0 if a == "atp" else None)
-    check_output_dir(job.out, job.overwrite, inputs=(source.path,) if source.kind != "hub" else ())
-    return source, len(spec.rates), device, dtype
+    check_selection(job)
+
+    def own_checks():
+        for method in job.methods:
+            for s in job.sparsities:
+                for a in job.allocations:
+                    plan(method, s, 2, allocation=a, beta=0.0 if a == "atp" else None)
+
+    checked = check_run_options(job, own_checks=own_checks)
+    check_output_dir(job.out, job.overwrite, inputs=checked.inputs())
+    return checked.source, checked.num_blocks, checked.device, checked.dtype
 
 
 def run_compare_job(job: CompareJob) -> dict:
@@ -86,9 +74,7 @@ def run_compare_job(job: CompareJob) -> dict:
     out = Path(job.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(source, dtype=dtype, device=device, progress=job.progress)
-    search = SearchJob(model=job.model, calib_data=job.calib_data, data_dir=job.data_dir, nsamples=job.nsamples,
-                       nselect=job.nselect, seqlen=job.seqlen, seed=job.seed)
-    calib, select, select_info = selection_windows(search, tokenizer)
+    calib, select, select_info = selection_windows(job, tokenizer)
     runner = TrialRunner(model, calib, select, batch_size=job.batch_size, blocks_path=job.blocks_path)
     evalset = data_mod.eval_set(tokenizer, job.eval_data, data_mod.eval_split(job.eval_data), job.data_dir)
 
@@ -96,7 +82,7 @@ def run_compare_job(job: CompareJob) -> dict:
         return evaluate_perplexity(model, tokenizer, evalset, seqlen=job.seqlen, batch_size=runner.eval_batch_size,
                                    max_windows=job.eval_windows, progress=False)
 
-    state = {"schema": "atprune.jobs.compare/1", "config": asdict(job) | {"dtype": str(dtype), "device": str(device)},
+    state = {"schema": "atprune.compare/1", "config": asdict(job) | {"dtype": str(dtype), "device": str(device)},
              "versions": versions(), "selection_data": select_info, "dense": ppl(), "rows": []}
     total = len(job.methods) * len(job.sparsities) * len(job.allocations)
     for method in job.methods:

@@ -10,7 +10,6 @@ import math
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
@@ -21,47 +20,33 @@ from atprune.errors import ConfigError, check_positive_int
 from atprune.export import check_export_options, check_output_dir, check_saveable, record_masks, save_pruned
 from atprune.engine.placement import Placement, auto_batch_size, peak_memory_gib
 from atprune.export.report import build_report
-from atprune.models.sources import load_model, num_blocks, resolve_device, resolve_dtype, resolve_model
+from atprune.jobs.options import RunOptions, check_run_options, check_window_length
+from atprune.models.sources import load_model, resolve_device
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class PruneJob:
-    """Options of one prune run (the CLI flags, one to one)."""
+@dataclass(kw_only=True)
+class PruneJob(RunOptions):
+    """Options of one prune run (the CLI flags, one to one); the shared ones are in :class:`RunOptions`."""
 
-    model: str
     method: str = "wanda"
     sparsity: float | None = 0.5
     pattern: str = "unstructured"
     allocation: str = "uniform"
     beta: float | None = None
     allocation_options: dict | None = None
-    calib_data: str = "c4"
-    eval_data: str | None = "wikitext2"
-    data_dir: str | None = None
-    nsamples: int = 128
-    seqlen: int = 2048
     eval_seqlen: int | None = None
-    eval_windows: int | None = None
     eval_dense: bool = True
-    seed: int = 0
-    batch_size: int | str = "auto"
-    dtype: str | None = None
-    device: str = "auto"
     offload: bool = False
     offload_activations: bool = False
-    out: str | None = None
-    overwrite: bool = False
     strict: bool = False
-    progress: bool = True
     save_dtype: str | None = None  # float32, float16, bfloat16; None: the dtype the model ran in
     formats: tuple[str, ...] = ("dense",)  # add "compressed" for the compressed-tensors sparse-bitmask copy
     zero_shot: str | None = None  # lm-eval tasks, e.g. "boolq,piqa" or "all"
     task_data: str | None = None  # local original task files (None: the hub)
     zero_shot_limit: int | None = None
     zero_shot_batch_size: int = 16
-    blocks_path: str | None = None  # dotted path of the decoder-block nn.ModuleList (unknown layouts)
 
 
 def check_job(job: PruneJob):
@@ -74,41 +59,30 @@ def check_job(job: PruneJob):
     Raises:
         ConfigError: the first problem found, as one line.
     """
-    for name in ("nsamples", "seqlen", "eval_seqlen", "eval_windows"):
-        check_positive_int(name.replace("_", "-"), getattr(job, name), optional=name.startswith("eval"))
-    if job.batch_size != "auto":
-        check_positive_int("batch-size", job.batch_size)
-    for name in ("seqlen", "eval_seqlen"):
-        value = getattr(job, name)
-        if value is not None and value < 2:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 2 tokens (a window predicts seqlen - 1 "
-                              f"tokens, and a BOS may take the first place), got {value}")
-    device = resolve_device(job.device)
-    dtype = resolve_dtype(job.dtype, device)
-    if job.offload and job.zero_shot:
-        raise ConfigError("--zero-shot with --offload is not supported yet (lm-eval runs the whole model on one "
-                          "device); score the saved model with `atprune eval` instead")
-    if (job.offload or job.offload_activations) and device.type == "cpu":
-        raise ConfigError("--offload / --offload-activations move weights or activations off a GPU; they need "
-                          "--device cuda")
-    check_export_options(job.save_dtype, job.formats)
-    if job.data_dir and not Path(job.data_dir).expanduser().is_dir():
-        raise ConfigError(f"data folder not found: {job.data_dir}")
-    data_mod.check_available(job.calib_data, "train", job.data_dir)
-    if job.eval_data:
-        data_mod.check_available(job.eval_data, data_mod.eval_split(job.eval_data), job.data_dir)
-    if job.zero_shot:
-        from atprune.eval.zeroshot import check_zero_shot
+    check_positive_int("eval-seqlen", job.eval_seqlen, optional=True)
+    check_window_length("eval_seqlen", job.eval_seqlen)
 
-        check_zero_shot(job.zero_shot, job.task_data, job.zero_shot_limit, job.zero_shot_batch_size)
-    plan(job.method, job.sparsity, 2, allocation=job.allocation, beta=0.0 if job.beta is not None else None,
-         pattern=job.pattern)  # names, sparsity and pattern, before the model source is touched
-    source = resolve_model(job.model)
+    def own_checks():
+        if job.offload and job.zero_shot:
+            raise ConfigError("--zero-shot with --offload is not supported yet (lm-eval runs the whole model on one "
+                              "device); score the saved model with `atprune eval` instead")
+        if (job.offload or job.offload_activations) and resolve_device(job.device).type == "cpu":
+            raise ConfigError("--offload / --offload-activations move weights or activations off a GPU; they need "
+                              "--device cuda")
+        check_export_options(job.save_dtype, job.formats)
+        if job.zero_shot:
+            from atprune.eval.zeroshot import check_zero_shot
+
+            check_zero_shot(job.zero_shot, job.task_data, job.zero_shot_limit, job.zero_shot_batch_size)
+        plan(job.method, job.sparsity, 2, allocation=job.allocation, beta=0.0 if job.beta is not None else None,
+             pattern=job.pattern)  # names, sparsity and pattern, before the model source is touched
+
+    checked = check_run_options(job, own_checks=own_checks)
     if job.out:
-        check_output_dir(job.out, job.overwrite, inputs=(source.path,) if source.kind != "hub" else ())
-    spec = plan(job.method, job.sparsity, num_blocks(source), allocation=job.allocation, beta=job.beta,
+        check_output_dir(job.out, job.overwrite, inputs=checked.inputs())
+    spec = plan(job.method, job.sparsity, checked.num_blocks, allocation=job.allocation, beta=job.beta,
                 pattern=job.pattern, allocation_options=job.allocation_options)
-    return source, spec, device, dtype
+    return checked.source, spec, checked.device, checked.dtype
 
 
 def run_prune_job(job: PruneJob) -> dict:

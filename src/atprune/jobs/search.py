@@ -21,58 +21,41 @@ from tqdm.auto import tqdm
 from atprune import data as data_mod
 from atprune.models.adapter import Adapter
 from atprune.allocators import beta_max
-from atprune.api import prune
+from atprune.allocation import block_sizes
+from atprune.api import plan, prune
 from atprune.api import resolve_batch_size
 from atprune.engine.passes import first_block_inputs
 from atprune.engine.placement import Placement, auto_batch_size
-from atprune.errors import ConfigError, check_positive_int
+from atprune.errors import ConfigError
 from atprune.eval.perplexity import kl_to_reference, next_token_logprobs, perplexity
 from atprune.export import check_export_options, check_output_dir, save_pruned, write_json
-from atprune.jobs.prune import PruneJob, check_job
+from atprune.jobs.options import RunOptions, SelectionOptions, check_run_options, check_selection
 from atprune.export.report import build_report
 from atprune.jobs.strategies import STRATEGIES, best_trial, golden_search, grid_betas
 from atprune.models.sources import load_model
 
-SEARCH_SCHEMA = "atprune.jobs.strategies/1"
+SEARCH_SCHEMA = "atprune.search/1"
 # options that must match for a resumed search to reuse recorded trials
 RESUME_KEYS = ("model", "method", "sparsity", "calib_data", "select_data", "select_on_test", "data_dir", "nsamples",
                "nselect", "seqlen", "seed", "metric", "dtype", "device", "batch_size")
 
 
-@dataclass
-class SearchJob:
-    """Options of one beta search (the CLI flags, one to one)."""
+@dataclass(kw_only=True)
+class SearchJob(SelectionOptions, RunOptions):
+    """Options of one beta search (the CLI flags, one to one); the shared ones are in :class:`RunOptions`."""
 
-    model: str
     method: str = "wanda"
     sparsity: float = 0.5
-    calib_data: str = "c4"
-    select_data: str | None = None  # None: windows of the calibration source disjoint from the calibration samples
-    eval_data: str | None = "wikitext2"
-    select_on_test: bool = False
-    data_dir: str | None = None
-    nsamples: int = 128
-    nselect: int = 16
-    seqlen: int = 2048
-    seed: int = 0
     strategy: str = "golden"
     max_trials: int = 6
     step: float = 0.002
     metric: str = "ppl"
-    eval_windows: int | None = None
-    batch_size: int | str = "auto"
-    dtype: str | None = None
-    device: str = "auto"
-    out: str | None = None
-    overwrite: bool = False
     resume: bool = False
-    progress: bool = True
     save_dtype: str | None = None  # see atprune.jobs.prune.PruneJob
     formats: tuple[str, ...] = ("dense",)
     zero_shot: str | None = None  # lm-eval tasks scored on the dense and the final model (see atprune.eval.zeroshot)
     task_data: str | None = None
     zero_shot_limit: int | None = None
-    blocks_path: str | None = None  # dotted path of the decoder-block nn.ModuleList (unknown layouts)
 
 
 def check_search(job: SearchJob):
@@ -86,39 +69,31 @@ def check_search(job: SearchJob):
         raise ConfigError(f"unknown strategy {job.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
     if job.metric not in ("ppl", "kl"):
         raise ConfigError(f"unknown selection metric {job.metric!r}; choose ppl or kl")
-    check_positive_int("--nselect", job.nselect)
     if job.strategy == "golden" and job.max_trials < 3:
         raise ConfigError(f"golden search needs --max-trials >= 3 (uniform + 2 golden points), got {job.max_trials}")
     if job.strategy == "grid" and not job.step > 0:
         raise ConfigError(f"grid step must be > 0, got {job.step}")
-    if job.select_on_test:
-        if not job.eval_data:
-            raise ConfigError("--select-on-test needs --eval-data")
-        if job.select_data:
-            raise ConfigError("--select-on-test selects on the evaluation data; do not also give --select-data")
-    elif job.select_data and job.eval_data:
-        ident = data_mod.identity(job.select_data, "validation", job.data_dir)
-        if ident == data_mod.identity(job.eval_data, data_mod.eval_split(job.eval_data), job.data_dir):
-            raise ConfigError("selection data is the evaluation data; choose held-out data (e.g. a validation split) "
-                              "or pass --select-on-test to reproduce the reference protocol (reports are marked)")
-    prune_job = PruneJob(model=job.model, method=job.method, sparsity=job.sparsity, allocation="uniform",
-                         calib_data=job.calib_data, eval_data=job.eval_data, data_dir=job.data_dir,
-                         nsamples=job.nsamples, seqlen=job.seqlen, eval_windows=job.eval_windows,
-                         batch_size=job.batch_size, dtype=job.dtype, device=job.device, zero_shot=job.zero_shot,
-                         task_data=job.task_data, zero_shot_limit=job.zero_shot_limit)
-    source, spec, device, dtype = check_job(prune_job)
-    if job.select_data and not job.select_on_test:
-        data_mod.check_available(job.select_data, "validation", job.data_dir)
+    check_selection(job)
+
+    def own_checks():
+        if job.zero_shot:
+            from atprune.eval.zeroshot import check_zero_shot
+
+            check_zero_shot(job.zero_shot, job.task_data, job.zero_shot_limit)
+        plan(job.method, job.sparsity, 2, allocation="atp", beta=0.0)  # method and sparsity, before the source
+
+    checked = check_run_options(job, own_checks=own_checks)
+    source, device, dtype = checked.source, checked.device, checked.dtype
     previous = []
     if job.out:
         out = Path(job.out).expanduser()
         resumable = job.resume and (out / "search.json").is_file()
         # a folder holding this search's own search.json may be continued; anything else follows the usual rule
         check_export_options(job.save_dtype, job.formats)
-        check_output_dir(out, job.overwrite or resumable, inputs=(source.path,) if source.kind != "hub" else ())
+        check_output_dir(out, job.overwrite or resumable, inputs=checked.inputs())
         if resumable:
             previous = _resumable_trials(out / "search.json", job, str(dtype).removeprefix("torch."), str(device))
-    return source, len(spec.rates), device, dtype, previous
+    return source, checked.num_blocks, device, dtype, previous
 
 
 def _config(job: SearchJob, dtype: str, device: str) -> dict:
@@ -139,8 +114,9 @@ def _resumable_trials(path: Path, job: SearchJob, dtype: str, device: str) -> li
     return trials
 
 
-def selection_windows(job: SearchJob, tokenizer):
-    """(calibration windows, selection windows, info) with the two sets disjoint when drawn from one source."""
+def selection_windows(job, tokenizer):
+    """(calibration windows, selection windows, info) for a job with :class:`RunOptions` and
+    :class:`SelectionOptions`; the two sets are disjoint when drawn from one source."""
     calib_source = data_mod.load_text(job.calib_data, "train", job.data_dir)
     same_as_calib = job.select_data and (data_mod.identity(job.select_data, "validation", job.data_dir)
                                          == data_mod.identity(job.calib_data, "train", job.data_dir))
@@ -190,6 +166,7 @@ class TrialRunner:
             model.config.get_text_config(), select.shape[1], 16, Placement.default_for(model).device,
             next(model.parameters()).dtype, logits=True)
         self.adapter = Adapter.for_model(model, blocks_path)
+        self.block_sizes = block_sizes(self.adapter)  # ATP's legal beta range depends on them
         self.inputs = first_block_inputs(self.adapter, calib, self.batch_size)
         self.linears = {f"{i}.{n}": lin for i, b in enumerate(self.adapter.blocks)
                         for n, lin in self.adapter.linears(b).items()}
@@ -229,7 +206,7 @@ class TrialRunner:
         """Run a strategy; ``memo`` maps betas already measured to their metric (resume), ``on_trial(record)`` is
         called after each new trial. Returns ``(trials, chosen beta, its metric)``."""
         memo = dict(memo or {})
-        hi = beta_max(sparsity, self.adapter.num_blocks)
+        hi = beta_max(sparsity, self.block_sizes)
 
         def objective(beta: float) -> float:
             if beta not in memo:
@@ -242,7 +219,7 @@ class TrialRunner:
         if strategy == "golden":
             trials = golden_search(objective, hi, max_trials)
         else:
-            trials = [(b, objective(b)) for b in grid_betas(sparsity, self.adapter.num_blocks, step)]
+            trials = [(b, objective(b)) for b in grid_betas(sparsity, self.block_sizes, step)]
         chosen, value = best_trial(trials)
         return trials, chosen, value
 
@@ -274,7 +251,6 @@ def run_search_job(job: SearchJob) -> dict:
         ConfigError: bad options or data, before the model is loaded whenever possible.
     """
     source, num_blocks, device, dtype, previous = check_search(job)
-    hi = beta_max(job.sparsity, num_blocks)
     config = _config(job, str(dtype).removeprefix("torch."), str(device))
     out = Path(job.out).expanduser() if job.out else None
     t_start = time.perf_counter()
@@ -294,10 +270,11 @@ def run_search_job(job: SearchJob) -> dict:
     calib, select, select_info = selection_windows(job, tokenizer)
     runner = TrialRunner(model, calib, select, metric=job.metric, batch_size=job.batch_size,
                          blocks_path=job.blocks_path)
+    hi = beta_max(job.sparsity, runner.block_sizes)
     state = {"schema": SEARCH_SCHEMA, "config": config, "selected_on_test": job.select_on_test,
              "selection_data": select_info, "num_blocks": num_blocks, "beta_max": hi,
              "dense_selection_ppl": runner.dense_select_ppl, "trials": list(previous), "chosen": None}
-    budget = job.max_trials if job.strategy == "golden" else len(grid_betas(job.sparsity, num_blocks, job.step))
+    budget = job.max_trials if job.strategy == "golden" else len(grid_betas(job.sparsity, runner.block_sizes, job.step))
     bar = tqdm(total=budget, desc="beta trials", unit="trial", disable=not job.progress)
     bar.update(len(previous))
 

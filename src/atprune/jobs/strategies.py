@@ -23,15 +23,16 @@ GOLDEN = (math.sqrt(5) - 1) / 2  # 0.618...
 STRATEGIES = ("golden", "grid")
 
 
-def grid_betas(sparsity: float, num_blocks: int, step: float = 0.002, include_uniform: bool = True) -> list[float]:
-    """``[0,] step, 2 step, ...`` up to ``beta_max(sparsity, num_blocks)`` inclusive (to 1e-12).
+def grid_betas(sparsity: float, blocks, step: float = 0.002, include_uniform: bool = True) -> list[float]:
+    """``[0,] step, 2 step, ...`` up to ``beta_max(sparsity, blocks)`` inclusive (to 1e-12); ``blocks``: the number
+    of blocks L or their sizes (see :func:`atprune.allocators.atp.beta_max`).
 
     Raises:
         ConfigError: if ``step`` is not positive.
     """
     if not step > 0:
         raise ConfigError(f"grid step must be > 0, got {step}")
-    hi = beta_max(sparsity, num_blocks)
+    hi = beta_max(sparsity, blocks)
     betas = [0.0] if include_uniform else []
     k = 1
     while k * step <= hi + 1e-12:

@@ -13,7 +13,7 @@ from atprune.eval.zeroshot.tasks import TASKS, check_task_data, parse_tasks, wri
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "atprune.eval.zeroshot/1"
+SCHEMA = "atprune.zeroshot/1"
 
 
 def _offline() -> bool:
