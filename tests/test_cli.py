@@ -211,9 +211,11 @@ def test_eval_on_c4_missing_from_data_dir_fails_before_loading(files, no_load, c
 
 
 def test_magnitude_needs_no_calibration_data(files, capsys, monkeypatch):
-    import atprune.engine.passes
+    import atprune.api
 
-    monkeypatch.setattr(atprune.engine.passes, "first_block_inputs", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    forbidden = lambda *a, **k: (_ for _ in ()).throw(AssertionError("a forward pass ran"))  # noqa: E731
+    monkeypatch.setattr(atprune.api, "first_block_inputs", forbidden)  # the names prune() calls
+    monkeypatch.setattr(atprune.api, "sequential", forbidden)
     out = files["root"] / "mag"
     code, _, err = _run(capsys, _base(files) + ["--method", "magnitude", "--sparsity", "0.5", "--no-eval", "--out",
                                                 str(out)])

@@ -411,8 +411,10 @@ def test_eval_set_reads_a_txt_file_once(tmp_path):
 
 
 def test_check_readable_accepts_names_and_folders(tmp_path):
-    for spec in ("c4", "wikitext2", "WikiText", str(tmp_path)):
-        data_mod.check_readable(spec)
+    (tmp_path / "a.txt").write_text("some text")
+    kinds = [data_mod.check_readable(spec) for spec in ("c4", "wikitext2", "WikiText", str(tmp_path),
+                                                         str(tmp_path / "a.txt"))]
+    assert kinds == ["named", "named", "named", "folder", "file"]
 
 
 def test_c4_evaluation_follows_sparsegpt_protocol(tmp_path):

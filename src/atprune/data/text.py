@@ -83,14 +83,17 @@ def _read_records(path: Path) -> list[str]:
     return [t for t in texts if t]
 
 
-def check_readable(spec: str) -> None:
+def check_readable(spec: str) -> str:
     """Fail fast on a data spec that names a local path that cannot be read.
+
+    Returns:
+        What the spec is: ``"named"`` (a named set such as ``c4``, resolved later), ``"folder"`` or ``"file"``.
 
     Raises:
         ConfigError: for a missing path, a directory without known files, or an unsupported suffix.
     """
     if spec.lower() in NAMES:
-        return
+        return "named"
     path = Path(spec).expanduser()
     if not path.exists():
         raise ConfigError(f"data not found: {spec} (give wikitext2, c4, a .raw/.txt/.jsonl/.json(.gz)/.parquet file or a data folder)")
@@ -99,6 +102,8 @@ def check_readable(spec: str) -> None:
             raise ConfigError(f"unsupported data file {spec}; use one of {', '.join(TEXT_SUFFIXES)}")
         if not os.access(path, os.R_OK):
             raise ConfigError(f"data file not readable: {spec}")
+        return "file"
+    return "folder"
 
 
 def _named(spec: str, data_dir) -> tuple[str | None, Path | None]:

@@ -1,10 +1,7 @@
 """The block-by-block pass: capture block 0's inputs, collect each block's input statistics, let the caller change
-the block, recompute its outputs (:mod:`.passes`); the statistics (:mod:`.stats`); where blocks and activations live
-and how many windows go through at once (:mod:`.placement`). The engine knows nothing of pruners or allocators."""
+the block, recompute its outputs (:mod:`.passes`); the statistics themselves (:mod:`.stats`, all a pruner may read);
+where blocks and activations live and how many windows go through at once (:mod:`.placement`).
 
-from atprune.engine.passes import BlockInputs, collect_stats, first_block_inputs, run_block, sequential
-from atprune.engine.placement import Placement, auto_batch_size, peak_memory_gib
-from atprune.engine.stats import InputStats
-
-__all__ = ["BlockInputs", "InputStats", "Placement", "auto_batch_size", "collect_stats", "first_block_inputs",
-           "peak_memory_gib", "run_block", "sequential"]
+The engine knows nothing of pruners or allocators. This package imports nothing on its own, so a pruner importing
+:mod:`.stats` does not pull in the passes.
+"""

@@ -1,0 +1,128 @@
+"""The package's rooms import downward only.
+
+Every ``import`` of every module under ``src/atprune`` (function-level imports included) is read from its source
+with :mod:`ast` and checked against ``ALLOWED``: a room may import itself and what its line lists, nothing else.
+Run ``python -m pytest tests/test_layering.py -q`` to check it; the failure message names the module, the line and the
+import that runs back up.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "atprune"
+
+BASE = {"errors", "atomic"}
+# room -> rooms (or dotted modules) it may import; lower rooms first
+ALLOWED: dict[str, set[str]] = {
+    "errors": set(),
+    "atomic": {"errors"},
+    "plotting": BASE,
+    "sparse": BASE,  # inference must not need the pruning side
+    "models": BASE,
+    "data": BASE,
+    "engine": BASE | {"models"},
+    "pruners": BASE | {"engine.stats"},  # the statistics they read, never the passes
+    "allocators": BASE,  # pure: no model, no engine
+    "eval": BASE | {"data", "models"},
+    "export": BASE | {"models", "eval"},
+    "allocation": BASE | {"models", "engine", "allocators"},
+    "api": BASE | {"data", "models", "engine", "pruners", "allocators", "allocation", "eval"},
+    "jobs": BASE | {"plotting", "data", "models", "engine", "pruners", "allocators", "allocation", "eval", "export",
+                    "api"},
+    "cli": BASE | {"models", "pruners", "allocators", "eval", "export", "jobs", "sparse"},
+    "__init__": BASE | {"api", "models", "sparse"},
+}
+
+
+def _room(module: str) -> str:
+    """``atprune.engine.passes`` -> ``engine``; ``atprune.api`` -> ``api``; ``atprune`` -> ``__init__``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(SRC.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """``(line, dotted target)`` of every atprune import in the file (``from atprune import data`` ->
+    ``atprune.data``)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "atprune"]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "atprune":
+                found += [(node.lineno, f"atprune.{a.name}") for a in node.names]
+            elif node.module.startswith("atprune."):
+                found.append((node.lineno, node.module))
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            found.append((node.lineno, "<relative import>"))
+    return found
+
+
+def _violations(files) -> list[str]:
+    bad = []
+    for path in files:
+        module = _module_name(path)
+        room = _room(module)
+        allowed = ALLOWED.get(room)
+        if allowed is None:
+            bad.append(f"{module}: room {room!r} has no line in ALLOWED (add one: what may it import?)")
+            continue
+        for line, target in _imports(path):
+            if target == "<relative import>":
+                bad.append(f"{module}:{line}: relative import (write the absolute atprune.* path)")
+                continue
+            rel = target.removeprefix("atprune.")
+            if target == "atprune" or _room(target) == room:
+                continue
+            if not any(rel == a or rel.startswith(a + ".") for a in allowed):
+                bad.append(f"{module}:{line}: imports {target}, not allowed for room {room!r} ({sorted(allowed)})")
+    return bad
+
+
+def test_every_import_runs_downward():
+    files = sorted(SRC.rglob("*.py"))
+    assert len(files) > 40
+    assert _violations(files) == []
+
+
+def test_the_check_catches_an_import_back_up(tmp_path, monkeypatch):
+    # an allocator that runs the engine, and a sparse kernel module that imports a pruner: both must be reported
+    fake = tmp_path / "atprune"
+    (fake / "allocators").mkdir(parents=True)
+    (fake / "sparse").mkdir()
+    (fake / "allocators" / "bad.py").write_text("def f():\n    from atprune.engine.passes import sequential\n")
+    (fake / "sparse" / "bad.py").write_text("import atprune.pruners.wanda\nfrom atprune import errors\n")
+    monkeypatch.setattr(sys.modules[__name__], "SRC", fake)
+    found = _violations(sorted(fake.rglob("*.py")))
+    assert found == [
+        "atprune.allocators.bad:2: imports atprune.engine.passes, not allowed for room 'allocators' "
+        "(['atomic', 'errors'])",
+        "atprune.sparse.bad:1: imports atprune.pruners.wanda, not allowed for room 'sparse' (['atomic', 'errors'])",
+    ]
+
+
+@pytest.mark.parametrize("module", ["atprune.sparse", "atprune.allocators", "atprune.pruners"])
+def test_rooms_that_must_stay_light_import_without_the_engine(module):
+    """Importing an allocator or the inference room must not pull in the block-by-block engine (checked in a fresh
+    interpreter, so modules other tests imported do not hide it)."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not part of this checkout yet")
+    code = (f"import sys, importlib; importlib.import_module({module!r}); "
+            "print(sorted(m for m in sys.modules if m.startswith('atprune.engine.passes') or m.startswith('atprune.jobs')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
