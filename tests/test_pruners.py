@@ -115,20 +115,22 @@ def test_check_sparsity_accepts(s):
 # ---------------------------------------------------------------- registry
 
 def test_registered_pruners_give_the_hand_computed_masks():
-    """Every registered name builds the pruner it claims to: on one row ``W = [1, -4, 2, 3]`` at 50 % (two zeros),
-    magnitude drops the two smallest |w| (1 and 2); Wanda with input column norms [4, 1, 1, 1] scores
-    |w| * norm = [4, 4, 2, 3] and drops columns 2 and 3; SparseGPT with X = I (a diagonal Hessian: no weight updates,
-    saliency w^2 / [H^-1]_jj with equal diagonals) drops what magnitude drops."""
-    w = torch.tensor([[1.0, -4.0, 2.0, 3.0]])
+    """Every registered name builds the pruner it claims to. ``W = [[1, -4, 2, 3], [0.5, 6, 7, 8]]`` at 50 % (four
+    zeros): magnitude drops the four smallest |w| of the matrix (0.5, 1, 2, 3: one threshold per matrix); Wanda with
+    input column norms [4, 1, 1, 1] scores |w| * norm = [[4, 4, 2, 3], [2, 6, 7, 8]] and drops the two lowest of each
+    row; SparseGPT with X = I (a diagonal Hessian: no weight updates, saliency w^2 / [H^-1]_jj with equal
+    diagonals, compared over the whole column block) drops what magnitude drops."""
+    w = torch.tensor([[1.0, -4.0, 2.0, 3.0], [0.5, 6.0, 7.0, 8.0]])
     x = torch.diag(torch.tensor([4.0, 1.0, 1.0, 1.0]))  # 4 tokens, column norms [4, 1, 1, 1]
-    expected = {"magnitude": [[0.0, -4.0, 0.0, 3.0]], "wanda": [[1.0, -4.0, 0.0, 0.0]],
-                "sparsegpt": [[0.0, -4.0, 0.0, 3.0]]}
+    expected = {"magnitude": [[0.0, -4.0, 0.0, 0.0], [0.0, 6.0, 7.0, 8.0]],
+                "wanda": [[1.0, -4.0, 0.0, 0.0], [0.0, 0.0, 7.0, 8.0]],
+                "sparsegpt": [[0.0, -4.0, 0.0, 0.0], [0.0, 6.0, 7.0, 8.0]]}
     assert set(PRUNERS) == set(expected)
     for name, want in expected.items():
         pruner = get_pruner(name)
         inputs = torch.eye(4) if name == "sparsegpt" else x
         got = pruner.prune(w, stats_from(inputs, hessian=pruner.needs_hessian, batches=1), 0.5, Pattern())
-        assert got.tolist() == want, name
+        assert torch.allclose(got, torch.tensor(want), atol=1e-6), (name, got)
     sg = get_pruner("sparsegpt", percdamp=0.05, blocksize=64)
     assert isinstance(sg, SparseGPTPruner) and sg.percdamp == 0.05 and sg.blocksize == 64
 
