@@ -6,11 +6,12 @@ Run once per candidate version, each installed into its own folder without depen
     HF_HUB_OFFLINE=1 PYTHONPATH=/tmp/tf-5.22.0 python benchmarks/gguf_tokenizer_versions.py
 
 Prints one JSON line per alias: versions, pass/fail, the problems, and the number of tokens of the first 20,000
-characters of WikiText-2 test (``$ATPRUNE_DATA_DIR``, default ../shared/data).
+characters of WikiText-2 test and a hash of their ids (``$ATPRUNE_DATA_DIR``, default ../shared/data).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -36,11 +37,13 @@ def main() -> None:
             print(json.dumps({"alias": alias, "load_error": f"{type(err).__name__}: {err}"[:300]}), flush=True)
             continue
         check = check_gguf_tokenizer(tok, source.path)
+        ids = tok(text)["input_ids"] if text else None
         sample = "Hello world, this is a test of the Gemma tokenizer."
         print(json.dumps({"alias": alias, "transformers": check.transformers, "tokenizers": check.tokenizers,
                           "ok": check.ok, "problems": list(check.problems),
                           "sample": tok.convert_ids_to_tokens(tok(sample)["input_ids"]),
-                          "wiki_tokens_20000_chars": len(tok(text)["input_ids"]) if text else None},
+                          "wiki_tokens_20000_chars": len(ids) if ids else None,
+                          "wiki_ids_sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16] if ids else None},
                          ensure_ascii=False), flush=True)
 
 

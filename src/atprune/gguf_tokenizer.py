@@ -34,6 +34,7 @@ PROBE_WORDS = ("the", "world", "this", "that", "with", "from", "people", "langua
                "about")
 MAX_PROBES = 8
 MIN_PROBES = 3
+MESSAGE_PROBLEMS = 3  # problems named in the one-line message; the check's record keeps them all
 
 #: decoded back unchanged by a correct tokenizer (no BOS/EOS in it; no leading space)
 PROBE_TEXT = ("Hello world, this is a test of the tokenizer: 12.50 EUR (naïve café), Tōkyō 東京 — done!\n"
@@ -152,9 +153,13 @@ class TokenizerCheck:
         return not self.problems
 
     def message(self) -> str:
-        """One line naming every mismatch, the transformers version found and the one known to work."""
+        """One line naming the mismatches (the first ``MESSAGE_PROBLEMS``, then how many more), the transformers
+        version found and the one known to work."""
+        shown = "; ".join(self.problems[:MESSAGE_PROBLEMS])
+        if len(self.problems) > MESSAGE_PROBLEMS:
+            shown += f"; and {len(self.problems) - MESSAGE_PROBLEMS} more"
         return (f"the tokenizer that transformers {self.transformers} (tokenizers {self.tokenizers}) built from "
-                f"{os.path.basename(self.gguf_path)} does not match the file: {'; '.join(self.problems)}; "
+                f"{os.path.basename(self.gguf_path)} does not match the file: {shown}; "
                 f"transformers>={KNOWN_GOOD_TRANSFORMERS} is known to build it right (pip install "
                 f"'transformers>={KNOWN_GOOD_TRANSFORMERS}')")
 
