@@ -288,3 +288,15 @@ def test_smollm2_tokenizer_with_a_merge_removed_is_rejected(alias_tokenizers):
         check_gguf_tokenizer(broken, path).raise_if_bad()
     world = _file_tokenizer_fields(path)["tokenizer.ggml.tokens"].index("Ġworld")
     assert f"single token Ġworld (id {world})" in _one_line_error(excinfo)
+
+
+def test_many_problems_stay_one_line_and_are_all_recorded(trained, tmp_path):
+    path = _write_gguf(tmp_path / "t.gguf", trained, add_bos=True)
+    broken = _bpe_tokenizer(bos=False)
+    for word in ("Ġworld", "Ġpeople", "Ġlanguage"):
+        broken = _without_merge(broken, word)
+    check = check_gguf_tokenizer(broken, path)
+    assert len(check.problems) == 4  # no BOS + three split probe words
+    message = check.message()
+    assert "\n" not in message and message.count("encodes to") == 2 and "; and 1 more;" in message
+    assert check.to_dict()["problems"] == list(check.problems)
