@@ -11,14 +11,27 @@ SCHEMA = "atprune.report/1"
 
 
 def versions() -> dict:
-    """Versions of Python and the libraries that decide the numbers."""
+    """Versions of Python and the libraries that decide the numbers (tokenizers and gguf too: with transformers they
+    build a GGUF model's tokenizer and dequantise its weights)."""
+    import gguf
+    import tokenizers
     import torch
     import transformers
 
     import atprune
 
     return {"atprune": atprune.__version__, "python": sys.version.split()[0], "torch": torch.__version__,
-            "transformers": transformers.__version__, "platform": platform.platform()}
+            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
+            "gguf": getattr(gguf, "__version__", None) or _dist_version("gguf"), "platform": platform.platform()}
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
 
 
 def build_report(*, config: dict, prune_result: dict | None, evaluation: dict, timings: dict, model: dict,

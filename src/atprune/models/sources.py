@@ -300,15 +300,39 @@ def _loading_bars(enabled: bool):
             hf_logging.enable_progress_bar()
 
 
+def _check_gguf_tokenizer(tokenizer, path: str, allow_mismatch: bool) -> None:
+    """Check ``tokenizer`` against the GGUF file ``path`` and keep the result on it (``atprune_gguf_check``).
+
+    Raises:
+        ConfigError: on a mismatch, unless ``allow_mismatch`` (then ``warnings.warn`` with the message).
+    """
+    import warnings
+
+    from atprune.gguf_tokenizer import check_gguf_tokenizer
+
+    check = check_gguf_tokenizer(tokenizer, path)
+    tokenizer.atprune_gguf_check = check
+    if not check.ok:
+        if not allow_mismatch:
+            raise ConfigError(check.message())
+        warnings.warn(check.message() + " (going on: the tokenizer mismatch is allowed)", UserWarning, stacklevel=3)
+
+
 def load_model(source: ModelSource | str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-               progress: bool = True):
+               progress: bool = True, allow_tokenizer_mismatch: bool = False):
     """Load ``(model, tokenizer)`` with transformers ``AutoModelForCausalLM`` / ``AutoTokenizer``.
 
     GGUF weights are dequantised to ``dtype`` by transformers. The model is in eval mode with the
     KV cache disabled, on ``device``. ``progress=False`` silences transformers' loading bars.
 
+    A tokenizer built from a GGUF file is checked against the file's metadata before the model loads
+    (:func:`atprune.gguf_tokenizer.check_gguf_tokenizer`: BOS rule, probe words, round trip); the result is
+    ``tokenizer.atprune_gguf_check`` (a ``TokenizerCheck``; its ``to_dict()`` belongs in the report). With
+    ``allow_tokenizer_mismatch`` a mismatch is a ``UserWarning`` with the same one-line message instead of an error.
+
     Raises:
-        ConfigError: for a spec that does not resolve (see :func:`resolve_model`).
+        ConfigError: for a spec that does not resolve (see :func:`resolve_model`), or a GGUF tokenizer that does
+            not match its file (names the transformers version found and the one known to work).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -317,6 +341,8 @@ def load_model(source: ModelSource | str, dtype: torch.dtype = torch.float32, de
     where, kwargs = source.from_pretrained_args()
     with _loading_bars(progress):
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        if source.kind == "gguf":
+            _check_gguf_tokenizer(tokenizer, source.path, allow_tokenizer_mismatch)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
     if source.kind == "gguf":
         # transformers dequantises GGUF weights into plain Linear layers; the model is no longer "quantized"
