@@ -19,7 +19,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from atprune.gguf_tokenizer import check_gguf_tokenizer
+from atprune.models.gguf_tokenizer import check_gguf_tokenizer
 from atprune.sources import ALIASES, resolve_model
 
 DATA = Path(os.environ.get("ATPRUNE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))

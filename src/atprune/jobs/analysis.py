@@ -26,6 +26,7 @@ from atprune.engine.placement import Placement
 from atprune.errors import ConfigError
 from atprune.export import check_output_dir, write_json
 from atprune.jobs.options import RunOptions, check_run_options
+from atprune.models.gguf_tokenizer import tokenizer_record
 from atprune.models.sources import load_model
 from atprune.pruners import get_pruner
 
@@ -153,7 +154,9 @@ def run_analyze_job(job: AnalyzeJob) -> dict:
     for name, beta in parsed:
         plan(job.method, job.sparsity, checked.num_blocks, allocation=name, beta=beta)
     out_dir = check_output_dir(job.out, job.overwrite, inputs=checked.inputs())
-    lm, tokenizer = load_model(checked.source, dtype=checked.dtype, device=checked.device, progress=job.progress)
+    lm, tokenizer = load_model(checked.source, dtype=checked.dtype, device=checked.device, progress=job.progress,
+                               allow_tokenizer_mismatch=job.allow_tokenizer_mismatch)
+    tokenizer_check, tokenizer_notes = tokenizer_record(tokenizer)
     windows = data_mod.calibration_windows(tokenizer, data_mod.load_text(job.calib_data, "train", job.data_dir),
                                            job.nsamples, job.seqlen, job.seed)
     adapter = Adapter.for_model(lm, job.blocks_path)
@@ -167,7 +170,7 @@ def run_analyze_job(job: AnalyzeJob) -> dict:
                                              allocation=name, beta=beta, batch_size=batch_size, inputs=inputs,
                                              blocks_path=job.blocks_path)
     result = {"schema": "atprune.analysis/1", "model": job.model, "method": job.method, "sparsity": job.sparsity,
-              "calibration": windows.info, "curves": curves}
+              "calibration": windows.info, "tokenizer_check": tokenizer_check, "warnings": tokenizer_notes, "curves": curves}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "analysis.json", result)
     plot_errors(curves, out_dir / "analysis.png", f"{job.model} {job.method} S={job.sparsity:g}, "

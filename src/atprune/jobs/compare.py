@@ -22,6 +22,7 @@ from atprune.export import check_output_dir, write_json
 from atprune.jobs.options import RunOptions, SelectionOptions, check_run_options, check_selection
 from atprune.export.report import versions
 from atprune.jobs.search import TrialRunner, selection_windows
+from atprune.models.gguf_tokenizer import tokenizer_record
 from atprune.models.sources import load_model
 
 
@@ -73,7 +74,9 @@ def run_compare_job(job: CompareJob) -> dict:
     source, num_blocks, device, dtype = check_compare(job)
     out = Path(job.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model(source, dtype=dtype, device=device, progress=job.progress)
+    model, tokenizer = load_model(source, dtype=dtype, device=device, progress=job.progress,
+                                  allow_tokenizer_mismatch=job.allow_tokenizer_mismatch)
+    tokenizer_check, tokenizer_notes = tokenizer_record(tokenizer)
     calib, select, select_info = selection_windows(job, tokenizer)
     runner = TrialRunner(model, calib, select, batch_size=job.batch_size, blocks_path=job.blocks_path)
     evalset = data_mod.eval_set(tokenizer, job.eval_data, data_mod.eval_split(job.eval_data), job.data_dir)
@@ -83,7 +86,8 @@ def run_compare_job(job: CompareJob) -> dict:
                                    max_windows=job.eval_windows, progress=False)
 
     state = {"schema": "atprune.compare/1", "config": asdict(job) | {"dtype": str(dtype), "device": str(device)},
-             "versions": versions(), "selection_data": select_info, "dense": ppl(), "rows": []}
+             "versions": versions(), "selection_data": select_info, "tokenizer_check": tokenizer_check, "warnings": tokenizer_notes,
+             "dense": ppl(), "rows": []}
     total = len(job.methods) * len(job.sparsities) * len(job.allocations)
     for method in job.methods:
         for s in job.sparsities:

@@ -32,6 +32,8 @@ class RunOptions:
         out, overwrite: output folder, and whether an existing one may be replaced.
         progress: progress bars.
         blocks_path: dotted path of the decoder-block ``nn.ModuleList`` (unknown layouts).
+        allow_tokenizer_mismatch: a GGUF tokenizer that does not match its file (see
+            :mod:`atprune.models.gguf_tokenizer`) is a warning recorded in the report instead of an error.
     """
 
     model: str
@@ -49,6 +51,7 @@ class RunOptions:
     overwrite: bool = False
     progress: bool = True
     blocks_path: str | None = None
+    allow_tokenizer_mismatch: bool = False
 
 
 @dataclass(frozen=True)

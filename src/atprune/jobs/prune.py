@@ -21,6 +21,7 @@ from atprune.export import check_export_options, check_output_dir, check_saveabl
 from atprune.engine.placement import Placement, auto_batch_size, peak_memory_gib
 from atprune.export.report import build_report
 from atprune.jobs.options import RunOptions, check_run_options, check_window_length
+from atprune.models.gguf_tokenizer import tokenizer_record
 from atprune.models.sources import load_model, resolve_device
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,9 @@ def run_prune_job(job: PruneJob) -> dict:
     t0 = time.perf_counter()
     placement = Placement(device, offload=job.offload, offload_activations=job.offload_activations)
     model, tokenizer = load_model(source, dtype=dtype, device="cpu" if job.offload else device,
-                                  progress=job.progress)
+                                  progress=job.progress, allow_tokenizer_mismatch=job.allow_tokenizer_mismatch)
+    tokenizer_check, notes = tokenizer_record(tokenizer)
+    run_warnings.extend(notes)
     adapter = Adapter.for_model(model, job.blocks_path)
     placement.prepare(model, adapter.blocks)
     timings["load"] = time.perf_counter() - t0
@@ -181,7 +184,7 @@ def run_prune_job(job: PruneJob) -> dict:
                             "dtype": str(dtype).removeprefix("torch."), "device": str(device)}
 
     model_info = {"spec": job.model, "source": source.kind, "path": source.path, "class": type(model).__name__,
-                  "blocks": len(spec.rates)}
+                  "blocks": len(spec.rates), "tokenizer_check": tokenizer_check}
     report = build_report(config=config, prune_result=result.to_dict(), evaluation=evaluation, timings=timings,
                           model=model_info, warnings=run_warnings)
     report["peak_gpu_memory_gib"] = peak_memory_gib(device)

@@ -32,6 +32,7 @@ from atprune.export import check_export_options, check_output_dir, save_pruned, 
 from atprune.jobs.options import RunOptions, SelectionOptions, check_run_options, check_selection
 from atprune.export.report import build_report
 from atprune.jobs.strategies import STRATEGIES, best_trial, golden_search, grid_betas
+from atprune.models.gguf_tokenizer import tokenizer_record
 from atprune.models.sources import load_model
 
 SEARCH_SCHEMA = "atprune.search/1"
@@ -254,7 +255,9 @@ def run_search_job(job: SearchJob) -> dict:
     config = _config(job, str(dtype).removeprefix("torch."), str(device))
     out = Path(job.out).expanduser() if job.out else None
     t_start = time.perf_counter()
-    model, tokenizer = load_model(source, dtype=dtype, device=device, progress=job.progress)
+    model, tokenizer = load_model(source, dtype=dtype, device=device, progress=job.progress,
+                                  allow_tokenizer_mismatch=job.allow_tokenizer_mismatch)
+    tokenizer_check, tokenizer_notes = tokenizer_record(tokenizer)
     if out is not None:
         from atprune.export import check_saveable
 
@@ -307,11 +310,14 @@ def run_search_job(job: SearchJob) -> dict:
         zero_shot["gate"] = sanity_gate(zero_shot["sparse"], zero_shot["dense"])
         state["zero_shot"] = zero_shot
     notes = ["SELECTED ON TEST: beta was chosen on the evaluation split (reference protocol)"] if job.select_on_test else []
+    notes += tokenizer_notes
+    state["tokenizer_check"] = tokenizer_check
     if out is not None:
         report = build_report(config=config | {"allocation": "atp", "beta": chosen}, prune_result=final.to_dict(),
                               evaluation=evaluation, timings={"search": state["search_seconds"], "prune": final.seconds},
                               model={"spec": job.model, "source": source.kind, "path": source.path,
-                                     "class": type(model).__name__, "blocks": num_blocks}, warnings=notes)
+                                     "class": type(model).__name__, "blocks": num_blocks,
+                                     "tokenizer_check": tokenizer_check}, warnings=notes)
         report["selected_on_test"] = job.select_on_test
         if zero_shot is not None:
             report["zero_shot"] = zero_shot

@@ -308,7 +308,7 @@ def _check_gguf_tokenizer(tokenizer, path: str, allow_mismatch: bool) -> None:
     """
     import warnings
 
-    from atprune.gguf_tokenizer import check_gguf_tokenizer
+    from atprune.models.gguf_tokenizer import check_gguf_tokenizer
 
     check = check_gguf_tokenizer(tokenizer, path)
     tokenizer.atprune_gguf_check = check
@@ -326,7 +326,7 @@ def load_model(source: ModelSource | str, dtype: torch.dtype = torch.float32, de
     KV cache disabled, on ``device``. ``progress=False`` silences transformers' loading bars.
 
     A tokenizer built from a GGUF file is checked against the file's metadata before the model loads
-    (:func:`atprune.gguf_tokenizer.check_gguf_tokenizer`: BOS rule, probe words, round trip); the result is
+    (:func:`atprune.models.gguf_tokenizer.check_gguf_tokenizer`: BOS rule, probe words, round trip); the result is
     ``tokenizer.atprune_gguf_check`` (a ``TokenizerCheck``; its ``to_dict()`` belongs in the report). With
     ``allow_tokenizer_mismatch`` a mismatch is a ``UserWarning`` with the same one-line message instead of an error.
 

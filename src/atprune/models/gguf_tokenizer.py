@@ -251,3 +251,13 @@ def check_gguf_tokenizer(tokenizer, gguf_path: str | os.PathLike, info: GGUFToke
     return TokenizerCheck(gguf_path=os.fspath(gguf_path), transformers=transformers_version,
                           tokenizers=tokenizers_version, add_bos=info.add_bos, bos_id=info.bos_id, probes=probes,
                           problems=tuple(problems))
+
+
+def tokenizer_record(tokenizer) -> tuple[dict | None, list[str]]:
+    """What a report records of a loaded tokenizer's GGUF check: ``(check.to_dict() or None, warnings)``; the
+    warning (one line) is there only when a mismatch was allowed (``load_model(..., allow_tokenizer_mismatch=True)``).
+    None for tokenizers not built from a GGUF file."""
+    check = getattr(tokenizer, "atprune_gguf_check", None)
+    if check is None:
+        return None, []
+    return check.to_dict(), ([] if check.ok else [f"TOKENIZER MISMATCH ALLOWED: {check.message()}"])
