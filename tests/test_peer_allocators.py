@@ -1,13 +1,16 @@
 """OWL, AlphaPruning and DLP: invariants on tiny models, and their statistics against hand computations."""
 
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
 import atprune
 from atprune.allocation import block_sizes, block_statistic
 from atprune.allocators import get_allocator
-from atprune.allocators.alphapruning import hill_alpha
+from atprune.allocators.alphapruning import alpha_peak
 from atprune.allocators.dlp import default_alpha
 from atprune.allocators.owl import outlier_ratio
 from atprune.engine.passes import first_block_inputs
@@ -51,11 +54,11 @@ def test_window_allocators_invariants(name, options, width, sparsity):
     assert len(rates) == 6 and all(0 <= r < 1 for r in rates)
     assert sum(r * p for r, p in zip(rates, params)) / sum(params) == pytest.approx(sparsity, abs=1e-12)
     assert max(rates) - min(rates) == pytest.approx(width, abs=1e-12)
-    stat = allocation.statistic["outlier_ratio" if name == "owl" else "importance"]
+    stat = allocation.statistic["outlier_ratio" if name == "owl" else "mean_wanda_score"]
     assert len(stat) == 6
-    # more outliers / more importance -> pruned less: the rates are ordered opposite to the statistic
+    # OWL: more outliers -> pruned less; DLP (official get_dlp_ratios): higher mean Wanda score -> pruned more
     order = sorted(range(6), key=lambda i: stat[i])
-    assert [rates[i] for i in order] == sorted(rates, reverse=True)
+    assert [rates[i] for i in order] == sorted(rates, reverse=(name == "owl"))
 
 
 def test_owl_outlier_ratio_is_the_hand_computation():
@@ -82,17 +85,72 @@ def test_owl_outlier_ratio_is_the_hand_computation():
     assert outlier_ratio(torch.tensor([1.0, 1.0, 1.0, 9.0]), 2.0) == 0.25  # mean 3: only 9 > 6
 
 
+def test_dlp_rates_follow_the_official_formula_on_a_planted_statistic():
+    """ironartisan/DLP lib/prune.py get_dlp_ratios, written out by hand: importance 1 - s / sum(s), min-max scaled to
+    [0, 2 alpha], density = scaled - mean(scaled) + 1 - S, sparsity = 1 - density. Scores rising with depth (as the
+    mean Wanda score does in LLaMA) give sparsities rising from S - alpha to S + alpha, the pattern of the released
+    ratio files (about 0.53 -> 0.83 at 70 %)."""
+    scores = [1.0, 1.5, 2.0, 3.0, 5.0, 9.0]
+    S, alpha = 0.7, 0.15
+    total = sum(scores)
+    imp = [1 - v / total for v in scores]
+    lo, hi = min(imp), max(imp)
+    scaled = [(v - lo) / (hi - lo) * 2 * alpha for v in imp]
+    mean = sum(scaled) / len(scaled)
+    official = [1 - (v - mean + 1 - S) for v in scaled]
+    got = get_allocator("dlp", alpha=alpha).allocate(S, 6, scores)
+    assert list(got.rates) == pytest.approx(official, abs=1e-12)
+    assert list(got.rates) == sorted(got.rates) and got.rates[-1] - got.rates[0] == pytest.approx(0.3)
+    assert got.statistic["mean_wanda_score"] == scores and got.statistic["alpha"] == alpha
+
+
+def _brute_force_alpha_peak(eigs: np.ndarray) -> float:
+    """The official xmin_peak fit (haiquanlu/AlphaPruning lib/esd_utils.py) as plain loops over numpy float64:
+    every candidate cut-off, its Hill alpha and its KS distance, element by element."""
+    eigs = np.sort(eigs)
+    logs10 = np.log10(eigs)
+    counts, edges = np.histogram(logs10, bins=100, range=(logs10.min(), logs10.max()))
+    xmin2 = 10 ** edges[int(np.argmax(counts))]
+    low, high = np.log10(0.95 * xmin2), 1.5 * xmin2
+    n_all = len(eigs)
+    alphas, ds = [0.0] * (n_all - 1), [1.0] * (n_all - 1)
+    for i in range(n_all - 1):
+        if eigs[i] < low:
+            continue
+        if eigs[i] > high:
+            break
+        n = n_all - i
+        alpha = 1 + n / (sum(math.log(e) for e in eigs[i:]) - n * math.log(eigs[i]))
+        alphas[i] = alpha
+        if alpha > 1:
+            ds[i] = max(abs(1 - (eigs[i + k] / eigs[i]) ** (1 - alpha) - k / n) for k in range(n))
+    return alphas[int(np.argmin(ds))]
+
+
 @pytest.mark.parametrize("planted", [2.5, 4.0, 6.0])
-def test_hill_alpha_recovers_a_planted_power_law(planted):
+def test_alpha_peak_is_the_brute_force_ks_scan_and_recovers_a_planted_power_law(planted):
     g = torch.Generator().manual_seed(int(planted * 10))
-    n = 512
-    # eigenvalues of W^T W drawn from p(x) ~ x^-planted, x >= 1 (inverse-CDF sampling)
+    n = 256
+    # eigenvalues of W^T W drawn from p(x) ~ x^-planted, x >= 1 (inverse-CDF sampling): their log-histogram peaks at
+    # the low end, where the power law starts, as the xmin_peak rule expects
     u = torch.rand(n, generator=g, dtype=torch.float64)
     eigs = (1 - u) ** (-1 / (planted - 1))
     q1, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
     q2, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
     w = q1 @ torch.diag(eigs.sqrt()) @ q2.T
-    assert hill_alpha(w) == pytest.approx(planted, rel=0.15)
+    want = _brute_force_alpha_peak(torch.linalg.svdvals(w).square().numpy())
+    assert alpha_peak(w) == pytest.approx(want, rel=1e-9)
+    assert want == pytest.approx(planted, rel=0.2)
+
+
+def test_alpha_peak_keeps_the_official_lower_bound_rule():
+    # the histogram peak at ~1e4: candidates below log10(0.95 * peak) ~ 3.98 are skipped (the official rule compares a
+    # linear eigenvalue with that logarithm), so the small eigenvalues 0.5..3 are never a cut-off
+    g = torch.Generator().manual_seed(3)
+    eigs = torch.cat([torch.linspace(0.5, 3.0, 20, dtype=torch.float64), 1e4 * (1 + 0.01 * torch.rand(200, generator=g,
+                      dtype=torch.float64)), 1e4 * torch.logspace(0.2, 2, 30, dtype=torch.float64)])
+    w = torch.diag(eigs.sqrt())
+    assert alpha_peak(w) == pytest.approx(_brute_force_alpha_peak(eigs.numpy()), rel=1e-9)
 
 
 def test_alphapruning_orders_rates_by_alpha_and_keeps_the_weighted_mean():
@@ -159,3 +217,44 @@ def test_compare_cli_writes_tables(tmp_path, capsys):
     assert md.count("**") == 4  # one best cell per (pruner, sparsity) line
     assert (out / "rates.png").stat().st_size > 1000
     assert main(["compare", "--model", str(model), "--allocations", "bogus", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_compare_tunes_every_peer_with_the_same_budget_and_marks_selection_on_test(tmp_path):
+    import json
+
+    from atprune.cli import main
+    from tests.conftest import random_text, save_tiny_model
+
+    model = save_tiny_model(tmp_path / "model", layers=3)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(random_text(4000, seed=5))
+    evalf = tmp_path / "eval.txt"
+    evalf.write_text(random_text(300, seed=6))
+    out = tmp_path / "cmp"
+    code = main(["compare", "--model", str(model), "--methods", "wanda", "--sparsities", "0.6", "--allocations",
+                 "uniform", "atp", "owl", "alphapruning", "dlp", "--calib-data", str(calib), "--eval-data", str(evalf),
+                 "--nsamples", "4", "--nselect", "2", "--seqlen", "32", "--max-trials", "3", "--tune-peers",
+                 "--atp-on-test", "--out", str(out), "--quiet"])
+    assert code == 0
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    columns = [r["column"] for r in rows]
+    assert columns == ["uniform", "atp", "atp (selected on test)", "owl", "owl (tuned)", "alphapruning",
+                       "alphapruning (tuned)", "dlp", "dlp (tuned)"]
+    knobs = {"owl": "lam", "alphapruning": "eps", "dlp": "alpha"}
+    for r in rows:
+        if r["variant"] == "default" and r["allocation"] != "atp":
+            assert r["options"] is None and "trials" not in r
+            continue
+        # golden search: 3 trials, the first is 0 (uniform), all inside [0, the option's legal maximum]
+        assert len(r["trials"]) == 3 and r["trials"][0][0] == 0.0
+        if r["allocation"] != "atp":
+            assert list(r["options"]) == [knobs[r["allocation"]]]
+            assert r["options"][knobs[r["allocation"]]] in [t[0] for t in r["trials"]]
+        # the tuned value is the trial with the best selection metric
+        assert min(r["trials"], key=lambda t: t[1])[0] == (r["beta"] if r["allocation"] == "atp"
+                                                            else r["options"][knobs[r["allocation"]]])
+    md = (out / "results.md").read_text()
+    header = md.splitlines()[0]
+    assert "owl (tuned)" in header and "atp (selected on test)" in header
+    best = md.splitlines()[2].rsplit("|", 2)[1].strip()
+    assert best != "atp (selected on test)"

@@ -91,8 +91,10 @@ def test_search_then_resume_skips_finished_trials(tiny, monkeypatch):
     saved["trials"] = saved["trials"][:2]
     (out / "search.json").write_text(json.dumps(saved))
     calls = []
-    real = search_job.prune
-    monkeypatch.setattr(search_job, "prune", lambda *a, **k: calls.append(k["beta"]) or real(*a, **k))
+    import atprune.jobs.trials as trials_mod
+
+    real = trials_mod.prune
+    monkeypatch.setattr(trials_mod, "prune", lambda *a, **k: calls.append(k["beta"]) or real(*a, **k))
     again = run_search_job(_job(tiny, out, resume=True))
     # 2 trials redone + the final prune; the 2 recorded ones are not
     assert len(calls) == 3 and calls[:2] == pytest.approx([t["beta"] for t in state["trials"][2:]])

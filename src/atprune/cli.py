@@ -167,7 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "samples")
     c.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
     c.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    c.add_argument("--max-trials", type=int, default=6, help="golden-search trials for ATP (default 6)")
+    c.add_argument("--max-trials", type=int, default=6, help="golden-search trials for ATP's beta and, with "
+                   "--tune-peers, for each peer's option (default 6)")
+    c.add_argument("--tune-peers", action="store_true", help="also run each peer with its main option (owl lam, "
+                   "alphapruning eps, dlp alpha) searched on the same selection windows with the same trial budget as "
+                   "ATP's beta; both the default and the tuned line are reported")
+    c.add_argument("--atp-on-test", action="store_true", help="also run ATP with beta chosen on the evaluation data "
+                   "(the reference protocol), marked 'selected on test' and never counted as best")
     c.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows")
     _add_device_args(c, offload=False)
     c.add_argument("--out", required=True, help="output folder (compare.json, results.csv, results.md, rates.png)")
@@ -277,7 +283,7 @@ def _run_compare(args) -> int:
 
     job = CompareJob(**_run_options(args), methods=args.methods, sparsities=args.sparsities,
                      allocations=args.allocations, nselect=args.nselect, select_data=args.select_data,
-                     max_trials=args.max_trials)
+                     max_trials=args.max_trials, tune_peers=args.tune_peers, atp_on_test=args.atp_on_test)
     run_compare_job(job)
     print((Path(args.out) / "results.md").read_text())
     print(f"saved: {os.path.abspath(args.out)} (compare.json, results.csv, results.md, rates.png)")

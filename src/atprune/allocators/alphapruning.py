@@ -1,13 +1,24 @@
 """AlphaPruning: heavy-tailed self-regularisation theory for layerwise sparsity.
 
 Lu et al., NeurIPS 2024, "AlphaPruning: Using Heavy-Tailed Self Regularization Theory for Improved Layer-wise
-Pruning of Large Language Models". For every weight matrix, fit a power law ``p(lambda) ~ lambda^-alpha`` to the
-tail of the empirical spectral density of ``W^T W`` (eigenvalues = squared singular values) with the Hill
-estimator ``alpha = 1 + n / sum_i log(lambda_i / lambda_min)`` over the ``n`` eigenvalues >= ``lambda_min``,
-where ``lambda_min`` is the peak of the histogram of ``log10(lambda)`` (100 bins). A block's alpha is the mean
-over its matrices. Lower alpha = heavier tail = better trained = pruned less: alphas are mapped linearly onto
-``[S(1-eps), S(1+eps)]`` (higher alpha, higher sparsity), then rescaled so the parameter-weighted mean is S.
-Needs no calibration data.
+Pruning of Large Language Models", as its official code computes it (haiquanlu/AlphaPruning):
+
+* ``lib/esd_utils.py``, ``net_esd_estimator(fix_fingers="xmin_peak")`` (the ``alpha_peak`` metric, ``main.py``'s
+  default): the eigenvalues of ``W^T W`` (squared singular values, ascending); a 100-bin histogram of their log10;
+  ``xmin2 = 10 ** (left edge of the fullest bin)``. Every eigenvalue ``e_i`` from the smallest up to ``1.5 * xmin2`` is
+  tried as the power-law cut-off, skipping those below ``log10(0.95 * xmin2)`` (the official code compares a linear
+  eigenvalue with that logarithm; we keep its rule as it is): Hill's estimate over the ``n = N - i`` eigenvalues from
+  ``e_i`` up, ``alpha_i = 1 + n / (sum_{k>=i} log e_k - n log e_i)``, and its Kolmogorov-Smirnov distance
+  ``D_i = max_k |1 - (e_{i+k} / e_i)^(1 - alpha_i) - k / n|`` (only for ``alpha_i > 1``; else D = 1). The alpha
+  with the smallest D (the first, on ties) is the matrix's alpha.
+* ``lib/prune.py``, ``ww_sparsity`` with ``mapping_type="block_wise"``: a block's alpha is the mean over its
+  matrices; alphas are mapped linearly onto ``[1 - eps, 1 + eps]`` (higher alpha, higher sparsity: a heavier tail,
+  lower alpha, means better trained, pruned less) and scaled so that the parameter-weighted mean is S.
+
+``eps`` defaults to ``main.py``'s 0.3; the official scripts (``scripts/llama_7b.sh``) use 0.3 for magnitude and 0.2
+for Wanda and SparseGPT on LLaMA-7B, so tune it (``atprune compare --tune-peers``). Needs no calibration data.
+Deviations, both for numerical safety only: eigenvalues are computed and fitted in float64 (the official code uses
+float32), and eigenvalues that are exactly 0 (a rank-deficient matrix, whose log is -inf) are left out.
 """
 
 from __future__ import annotations
@@ -20,21 +31,63 @@ from atprune.allocators.base import NEEDS_WEIGHTS, Allocation, as_sizes, require
 from atprune.allocators.registry import register_allocator
 from atprune.errors import ConfigError, check_sparsity
 
+BINS = 100  # histogram bins of log10(eigenvalues) (net_esd_estimator's default)
+XMIN_MAX = 1.5  # cut-offs are tried up to this times the histogram peak
 
-def hill_alpha(weight: torch.Tensor, bins: int = 100) -> float:
-    """Power-law exponent of the eigenvalue tail of ``W^T W`` (``weight``: ``[out, in]``, any float dtype)."""
-    eigs = torch.linalg.svdvals(weight.detach().float()).square()
-    eigs = eigs[eigs > eigs.max() * 1e-12].double()
-    if eigs.numel() < 2:
-        return float("nan")
+
+def eigenvalues(weight: torch.Tensor) -> torch.Tensor:
+    """Ascending float64 eigenvalues of ``W^T W`` (squared singular values of ``weight``: ``[out, in]``, any float
+    dtype), exact zeros left out: ``[min(out, in)]`` at most."""
+    eigs = torch.linalg.svdvals(weight.detach().double()).square().sort().values
+    return eigs[eigs > 0]
+
+
+def peak_cutoff_range(eigs: torch.Tensor, bins: int = BINS) -> tuple[float, float]:
+    """``(low, high)`` of the cut-offs the official ``xmin_peak`` rule tries: ``low = log10(0.95 * xmin2)`` (compared
+    with linear eigenvalues, as the official code does) and ``high = 1.5 * xmin2``, with ``xmin2`` the left edge of the
+    fullest bin of the histogram of ``log10(eigs)``."""
     logs = eigs.log10()
-    hist = torch.histc(logs, bins=bins, min=logs.min().item(), max=logs.max().item())
-    width = (logs.max() - logs.min()) / bins
-    peak = int(hist.argmax())
-    xmin = 10 ** (logs.min() + peak * width)
-    tail = eigs[eigs >= xmin]
-    denom = (tail / xmin).log().sum().item()
-    return 1.0 + tail.numel() / denom if denom > 0 else float("nan")
+    lo, hi = logs.min().item(), logs.max().item()
+    counts = torch.histc(logs, bins=bins, min=lo, max=hi)
+    edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
+    xmin2 = 10 ** edges[int(counts.argmax())].item()
+    return torch.tensor(0.95 * xmin2).log10().item(), XMIN_MAX * xmin2
+
+
+def alpha_peak(weight: torch.Tensor, bins: int = BINS) -> float:
+    """Power-law exponent alpha of the eigenvalue tail of ``W^T W`` by the official ``xmin_peak`` fit (module
+    docstring): the Hill estimate at the cut-off, among those tried, with the smallest KS distance.
+
+    Args:
+        weight: ``[out, in]`` matrix, any float dtype and device.
+
+    Returns:
+        alpha (float; nan for fewer than two non-zero eigenvalues).
+    """
+    eigs = eigenvalues(weight)
+    n_all = eigs.numel()
+    if n_all < 2:
+        return float("nan")
+    low, high = peak_cutoff_range(eigs, bins)
+    logs = eigs.log()
+    suffix = logs.flip(0).cumsum(0).flip(0)  # sum_{k >= i} log e_k
+    best_alpha, best_d = 0.0, 1.0  # the official defaults of a cut-off that is skipped
+    for i in range(n_all - 1):
+        xmin = eigs[i].item()
+        if xmin < low:
+            continue
+        if xmin > high:
+            break
+        n = n_all - i
+        alpha = 1 + n / (suffix[i].item() - n * logs[i].item())
+        if alpha > 1:
+            seq = torch.arange(n, dtype=torch.float64)
+            d = (1 - (eigs[i:] / xmin) ** (1 - alpha) - seq / n).abs().max().item()
+        else:
+            d = 1.0
+        if d < best_d or (i == 0 and d == best_d):  # argmin: the first minimum
+            best_alpha, best_d = alpha, d
+    return float(best_alpha)
 
 
 @register_allocator("alphapruning")
@@ -46,18 +99,23 @@ class AlphaPruningAllocator:
     """
 
     needs = NEEDS_WEIGHTS
+    tunable = "eps"
 
     def __init__(self, eps: float = 0.3):
         if not 0 <= eps < 1:
             raise ConfigError(f"alphapruning needs 0 <= eps < 1, got {eps}")
         self.eps = float(eps)
 
+    def tunable_max(self, sparsity: float, block_sizes) -> float:
+        """``0.98 min(1, (1 - S) / S)``: the highest rate, about ``S (1 + eps)``, stays below 1."""
+        return 0.98 * min(0.999, (1 - sparsity) / sparsity) if sparsity > 0 else 0.0
+
     def check(self, sparsity: float, num_blocks: int) -> None:
         check_sparsity(sparsity)
 
     def block_statistic(self, weights, col_norms=None) -> float:
-        """The block's alpha: the mean :func:`hill_alpha` of its matrices."""
-        return sum(hill_alpha(w) for w in weights.values()) / len(weights)
+        """The block's alpha: the mean :func:`alpha_peak` of its matrices (``mapping_type="block_wise"``)."""
+        return sum(alpha_peak(w) for w in weights.values()) / len(weights)
 
     def allocate(self, sparsity: float, block_sizes: int | Sequence[int],
                  statistic: Sequence[float] | None = None) -> Allocation:

@@ -86,6 +86,7 @@ class ATPAllocator:
     """
 
     needs = NEEDS_NOTHING
+    tunable = "beta"
 
     def __init__(self, beta: float | None = None):
         if beta is None:
@@ -95,6 +96,10 @@ class ATPAllocator:
     def check(self, sparsity: float, num_blocks: int) -> None:
         """Raise ConfigError for an illegal S or beta for L equal blocks (the message prints the legal range)."""
         _check_beta(sparsity, num_blocks, self.beta)
+
+    def tunable_max(self, sparsity: float, block_sizes) -> float:
+        """:func:`beta_max`."""
+        return beta_max(sparsity, block_sizes)
 
     def block_statistic(self, weights, col_norms) -> float:
         raise NotImplementedError("atp needs no statistic")

@@ -44,10 +44,16 @@ class Allocator(Protocol):
         name: the registered name (``--allocation``).
         needs: one of :data:`NEEDS`: what the job must compute (with :meth:`block_statistic`) before
             :meth:`allocate`.
+        tunable: the name of the one option that a fair comparison searches on held-out data (ATP's ``beta``,
+            OWL's ``lam``, AlphaPruning's ``eps``, DLP's ``alpha``; 0 is uniform for each), or None.
     """
 
     name: str
     needs: str
+    tunable: str | None  # the option a fair comparison tunes (its value 0 gives uniform), or None
+
+    def tunable_max(self, sparsity: float, block_sizes: Sequence[int]) -> float:
+        """Upper end of the range the tuner searches for ``tunable`` at ``sparsity`` (the lower end is 0)."""
 
     def check(self, sparsity: float, num_blocks: int) -> None:
         """Validate S and the options for ``num_blocks`` blocks before any model is loaded (ConfigError)."""

@@ -30,11 +30,17 @@ class OWLAllocator:
     """
 
     needs = NEEDS_DENSE_WANDA
+    tunable = "lam"  # M stays at its default 5 when tuning
 
     def __init__(self, M: float = 5.0, lam: float = 0.08):
         if not (M > 0 and 0 <= lam < 0.5):
             raise ConfigError(f"owl needs M > 0 and 0 <= lam < 0.5, got M={M}, lam={lam}")
         self.M, self.lam = float(M), float(lam)
+
+    def tunable_max(self, sparsity: float, block_sizes) -> float:
+        """``0.98 min(S, 1 - S)``: a window of ``2 lam`` centred on S stays inside [0, 1) (a skewed statistic can still
+        push a rate out: that trial is then refused)."""
+        return 0.98 * min(sparsity, 1 - sparsity, 0.499)
 
     def check(self, sparsity: float, num_blocks: int) -> None:
         check_sparsity(sparsity)

@@ -14,6 +14,7 @@ class UniformAllocator:
     """``s_i = S`` for every block i."""
 
     needs = NEEDS_NOTHING
+    tunable = None
 
     def check(self, sparsity: float, num_blocks: int) -> None:
         """Raise ConfigError unless ``0 <= sparsity < 1``."""

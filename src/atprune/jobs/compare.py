@@ -15,13 +15,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from atprune import data as data_mod
-from atprune.allocators import ALLOCATORS
+from atprune.allocators import ALLOCATORS, get_allocator
+from atprune.atomic import atomic_file
 from atprune.api import evaluate_perplexity, plan
 from atprune.errors import ConfigError
 from atprune.export import check_output_dir, write_json
 from atprune.jobs.options import RunOptions, SelectionOptions, check_run_options, check_selection
 from atprune.export.report import versions
-from atprune.jobs.search import TrialRunner, selection_windows
+from atprune.jobs.search import selection_windows
+from atprune.jobs.trials import TrialRunner
 from atprune.models.gguf_tokenizer import tokenizer_record
 from atprune.models.sources import load_model
 
@@ -37,6 +39,8 @@ class CompareJob(SelectionOptions, RunOptions):
     sparsities: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7])
     allocations: list[str] = field(default_factory=lambda: ["uniform", "atp", "owl", "alphapruning", "dlp"])
     max_trials: int = 6
+    tune_peers: bool = False  # also each peer with its main option searched on the selection data (same budget)
+    atp_on_test: bool = False  # also ATP with beta chosen on the evaluation data (the reference protocol, marked)
 
 
 def check_compare(job: CompareJob):
@@ -50,8 +54,10 @@ def check_compare(job: CompareJob):
         raise ConfigError(f"unknown allocation {unknown[0]!r}; choose from: {', '.join(ALLOCATORS)}")
     if not job.methods or not job.sparsities or not job.allocations:
         raise ConfigError("compare needs at least one method, sparsity and allocation")
-    if "atp" in job.allocations and job.max_trials < 3:
-        raise ConfigError(f"ATP's golden search needs --max-trials >= 3, got {job.max_trials}")
+    if ("atp" in job.allocations or job.tune_peers) and job.max_trials < 3:
+        raise ConfigError(f"the golden search (ATP's beta, --tune-peers) needs --max-trials >= 3, got {job.max_trials}")
+    if job.atp_on_test and "atp" not in job.allocations:
+        raise ConfigError("--atp-on-test adds ATP selected on the evaluation data; it needs atp among --allocations")
     check_selection(job)
 
     def own_checks():
@@ -88,34 +94,57 @@ def run_compare_job(job: CompareJob) -> dict:
     state = {"schema": "atprune.compare/1", "config": asdict(job) | {"dtype": str(dtype), "device": str(device)},
              "versions": versions(), "selection_data": select_info, "tokenizer_check": tokenizer_check, "warnings": tokenizer_notes,
              "dense": ppl(), "rows": []}
-    total = len(job.methods) * len(job.sparsities) * len(job.allocations)
-    for method in job.methods:
-        for s in job.sparsities:
-            for alloc in job.allocations:
-                t0 = time.perf_counter()
-                row = {"method": method, "sparsity": s, "allocation": alloc, "beta": None, "search_seconds": None}
-                beta = None
-                if alloc == "atp":
-                    trials, beta, _ = runner.search(method, s, max_trials=job.max_trials)
-                    row |= {"beta": beta, "search_seconds": time.perf_counter() - t0, "trials": trials}
-                result = runner.prune(method, s, alloc, beta)
-                ev = ppl()
-                row |= {"ppl": ev["ppl"], "eval_windows": ev["windows"], "overall_sparsity": result.overall_sparsity,
-                        "prune_seconds": result.seconds, "rates": result.spec["rates"],
-                        "statistic": {k: v for k, v in result.spec.items() if k.startswith("allocator_")}}
-                state["rows"].append(row)
-                write_json(out / "compare.json", state)
-                if job.progress:
-                    print(f"[{len(state['rows'])}/{total}] {method} S={s:g} {alloc}"
-                          + (f" beta={beta:.4g}" if beta is not None else "") + f": ppl {ev['ppl']:.3f}", flush=True)
-    (out / "results.csv").write_text(to_csv(state["rows"]))
-    (out / "results.md").write_text(to_markdown(state))
+    on_test = None
+    if job.atp_on_test and "atp" in job.allocations:  # the reference protocol: beta chosen on the evaluation windows
+        on_test = data_mod.cut_windows(evalset.tokens, job.seqlen, evalset.info.get("bos_token_id"), job.eval_windows)
+    cells = [(method, s, alloc, variant) for method in job.methods for s in job.sparsities for alloc in job.allocations
+             for variant in _variants(job, alloc)]
+    for method, s, alloc, variant in cells:
+        t0 = time.perf_counter()
+        column = alloc if variant == "default" else f"{alloc} ({variant})"
+        row = {"method": method, "sparsity": s, "allocation": alloc, "variant": variant, "column": column,
+               "beta": None, "options": None, "search_seconds": None}
+        beta, options = None, None
+        if alloc == "atp" or variant != "default":
+            trials, value, _ = runner.tune(method, s, alloc, max_trials=job.max_trials,
+                                           select=on_test if variant == "selected on test" else None)
+            knob = get_allocator(alloc, beta=0.0 if alloc == "atp" else None).tunable
+            beta, options = (value, None) if alloc == "atp" else (None, {knob: value})
+            row |= {"beta": beta, "options": options, "search_seconds": time.perf_counter() - t0, "trials": trials}
+        result = runner.prune(method, s, alloc, beta, options=options)
+        ev = ppl()
+        row |= {"ppl": ev["ppl"], "eval_windows": ev["windows"], "overall_sparsity": result.overall_sparsity,
+                "prune_seconds": result.seconds, "rates": result.spec["rates"],
+                "statistic": {k: v for k, v in result.spec.items() if k.startswith("allocator_")}}
+        state["rows"].append(row)
+        write_json(out / "compare.json", state)
+        if job.progress:
+            chosen = (f" beta={beta:.4g}" if beta is not None else "") + "".join(
+                f" {k}={v:.4g}" for k, v in (options or {}).items())
+            print(f"[{len(state['rows'])}/{len(cells)}] {method} S={s:g} {column}{chosen}: ppl {ev['ppl']:.3f}",
+                  flush=True)
+    for name, text in (("results.csv", to_csv(state["rows"])), ("results.md", to_markdown(state))):
+        with atomic_file(out / name) as fh:
+            fh.write(text)
     plot_rates(state["rows"], out / "rates.png")
     return state
 
 
-CSV_FIELDS = ["method", "sparsity", "allocation", "beta", "ppl", "overall_sparsity", "prune_seconds", "search_seconds",
-              "eval_windows"]
+def _variants(job: CompareJob, alloc: str) -> list[str]:
+    """The rows one allocation gets: its defaults (ATP: beta searched on held-out data); with ``tune_peers`` also the
+    peer with its main option searched the same way ("tuned"); with ``atp_on_test`` also ATP with beta chosen on the
+    evaluation data ("selected on test", the reference protocol)."""
+    variants = ["default"]
+    tunable = get_allocator(alloc, beta=0.0 if alloc == "atp" else None).tunable
+    if job.tune_peers and alloc != "atp" and tunable is not None:
+        variants.append("tuned")
+    if job.atp_on_test and alloc == "atp":
+        variants.append("selected on test")
+    return variants
+
+
+CSV_FIELDS = ["method", "sparsity", "allocation", "variant", "beta", "options", "ppl", "overall_sparsity",
+              "prune_seconds", "search_seconds", "eval_windows"]
 
 
 def to_csv(rows: list[dict]) -> str:
@@ -127,28 +156,36 @@ def to_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+def _column(row: dict) -> str:
+    return row.get("column", row["allocation"])
+
+
+def _cell_text(row: dict) -> str:
+    chosen = [f"beta {row['beta']:.4f}"] if row["beta"] is not None else []
+    chosen += [f"{k} {v:.3g}" for k, v in (row.get("options") or {}).items()]
+    return f"{row['ppl']:.2f}" + (f" ({', '.join(chosen)})" if chosen else "")
+
+
 def to_markdown(state: dict) -> str:
-    """Perplexity table: one line per (pruner, sparsity), one column per allocation, the best cell in bold,
-    ATP's searched beta in brackets; then achieved sparsity and times."""
+    """Perplexity table: one line per (pruner, sparsity), one column per allocation (and variant: a peer "tuned" on
+    the selection data, ATP "selected on test"), the best held-out cell in bold (a column selected on test is never
+    "best": it saw the evaluation data), searched values in brackets; then achieved sparsity and times."""
     rows = state["rows"]
-    allocs = list(dict.fromkeys(r["allocation"] for r in rows))
-    lines = [f"| pruner | sparsity | {' | '.join(allocs)} | best |", "|---|---|" + "---|" * (len(allocs) + 1)]
+    columns = list(dict.fromkeys(_column(r) for r in rows))
+    lines = [f"| pruner | sparsity | {' | '.join(columns)} | best |", "|---|---|" + "---|" * (len(columns) + 1)]
     for method in dict.fromkeys(r["method"] for r in rows):
         for s in dict.fromkeys(r["sparsity"] for r in rows):
-            cells = {r["allocation"]: r for r in rows if r["method"] == method and r["sparsity"] == s}
-            best = min(cells.values(), key=lambda r: r["ppl"])["allocation"]
-            out = []
-            for a in allocs:
-                r = cells[a]
-                text = f"{r['ppl']:.2f}" + (f" (beta {r['beta']:.4f})" if r["beta"] is not None else "")
-                out.append(f"**{text}**" if a == best else text)
+            cells = {_column(r): r for r in rows if r["method"] == method and r["sparsity"] == s}
+            honest = [r for r in cells.values() if r.get("variant") != "selected on test"]
+            best = _column(min(honest, key=lambda r: r["ppl"]))
+            out = [f"**{_cell_text(cells[c])}**" if c == best else _cell_text(cells[c]) for c in columns]
             lines.append(f"| {method} | {s:g} | {' | '.join(out)} | {best} |")
     dense = state["dense"]
     lines += ["", f"Dense perplexity: {dense['ppl']:.3f} ({dense['windows']} windows x {dense['seqlen']} tokens).", "",
               "| pruner | sparsity | allocation | achieved sparsity | prune s | search s |", "|---|---|---|---|---|---|"]
     for r in rows:
         search = f"{r['search_seconds']:.1f}" if r["search_seconds"] is not None else "-"
-        lines.append(f"| {r['method']} | {r['sparsity']:g} | {r['allocation']} | {r['overall_sparsity']:.4f} | "
+        lines.append(f"| {r['method']} | {r['sparsity']:g} | {_column(r)} | {r['overall_sparsity']:.4f} | "
                      f"{r['prune_seconds']:.1f} | {search} |")
     return "\n".join(lines) + "\n"
 
@@ -162,7 +199,7 @@ def plot_rates(rows: list[dict], path: Path) -> None:
     fig, ax = new_figure(7, 4.5)
     for r in rows:
         if r["method"] == method and r["sparsity"] == s:
-            label = r["allocation"] + (f" (beta {r['beta']:.4f})" if r["beta"] is not None else "")
+            label = _column(r) + (f" (beta {r['beta']:.4f})" if r["beta"] is not None else "")
             ax.plot(range(len(r["rates"])), r["rates"], "o-", markersize=3, label=label)
     ax.set_xlabel("block index (input side first)")
     ax.set_ylabel("sparsity ratio")

@@ -15,23 +15,17 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from atprune import data as data_mod
-from atprune.models.adapter import Adapter
 from atprune.allocators import beta_max
-from atprune.allocation import block_sizes
-from atprune.api import plan, prune
-from atprune.api import resolve_batch_size
-from atprune.engine.passes import first_block_inputs
-from atprune.engine.placement import Placement, auto_batch_size
+from atprune.api import plan
 from atprune.errors import ConfigError
-from atprune.eval.perplexity import kl_to_reference, next_token_logprobs, perplexity
 from atprune.export import check_export_options, check_output_dir, save_pruned, write_json
 from atprune.jobs.options import RunOptions, SelectionOptions, check_run_options, check_selection
 from atprune.export.report import build_report
-from atprune.jobs.strategies import STRATEGIES, best_trial, golden_search, grid_betas
+from atprune.jobs.strategies import STRATEGIES, grid_betas
+from atprune.jobs.trials import TrialRunner
 from atprune.models.gguf_tokenizer import tokenizer_record
 from atprune.models.sources import load_model
 
@@ -141,88 +135,6 @@ def selection_windows(job, tokenizer):
                           f"{job.nsamples} calibration + {job.nselect} selection windows of {job.seqlen}")
     return calib, select, calib_source.describe() | {"windows": select.shape[0], "source":
                                                      "calibration source, windows disjoint from the calibration samples"}
-
-
-class TrialRunner:
-    """What every beta trial on one model and one data set shares, computed once.
-
-    Holds the block-0 inputs of the calibration windows, a CPU copy of the dense Linear weights (restored before
-    each trial), and the dense model's selection perplexity and (for ``metric="kl"``) next-token log-probs.
-
-    Args:
-        model: transformers causal LM (dense; pruned in place by each trial).
-        calib: ``[nsamples, seqlen]`` int64 calibration windows.
-        select: ``[nselect, seqlen]`` int64 selection windows.
-        metric: ``"ppl"`` (selection perplexity) or ``"kl"`` (mean KL(dense || pruned), nats per token).
-    """
-
-    def __init__(self, model, calib: torch.Tensor, select: torch.Tensor, *, metric: str = "ppl", batch_size: int = 1,
-                 blocks_path: str | None = None):
-        self.model, self.calib, self.select = model, calib, select
-        self.metric = metric
-        self.blocks_path = blocks_path
-        self.batch_size = resolve_batch_size(batch_size, model, calib, Placement.default_for(model))
-        # logits passes (selection perplexity / KL, evaluation) need room for [batch, seqlen, vocab] too
-        self.eval_batch_size = self.batch_size if batch_size != "auto" else auto_batch_size(
-            model.config.get_text_config(), select.shape[1], 16, Placement.default_for(model).device,
-            next(model.parameters()).dtype, logits=True)
-        self.adapter = Adapter.for_model(model, blocks_path)
-        self.block_sizes = block_sizes(self.adapter)  # ATP's legal beta range depends on them
-        self.inputs = first_block_inputs(self.adapter, calib, self.batch_size)
-        self.linears = {f"{i}.{n}": lin for i, b in enumerate(self.adapter.blocks)
-                        for n, lin in self.adapter.linears(b).items()}
-        self.dense = {n: lin.weight.detach().to("cpu", copy=True) for n, lin in self.linears.items()}
-        self.reference = next_token_logprobs(model, select, batch_size=self.eval_batch_size) if metric == "kl" else None
-        self.seqlen = select.shape[1]
-        self.dense_select_ppl = perplexity(model, select.flatten(), self.seqlen, batch_size=self.eval_batch_size)["ppl"]
-
-    def restore(self) -> None:
-        """Put the dense weights back."""
-        with torch.no_grad():
-            for name, lin in self.linears.items():
-                lin.weight.copy_(self.dense[name])
-
-    def prune(self, method: str, sparsity: float, allocation: str, beta: float | None = None, progress: bool = False):
-        """Restore the dense weights and prune with one allocation; returns :class:`atprune.api.PruneResult`."""
-        self.restore()
-        return prune(self.model, method=method, sparsity=sparsity, allocation=allocation, beta=beta, calib=self.calib,
-                     block_inputs=self.inputs, batch_size=self.batch_size, progress=progress,
-                     blocks_path=self.blocks_path)
-
-    def score(self) -> float:
-        """The selection metric of the model as it is now."""
-        if self.metric == "kl":
-            return kl_to_reference(self.model, self.select, self.reference, batch_size=self.eval_batch_size)
-        return perplexity(self.model, self.select.flatten(), self.seqlen, batch_size=self.eval_batch_size)["ppl"]
-
-    def trial(self, method: str, sparsity: float, beta: float) -> dict:
-        """One full prune with ATP at ``beta`` and its selection metric."""
-        t0 = time.perf_counter()
-        result = self.prune(method, sparsity, "atp", beta)
-        return {"beta": beta, "rates": result.spec["rates"], "metric": self.score(),
-                "overall_sparsity": result.overall_sparsity, "seconds": time.perf_counter() - t0}
-
-    def search(self, method: str, sparsity: float, *, strategy: str = "golden", max_trials: int = 6,
-               step: float = 0.002, memo: dict | None = None, on_trial=None) -> tuple[list, float, float]:
-        """Run a strategy; ``memo`` maps betas already measured to their metric (resume), ``on_trial(record)`` is
-        called after each new trial. Returns ``(trials, chosen beta, its metric)``."""
-        memo = dict(memo or {})
-        hi = beta_max(sparsity, self.block_sizes)
-
-        def objective(beta: float) -> float:
-            if beta not in memo:
-                record = self.trial(method, sparsity, beta)
-                memo[beta] = record["metric"]
-                if on_trial is not None:
-                    on_trial(record)
-            return memo[beta]
-
-        if strategy == "golden":
-            trials = golden_search(objective, hi, max_trials)
-        else:
-            trials = [(b, objective(b)) for b in grid_betas(sparsity, self.block_sizes, step)]
-        chosen, value = best_trial(trials)
-        return trials, chosen, value
 
 
 def plot_search(trials: list[dict], chosen: float, metric: str, path: Path, title: str) -> None:
