@@ -194,10 +194,13 @@ def test_search_validates_step_and_trials_before_loading(tiny):
         search_job.check_search(_job(tiny, tiny["root"] / "t", strategy="grid", step=0.0))
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_a_trial_on_cached_inputs_gives_the_weights_of_a_fresh_prune(method):
-    """The runner captures block 0's inputs once and restores the dense weights before each trial: a trial must
-    prune exactly as a fresh ``prune()`` of an untouched copy does, also after another trial ran in between."""
+@pytest.mark.parametrize("method,allocation,value", [("wanda", "atp", 0.1), ("sparsegpt", "atp", 0.1),
+                                                    ("wanda", "owl", 0.1), ("wanda", "alphapruning", 0.2),
+                                                    ("sparsegpt", "dlp", 0.1)])
+def test_a_trial_on_cached_inputs_gives_the_weights_of_a_fresh_prune(method, allocation, value):
+    """The runner captures block 0's inputs once, restores the dense weights before each trial and computes each
+    allocator's dense statistic once: a trial must prune exactly as a fresh ``prune()`` of an untouched copy does,
+    also after another trial ran in between."""
     import copy
 
     import atprune
@@ -206,9 +209,12 @@ def test_a_trial_on_cached_inputs_gives_the_weights_of_a_fresh_prune(method):
     calib = torch.randint(3, 128, (6, 24), generator=torch.Generator().manual_seed(8))
     select = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(9))
     fresh = copy.deepcopy(base)
-    atprune.prune(fresh, method=method, sparsity=0.6, allocation="atp", beta=0.1, calib=calib, progress=False)
+    knob = {"atp": "beta", "owl": "lam", "alphapruning": "eps", "dlp": "alpha"}[allocation]
+    kw = {"beta": value} if allocation == "atp" else {"allocation_options": {knob: value}}
+    atprune.prune(fresh, method=method, sparsity=0.6, allocation=allocation, calib=calib, progress=False, **kw)
     runner = search_job.TrialRunner(copy.deepcopy(base), calib, select)
-    for beta in (0.1, 0.0, 0.1):  # the middle trial changes every weight; the last must undo it
-        runner.trial(method, 0.6, beta)
+    for v in (value, 0.0, value):  # the middle trial changes every weight; the last must undo it
+        record = runner.trial(method, 0.6, v, allocation)
+        assert record[knob] == v and record["metric"] > 0
     for (name, got), (_, want) in zip(runner.model.named_parameters(), fresh.named_parameters()):
         assert torch.equal(got, want), name

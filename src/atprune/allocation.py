@@ -78,13 +78,17 @@ def check_rates(rates, sparsity: float, sizes: list[int], allocation: str) -> No
 
 
 def allocate(allocator, sparsity: float, adapter: Adapter, windows: torch.Tensor | None = None,
-             inputs: BlockInputs | None = None, placement: Placement | None = None) -> Allocation:
-    """Compute what ``allocator`` needs on ``adapter``'s model, call it, and check its rates (:func:`check_rates`).
+             inputs: BlockInputs | None = None, placement: Placement | None = None,
+             statistic: list[float] | None = None) -> Allocation:
+    """Compute what ``allocator`` needs on ``adapter``'s model (unless ``statistic``, computed before on the same
+    dense model, is given), call it, and check its rates (:func:`check_rates`).
 
     Raises:
         ConfigError: as :func:`block_statistic` and the allocator's ``allocate``.
     """
     sizes = block_sizes(adapter)
-    result = allocator.allocate(sparsity, sizes, block_statistic(allocator, adapter, windows, inputs, placement))
+    if statistic is None:
+        statistic = block_statistic(allocator, adapter, windows, inputs, placement)
+    result = allocator.allocate(sparsity, sizes, statistic)
     check_rates(result.rates, sparsity, sizes, allocator.name)
     return result

@@ -162,7 +162,8 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
           beta: float | None = None, pattern: str = "unstructured", calib=None, nsamples: int = 128,
           seqlen: int = 2048, seed: int = 0, batch_size: int | str = 1, data_dir: str | None = None,
           strict: bool = False, block_inputs: BlockInputs | None = None, allocation_options: dict | None = None,
-          placement: Placement | None = None, progress: bool = True, blocks_path: str | None = None) -> PruneResult:
+          placement: Placement | None = None, progress: bool = True, blocks_path: str | None = None,
+          allocator_statistic: list[float] | None = None) -> PruneResult:
     """Prune ``model`` in place, block by block, with per-block sparsity ratios from an allocator.
 
     Args:
@@ -181,6 +182,8 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
             the model's device. With ``offload`` the model must already be placed by ``placement.prepare``.
         blocks_path: dotted path of the decoder-block ``nn.ModuleList`` for a layout atprune does not recognise
             (e.g. ``"model.decoder.layers"``); default: found automatically (see :meth:`Adapter.for_model`).
+        allocator_statistic: the allocator's per-block statistic (:func:`atprune.allocation.block_statistic`)
+            already computed on this very dense model, e.g. by an earlier trial; default: computed here.
 
     Returns:
         :class:`PruneResult`.
@@ -204,10 +207,11 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
     else:
         windows, calib_info = None, {}
     start = time.perf_counter()
-    if allocator_needs_calibration(spec.allocator) and block_inputs is None:
+    if allocator_needs_calibration(spec.allocator) and block_inputs is None and allocator_statistic is None:
         block_inputs = first_block_inputs(adapter, windows, batch_size, placement)
     # rates for the model's block sizes, from the statistic the allocator declared it needs (computed here)
-    allocation = allocate(spec.allocator, spec.sparsity, adapter, windows, block_inputs, placement)
+    allocation = allocate(spec.allocator, spec.sparsity, adapter, windows, block_inputs, placement,
+                          statistic=allocator_statistic)
     spec = replace(spec, rates=allocation.rates, statistic=allocation.statistic)
     blocks: list[dict] = []
 

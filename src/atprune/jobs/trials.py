@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from atprune.allocation import block_sizes
-from atprune.allocators import get_allocator
+from atprune.allocation import block_sizes, block_statistic
+from atprune.allocators import NEEDS_NOTHING, get_allocator
 from atprune.api import prune, resolve_batch_size
 from atprune.engine.passes import first_block_inputs
 from atprune.engine.placement import Placement, auto_batch_size
@@ -55,6 +55,7 @@ class TrialRunner:
         self.linears = {f"{i}.{n}": lin for i, b in enumerate(self.adapter.blocks)
                         for n, lin in self.adapter.linears(b).items()}
         self.dense = {n: lin.weight.detach().to("cpu", copy=True) for n, lin in self.linears.items()}
+        self.statistics: dict[tuple, list[float]] = {}  # allocators' dense statistics, shared by trials
         self.reference = next_token_logprobs(model, select, batch_size=self.eval_batch_size) if metric == "kl" else None
         self.seqlen = select.shape[1]
         self.dense_select_ppl = perplexity(model, select.flatten(), self.seqlen, batch_size=self.eval_batch_size)["ppl"]
@@ -70,9 +71,17 @@ class TrialRunner:
         """Restore the dense weights and prune with one allocation (``options``: the allocator's, e.g.
         ``{"lam": 0.05}``); returns :class:`atprune.api.PruneResult`."""
         self.restore()
+        allocator = get_allocator(allocation, beta=beta, **(options or {}))
+        statistic = None
+        if allocator.needs != NEEDS_NOTHING:  # computed once per allocator and fixed options: trials share it
+            fixed = {k: v for k, v in allocator.describe().items() if k not in ("name", allocator.tunable)}
+            key = (allocation, tuple(sorted(fixed.items())))
+            if key not in self.statistics:
+                self.statistics[key] = block_statistic(allocator, self.adapter, self.calib, self.inputs)
+            statistic = self.statistics[key]
         return prune(self.model, method=method, sparsity=sparsity, allocation=allocation, beta=beta, calib=self.calib,
                      block_inputs=self.inputs, batch_size=self.batch_size, progress=progress,
-                     blocks_path=self.blocks_path, allocation_options=options)
+                     blocks_path=self.blocks_path, allocation_options=options, allocator_statistic=statistic)
 
     def score(self, select: torch.Tensor | None = None) -> float:
         """The selection metric of the model as it is now (on ``select`` windows if given: perplexity only)."""
