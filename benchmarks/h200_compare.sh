@@ -1,0 +1,17 @@
+#!/bin/bash
+# The standard-protocol comparison (issue 13) on the H200 device machine, one pruner and a list of sparsities per
+# call (each call must end within 10 minutes). Needs, under .dev/ (ignored by git, carried by the device tool):
+# .dev/whl (transformers 5.24.0 and gguf 0.19.0 wheels: the machine's transformers 5.17 fails atprune's Gemma check,
+# and it has no gguf), .dev/data (wiki.test.raw, c4-sample jsonl), and the SmolLM2 GGUF assembled in /tmp/m by an
+# earlier call (two chunks, sha256 checked).
+#   usage: bash benchmarks/h200_compare.sh METHOD "S1 S2 ..." OUT_NAME
+set -euo pipefail
+method=$1; sparsities=$2; name=$3
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .dev/whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+python3 -c "import transformers, tokenizers, torch; print('transformers', transformers.__version__, 'tokenizers', tokenizers.__version__, 'torch', torch.__version__, torch.cuda.get_device_name(0))"
+echo "commit $(cat .dev/commit 2>/dev/null || echo unknown)"
+python3 -m atprune.cli compare --model /tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf --methods "$method" --sparsities $sparsities \
+    --calib-data .dev/data/c4-sample.00000-of-00001.jsonl --eval-data .dev/data/wiki.test.raw \
+    --nsamples 128 --nselect 16 --seqlen 2048 --max-trials 6 --tune-peers --atp-on-test \
+    --device cuda --dtype float32 --out "$OUT/$name" --overwrite 2>&1 | grep -v "it/s\]$" | tee "$OUT/$name.log"
