@@ -38,7 +38,7 @@ XMIN_MAX = 1.5  # cut-offs are tried up to this times the histogram peak
 def eigenvalues(weight: torch.Tensor) -> torch.Tensor:
     """Ascending float64 eigenvalues of ``W^T W`` (squared singular values of ``weight``: ``[out, in]``, any float
     dtype), exact zeros left out: ``[min(out, in)]`` at most."""
-    eigs = torch.linalg.svdvals(weight.detach().double()).square().sort().values
+    eigs = torch.linalg.svdvals(weight.detach().double()).square().sort().values.cpu()
     return eigs[eigs > 0]
 
 
