@@ -9,6 +9,7 @@ Writes ``compare.json`` (after every cell), ``results.csv``, ``results.md`` and 
 from __future__ import annotations
 
 import csv
+import math
 import io
 import time
 from dataclasses import asdict, dataclass, field
@@ -111,7 +112,16 @@ def run_compare_job(job: CompareJob) -> dict:
             knob = get_allocator(alloc, beta=0.0 if alloc == "atp" else None).tunable
             beta, options = (value, None) if alloc == "atp" else (None, {knob: value})
             row |= {"beta": beta, "options": options, "search_seconds": time.perf_counter() - t0, "trials": trials}
-        result = runner.prune(method, s, alloc, beta, options=options)
+        try:
+            result = runner.prune(method, s, alloc, beta, options=options)
+        except ConfigError as err:  # e.g. a peer's default option gives a rate >= 1 at this sparsity: say so, go on
+            row |= {"ppl": math.inf, "refused": str(err), "eval_windows": 0, "overall_sparsity": None,
+                    "prune_seconds": None, "rates": None, "statistic": {}}
+            state["rows"].append(row)
+            write_json(out / "compare.json", state)
+            if job.progress:
+                print(f"[{len(state['rows'])}/{len(cells)}] {method} S={s:g} {column}: refused: {err}", flush=True)
+            continue
         ev = ppl()
         row |= {"ppl": ev["ppl"], "eval_windows": ev["windows"], "overall_sparsity": result.overall_sparsity,
                 "prune_seconds": result.seconds, "rates": result.spec["rates"],
@@ -161,6 +171,8 @@ def _column(row: dict) -> str:
 
 
 def _cell_text(row: dict) -> str:
+    if row.get("refused"):
+        return "refused"
     chosen = [f"beta {row['beta']:.4f}"] if row["beta"] is not None else []
     chosen += [f"{k} {v:.3g}" for k, v in (row.get("options") or {}).items()]
     return f"{row['ppl']:.2f}" + (f" ({', '.join(chosen)})" if chosen else "")
@@ -185,6 +197,9 @@ def to_markdown(state: dict) -> str:
               "| pruner | sparsity | allocation | achieved sparsity | prune s | search s |", "|---|---|---|---|---|---|"]
     for r in rows:
         search = f"{r['search_seconds']:.1f}" if r["search_seconds"] is not None else "-"
+        if r.get("refused"):
+            lines.append(f"| {r['method']} | {r['sparsity']:g} | {_column(r)} | refused: {r['refused']} | - | {search} |")
+            continue
         lines.append(f"| {r['method']} | {r['sparsity']:g} | {_column(r)} | {r['overall_sparsity']:.4f} | "
                      f"{r['prune_seconds']:.1f} | {search} |")
     return "\n".join(lines) + "\n"
@@ -198,7 +213,7 @@ def plot_rates(rows: list[dict], path: Path) -> None:
     s = max(r["sparsity"] for r in rows)
     fig, ax = new_figure(7, 4.5)
     for r in rows:
-        if r["method"] == method and r["sparsity"] == s:
+        if r["method"] == method and r["sparsity"] == s and r["rates"]:
             label = _column(r) + (f" (beta {r['beta']:.4f})" if r["beta"] is not None else "")
             ax.plot(range(len(r["rates"])), r["rates"], "o-", markersize=3, label=label)
     ax.set_xlabel("block index (input side first)")
