@@ -4,6 +4,12 @@ Yin et al., ICML 2024, "Outlier Weighed Layerwise Sparsity (OWL)", Sec. 4: for e
 outlier distribution ``D_i`` is the fraction of its Wanda scores ``|W| * ||X||_2`` (all Linear sublayers
 together, on the dense model's inputs) larger than ``M`` times their mean. Blocks with more outliers are pruned
 less: ``D`` is min-max mapped onto a window of width ``2 * lambda`` and shifted so the mean sparsity is S.
+
+As the official code computes it (luuyin/OWL, ``lib/prune_all.py``, ``prune_wanda_outlier`` with
+``check_outlier_mean``): the outlier ratios of the dense blocks, scaled to ``[0, 2 Lamda]``, centred on the density
+``1 - S`` (higher ratio, higher density); the defaults ``Hyper_m`` = 5 and ``Lamda`` = 0.08 are those of its LLaMA-7B
+script. The shift here keeps the parameter-weighted mean at S (the official code keeps the plain mean; the same for
+blocks of equal size).
 """
 
 from __future__ import annotations
