@@ -131,7 +131,7 @@ def window_bytes(config, seqlen: int, logits: bool = False) -> int:
     """Estimated transient memory (bytes) of one window of ``seqlen`` tokens inside one block during a statistics or
     output pass, plus the logits of a whole-model pass with ``logits``.
 
-    Per token: ``22 * hidden + 8 * intermediate`` values (measured peak on tiny LLaMA blocks, float32, SDPA attention:
+    Per token: ``24 * hidden + 9 * intermediate`` values (measured peak on tiny LLaMA blocks, float32, SDPA attention:
     about ``20 * hidden + 7 * intermediate``: the norms' float32 copies, q/k/v and their rotary temporaries, the
     gate/up products, the statistics' float32 squares), plus ``4 * heads * seqlen`` with eager attention (the
     ``[heads, seqlen, seqlen]`` scores, softmax and mask), each counted at 4 bytes whatever the model's dtype (norms and
@@ -146,7 +146,7 @@ def window_bytes(config, seqlen: int, logits: bool = False) -> int:
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 1024)
     inter = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or 4 * hidden
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 32
-    values = 22 * hidden + 8 * inter
+    values = 24 * hidden + 9 * inter
     if getattr(config, "_attn_implementation", None) == "eager":
         values += 4 * heads * seqlen
     per_window = seqlen * values * 4
