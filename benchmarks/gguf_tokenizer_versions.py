@@ -20,7 +20,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from atprune.models.gguf_tokenizer import check_gguf_tokenizer
-from atprune.sources import ALIASES, resolve_model
+from atprune.models.sources import ALIASES, resolve_model
 
 DATA = Path(os.environ.get("ATPRUNE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

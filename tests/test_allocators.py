@@ -178,3 +178,31 @@ def test_get_allocator_unknown_option_is_config_error():
         get_allocator("uniform", beta=0.1)
     with pytest.raises(ConfigError):
         get_allocator("atp", gamma=0.1)
+
+
+def test_prune_accepts_every_atp_beta_that_is_legal_for_the_model_block_sizes():
+    """A model whose first block is wider: ``prune()`` takes ATP's size-aware legal range (the one the search uses),
+    not the equal-block one, and keeps the parameter-weighted mean at S."""
+    import copy
+
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    import atprune
+    from atprune.allocation import block_sizes
+    from atprune.models.adapter import Adapter
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama", layers=3)
+    wide = copy.deepcopy(model.config)
+    wide.intermediate_size = 4 * model.config.intermediate_size
+    model.model.layers[0].mlp = LlamaMLP(wide)
+    sizes = block_sizes(Adapter.for_model(model))
+    assert sizes[0] > sizes[1] == sizes[2]
+    beta = 0.95 * beta_max(0.3, sizes)
+    assert beta > beta_max(0.3, 3)  # illegal for three equal blocks
+    result = atprune.prune(model, method="magnitude", sparsity=0.3, allocation="atp", beta=beta, progress=False)
+    assert result.spec["rates"] == pytest.approx(atp_rates(0.3, sizes, beta))
+    assert result.overall_sparsity == pytest.approx(0.3, abs=1e-3)
+    with pytest.raises(ConfigError, match="for these block sizes"):
+        atprune.prune(model, method="magnitude", sparsity=0.3, allocation="atp", beta=1.05 * beta_max(0.3, sizes),
+                      progress=False)

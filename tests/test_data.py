@@ -124,8 +124,8 @@ def test_load_gzip_json_lines(tmp_path, suffix):
 
 
 def test_load_parquet(tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa  # a hard dependency: a broken install fails here, it does not skip
+    import pyarrow.parquet as pq
     path = tmp_path / "x.parquet"
     pq.write_table(pa.table({"text": ["alpha", None, "", "beta gamma"], "id": [1, 2, 3, 4]}), path)
     src = load_text(str(path), "train")

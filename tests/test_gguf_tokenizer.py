@@ -345,3 +345,32 @@ def test_cli_flag_reaches_every_job():
 
     job = _job_from_args(parser.parse_args(["prune", *base, "--allow-tokenizer-mismatch"]))
     assert job.allow_tokenizer_mismatch is True  # RunOptions: prune, search, compare and analyze pass it to load_model
+
+
+@pytest.mark.parametrize("command,module", [("prune", "atprune.jobs.prune"), ("search", "atprune.jobs.search"),
+                                            ("compare", "atprune.jobs.compare"), ("analyze", "atprune.jobs.analysis")])
+def test_allow_tokenizer_mismatch_reaches_load_model(command, module, tmp_path, monkeypatch):
+    import importlib
+
+    from atprune.cli import main
+    from tests.conftest import random_text, save_tiny_model
+
+    model = save_tiny_model(tmp_path / "model", layers=2)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(random_text(3000, seed=3))
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def load(*args, **kwargs):
+        seen.append(kwargs.get("allow_tokenizer_mismatch"))
+        raise Stop
+
+    monkeypatch.setattr(importlib.import_module(module), "load_model", load)
+    args = [command, "--model", str(model), "--calib-data", str(calib), "--nsamples", "2", "--seqlen", "16",
+            "--out", str(tmp_path / "out")]
+    for flag, want in (([], False), (["--allow-tokenizer-mismatch"], True)):
+        with pytest.raises(Stop):
+            main(args + flag + (["--eval-data", str(calib)] if command in ("compare",) else []))
+    assert seen == [False, True]

@@ -54,17 +54,29 @@ def _module_name(path: Path) -> str:
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:
-    """``(line, dotted target)`` of every atprune import in the file (``from atprune import data`` ->
-    ``atprune.data``)."""
+    """``(line, dotted target)`` of every atprune import in the file: ``from atprune import data`` ->
+    ``atprune.data``; ``import atprune`` and ``from atprune import prune`` -> ``atprune`` (the top-level package,
+    whose public names load the API); ``importlib.import_module("atprune.x")`` / ``__import__("atprune.x")`` with a
+    constant name -> ``atprune.x``. ``from atprune import __version__`` reads a constant and is no edge."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "atprune"]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             if node.module == "atprune":
-                found += [(node.lineno, f"atprune.{a.name}") for a in node.names]
+                for a in node.names:
+                    if a.name.startswith("__"):
+                        continue
+                    is_room = (SRC / a.name).is_dir() or (SRC / f"{a.name}.py").is_file()
+                    found.append((node.lineno, f"atprune.{a.name}" if is_room else "atprune"))
             elif node.module.startswith("atprune."):
                 found.append((node.lineno, node.module))
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            target = node.args[0].value
+            if name in ("import_module", "__import__") and isinstance(target, str) and target.split(".")[0] == "atprune":
+                found.append((node.lineno, target))
         elif isinstance(node, ast.ImportFrom) and node.level:
             found.append((node.lineno, "<relative import>"))
     return found
@@ -84,7 +96,12 @@ def _violations(files) -> list[str]:
                 bad.append(f"{module}:{line}: relative import (write the absolute atprune.* path)")
                 continue
             rel = target.removeprefix("atprune.")
-            if target == "atprune" or _room(target) == room:
+            if target == "atprune":
+                if room != "__init__":
+                    bad.append(f"{module}:{line}: imports the top-level atprune package (its public names load the "
+                               f"whole API); import the module you need")
+                continue
+            if _room(target) == room:
                 continue
             if not any(rel == a or rel.startswith(a + ".") for a in allowed):
                 bad.append(f"{module}:{line}: imports {target}, not allowed for room {room!r} ({sorted(allowed)})")
@@ -103,11 +120,18 @@ def test_the_check_catches_an_import_back_up(tmp_path, monkeypatch):
     (fake / "allocators").mkdir(parents=True)
     (fake / "sparse").mkdir()
     (fake / "allocators" / "bad.py").write_text("def f():\n    from atprune.engine.passes import sequential\n")
-    (fake / "sparse" / "bad.py").write_text("import atprune.pruners.wanda\nfrom atprune import errors\n")
+    (fake / "allocators" / "sneaky.py").write_text("import importlib\nimport atprune\n"
+                                                   "m = importlib.import_module('atprune.engine.passes')\n")
+    (fake / "sparse" / "bad.py").write_text("import atprune.pruners.wanda\nfrom atprune import errors, __version__\n")
+    (fake / "errors.py").write_text("")
     monkeypatch.setattr(sys.modules[__name__], "SRC", fake)
     found = _violations(sorted(fake.rglob("*.py")))
     assert found == [
         "atprune.allocators.bad:2: imports atprune.engine.passes, not allowed for room 'allocators' "
+        "(['atomic', 'errors'])",
+        "atprune.allocators.sneaky:2: imports the top-level atprune package (its public names load the whole API); "
+        "import the module you need",
+        "atprune.allocators.sneaky:3: imports atprune.engine.passes, not allowed for room 'allocators' "
         "(['atomic', 'errors'])",
         "atprune.sparse.bad:1: imports atprune.pruners.wanda, not allowed for room 'sparse' (['atomic', 'errors'])",
     ]

@@ -143,14 +143,28 @@ def test_alpha_peak_is_the_brute_force_ks_scan_and_recovers_a_planted_power_law(
     assert want == pytest.approx(planted, rel=0.2)
 
 
-def test_alpha_peak_keeps_the_official_lower_bound_rule():
-    # the histogram peak at ~1e4: candidates below log10(0.95 * peak) ~ 3.98 are skipped (the official rule compares a
-    # linear eigenvalue with that logarithm), so the small eigenvalues 0.5..3 are never a cut-off
+def test_alpha_peak_tries_the_official_cutoff_range():
+    """The xmin_peak rule by hand: log10 of the eigenvalues 1, 10^0.5, 10, 10, 10, 100 spans [0, 2] in 100 bins of 0.02;
+    the fullest bin starts at 1.0, so xmin2 = 10, and cut-offs are tried from log10(0.95 * 10) (the official code
+    compares a linear eigenvalue with this logarithm) up to 1.5 * 10."""
+    from atprune.allocators.alphapruning import peak_cutoff_range
+
+    eigs = torch.tensor([1.0, 10 ** 0.5, 10.0, 10.0, 10.0, 100.0], dtype=torch.float64)
+    low, high = peak_cutoff_range(eigs)
+    assert low == pytest.approx(math.log10(9.5), rel=1e-12) and high == pytest.approx(15.0, rel=1e-12)
+    # and the fit follows the brute force on a spectrum whose small eigenvalues lie inside that odd range
     g = torch.Generator().manual_seed(3)
-    eigs = torch.cat([torch.linspace(0.5, 3.0, 20, dtype=torch.float64), 1e4 * (1 + 0.01 * torch.rand(200, generator=g,
-                      dtype=torch.float64)), 1e4 * torch.logspace(0.2, 2, 30, dtype=torch.float64)])
-    w = torch.diag(eigs.sqrt())
-    assert alpha_peak(w) == pytest.approx(_brute_force_alpha_peak(eigs.numpy()), rel=1e-9)
+    spectrum = torch.cat([torch.logspace(0.7, 3.9, 40, dtype=torch.float64),
+                          1e4 * (1 + 0.01 * torch.rand(200, generator=g, dtype=torch.float64)),
+                          1e4 * torch.logspace(0.2, 2, 30, dtype=torch.float64)])
+    assert alpha_peak(torch.diag(spectrum.sqrt())) == pytest.approx(_brute_force_alpha_peak(spectrum.numpy()), rel=1e-9)
+
+
+def test_alpha_peak_of_a_flat_spectrum_is_inf_and_alphapruning_refuses_it():
+    # equal singular values: the official Hill estimate divides n by 0, giving inf (torch float division)
+    assert alpha_peak(2 * torch.eye(8)) == math.inf
+    with pytest.raises(ConfigError, match="not finite"):
+        get_allocator("alphapruning").allocate(0.5, 3, [3.0, math.inf, 4.0])
 
 
 def test_alphapruning_orders_rates_by_alpha_and_keeps_the_weighted_mean():
@@ -248,8 +262,10 @@ def test_compare_tunes_every_peer_with_the_same_budget_and_marks_selection_on_te
         # golden search: 3 trials, the first is 0 (uniform), all inside [0, the option's legal maximum]
         assert len(r["trials"]) == 3 and r["trials"][0][0] == 0.0
         if r["allocation"] != "atp":
-            assert list(r["options"]) == [knobs[r["allocation"]]]
-            assert r["options"][knobs[r["allocation"]]] in [t[0] for t in r["trials"]]
+            knob = knobs[r["allocation"]]
+            assert list(r["options"]) == [knob]
+            assert r["options"][knob] in [t[0] for t in r["trials"]]
+            assert r["statistic"][f"allocator_{knob}"] == r["options"][knob]  # the final prune used the tuned value
         # the tuned value is the trial with the best selection metric
         assert min(r["trials"], key=lambda t: t[1])[0] == (r["beta"] if r["allocation"] == "atp"
                                                             else r["options"][knobs[r["allocation"]]])

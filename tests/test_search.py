@@ -218,3 +218,21 @@ def test_a_trial_on_cached_inputs_gives_the_weights_of_a_fresh_prune(method, all
         assert record[knob] == v and record["metric"] > 0
     for (name, got), (_, want) in zip(runner.model.named_parameters(), fresh.named_parameters()):
         assert torch.equal(got, want), name
+
+
+@pytest.mark.parametrize("allocation", ["owl", "alphapruning"])
+def test_analysis_prunes_with_the_rates_of_prune(allocation):
+    """Model-dependent allocations in ``analyze``: the rates are those ``prune()`` computes (dense statistics),
+    and the model it leaves is the pruned one."""
+    import copy
+
+    import atprune
+
+    base = tiny_model("llama", layers=3, seed=5)
+    windows = torch.randint(3, 128, (4, 24), generator=torch.Generator().manual_seed(2))
+    fresh = copy.deepcopy(base)
+    want = atprune.prune(fresh, method="wanda", sparsity=0.5, allocation=allocation, calib=windows, progress=False)
+    got = reconstruction_errors(base, windows, method="wanda", sparsity=0.5, allocation=allocation)
+    assert got["rates"] == pytest.approx(want.spec["rates"], abs=1e-12) and len(got["local"]) == 3
+    for (name, a), (_, b) in zip(base.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(a, b), name

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from atprune import data as data_mod
 from atprune.allocation import allocate
+from atprune.allocation import block_sizes as model_block_sizes
 from atprune.allocation import needs_calibration as allocator_needs_calibration
 from atprune.allocators import NEEDS_NOTHING, get_allocator
 from atprune.engine.passes import BlockInputs, first_block_inputs, sequential
@@ -50,7 +51,7 @@ class PruneSpec:
 
 def plan(method: str, sparsity: float | None, num_blocks: int, *, allocation: str = "uniform",
          beta: float | None = None, pattern: str | Pattern = "unstructured",
-         allocation_options: dict | None = None) -> PruneSpec:
+         allocation_options: dict | None = None, block_sizes: list[int] | None = None) -> PruneSpec:
     """Check every pruning option and compute the per-block sparsity ratios, without touching a model.
 
     Args:
@@ -63,6 +64,8 @@ def plan(method: str, sparsity: float | None, num_blocks: int, *, allocation: st
         allocation_options: options of the allocator (``M``, ``lam`` for owl; ``eps`` for alphapruning;
             ``alpha`` for dlp). Rates are for ``num_blocks`` equal blocks; :func:`prune` recomputes them for the
             model's block sizes. Model-dependent allocators leave ``rates`` empty until :func:`prune`.
+        block_sizes: prunable weights per block, when known (ATP's legal beta range depends on them); default:
+            ``num_blocks`` equal blocks.
 
     Raises:
         ConfigError: unknown method or allocation, sparsity outside [0, 1), illegal beta (the message gives the
@@ -86,8 +89,9 @@ def plan(method: str, sparsity: float | None, num_blocks: int, *, allocation: st
     if allocation != "atp" and beta is not None:
         raise ConfigError(f"--beta applies to allocation 'atp' only, not {allocation!r}")
     allocator = get_allocator(allocation, beta=beta, **(allocation_options or {}))
-    allocator.check(sparsity, num_blocks)
-    rates = () if allocator.needs != NEEDS_NOTHING else allocator.allocate(sparsity, num_blocks).rates
+    blocks = block_sizes if block_sizes is not None else num_blocks
+    allocator.check(sparsity, blocks)
+    rates = () if allocator.needs != NEEDS_NOTHING else allocator.allocate(sparsity, blocks).rates
     return PruneSpec(method, float(sparsity), pattern, allocation, beta, rates, allocator)
 
 
@@ -196,7 +200,7 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
     model.eval()
     adapter = Adapter.for_model(model, blocks_path)
     spec = plan(method, sparsity, adapter.num_blocks, allocation=allocation, beta=beta, pattern=pattern,
-                allocation_options=allocation_options)
+                allocation_options=allocation_options, block_sizes=model_block_sizes(adapter))
     check_widths(adapter, spec.pattern)
     pruner = get_pruner(method)
     placement = placement or Placement.default_for(model)

@@ -203,6 +203,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_eval(args) -> int:
+    from atprune.export.report import versions
     from atprune.models.gguf_tokenizer import tokenizer_record
     from atprune.models.sources import load_model, resolve_device, resolve_dtype, resolve_model
     from atprune.eval.zeroshot import check_zero_shot, evaluate_zero_shot
@@ -219,6 +220,7 @@ def _run_eval(args) -> int:
     result["model"] = {"spec": args.model, "source": source.kind, "path": source.path,
                        "dtype": str(dtype).removeprefix("torch."), "device": str(device)}
     result["model"]["tokenizer_check"], notes = tokenizer_record(tokenizer)
+    result["versions"] = versions()
     if notes:
         result["warnings"] = notes
     run_report = Path(source.path) / "report.json" if source.kind == "folder" else None

@@ -23,6 +23,7 @@ float32), and eigenvalues that are exactly 0 (a rank-deficient matrix, whose log
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -51,7 +52,7 @@ def peak_cutoff_range(eigs: torch.Tensor, bins: int = BINS) -> tuple[float, floa
     counts = torch.histc(logs, bins=bins, min=lo, max=hi)
     edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
     xmin2 = 10 ** edges[int(counts.argmax())].item()
-    return torch.tensor(0.95 * xmin2).log10().item(), XMIN_MAX * xmin2
+    return math.log10(0.95 * xmin2), XMIN_MAX * xmin2
 
 
 def alpha_peak(weight: torch.Tensor, bins: int = BINS) -> float:
@@ -62,7 +63,8 @@ def alpha_peak(weight: torch.Tensor, bins: int = BINS) -> float:
         weight: ``[out, in]`` matrix, any float dtype and device.
 
     Returns:
-        alpha (float; nan for fewer than two non-zero eigenvalues).
+        alpha (float; nan for fewer than two non-zero eigenvalues; inf when the chosen tail is flat, e.g. the
+        identity, as in the official code).
     """
     eigs = eigenvalues(weight)
     n_all = eigs.numel()
@@ -79,7 +81,8 @@ def alpha_peak(weight: torch.Tensor, bins: int = BINS) -> float:
         if xmin > high:
             break
         n = n_all - i
-        alpha = 1 + n / (suffix[i].item() - n * logs[i].item())
+        spread = suffix[i].item() - n * logs[i].item()  # 0 when every eigenvalue from e_i up equals e_i
+        alpha = 1 + n / spread if spread > 0 else math.inf  # the official float division gives inf there too
         if alpha > 1:
             seq = torch.arange(n, dtype=torch.float64)
             d = (1 - (eigs[i:] / xmin) ** (1 - alpha) - seq / n).abs().max().item()
@@ -122,10 +125,14 @@ class AlphaPruningAllocator:
         """One rate per block, parameter-weighted mean ``sparsity``, ordered like the block alphas.
 
         Raises:
-            ConfigError: without the statistic, or if a rate leaves [0, 1).
+            ConfigError: without the statistic, a non-finite block alpha, or a rate leaving [0, 1).
         """
         sizes = as_sizes(block_sizes)
         alphas = require_statistic(self.name, statistic, len(sizes))
+        if not all(math.isfinite(a) for a in alphas):
+            bad = [i for i, a in enumerate(alphas) if not math.isfinite(a)]
+            raise ConfigError(f"alphapruning: the alpha of block(s) {bad} is not finite (a degenerate spectrum, e.g. "
+                              f"equal singular values); choose another allocation for this model")
         lo, hi = min(alphas), max(alphas)
         unit = [0.5] * len(alphas) if hi == lo else [(a - lo) / (hi - lo) for a in alphas]
         raw = [sparsity * (1 - self.eps + 2 * self.eps * u) for u in unit]

@@ -93,9 +93,10 @@ class ATPAllocator:
             raise ConfigError("allocation 'atp' needs --beta (0 gives uniform)")
         self.beta = float(beta)
 
-    def check(self, sparsity: float, num_blocks: int) -> None:
-        """Raise ConfigError for an illegal S or beta for L equal blocks (the message prints the legal range)."""
-        _check_beta(sparsity, num_blocks, self.beta)
+    def check(self, sparsity: float, blocks: int | Sequence[int]) -> None:
+        """Raise ConfigError for an illegal S or beta for ``blocks`` (L equal blocks, or the L block sizes; the message
+        prints the legal range)."""
+        _check_beta(sparsity, blocks, self.beta)
 
     def tunable_max(self, sparsity: float, block_sizes) -> float:
         """:func:`beta_max`."""

@@ -55,8 +55,9 @@ class Allocator(Protocol):
     def tunable_max(self, sparsity: float, block_sizes: Sequence[int]) -> float:
         """Upper end of the range the tuner searches for ``tunable`` at ``sparsity`` (the lower end is 0)."""
 
-    def check(self, sparsity: float, num_blocks: int) -> None:
-        """Validate S and the options for ``num_blocks`` blocks before any model is loaded (ConfigError)."""
+    def check(self, sparsity: float, num_blocks: int | Sequence[int]) -> None:
+        """Validate S and the options for ``num_blocks`` blocks (or, once the model is known, the block sizes) before
+        any weight is touched (ConfigError)."""
 
     def block_statistic(self, weights: Mapping[str, torch.Tensor],
                         col_norms: Mapping[str, torch.Tensor] | None) -> float:

@@ -10,6 +10,23 @@ from datetime import datetime, timezone
 SCHEMA = "atprune.report/1"
 
 
+def _source_commit() -> str | None:
+    """The git commit of the atprune source that runs, when it runs from a git checkout (None otherwise); a ``+``
+    marks uncommitted changes."""
+    import subprocess
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--", str(here.parent)],
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+" if dirty else "") if commit else None
+
+
 def versions() -> dict:
     """Versions of Python and the libraries that decide the numbers (tokenizers and gguf too: with transformers they
     build a GGUF model's tokenizer and dequantise its weights)."""
@@ -18,9 +35,10 @@ def versions() -> dict:
     import torch
     import transformers
 
-    import atprune
+    from atprune import __version__
 
-    return {"atprune": atprune.__version__, "python": sys.version.split()[0], "torch": torch.__version__,
+    return {"atprune": __version__, "atprune_commit": _source_commit(), "python": sys.version.split()[0],
+            "torch": torch.__version__,
             "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
             "gguf": getattr(gguf, "__version__", None) or _dist_version("gguf"), "platform": platform.platform()}
 
@@ -36,7 +54,7 @@ def _dist_version(name: str) -> str | None:
 
 def build_report(*, config: dict, prune_result: dict | None, evaluation: dict, timings: dict, model: dict,
                  warnings: list[str] | None = None) -> dict:
-    """Assemble the report (``schema`` = ``atprune.export.report/1``).
+    """Assemble the report (``schema`` = ``atprune.report/1``).
 
     Args:
         config: the options of the run as the user gave them (plus resolved defaults, seed included).

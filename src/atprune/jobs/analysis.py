@@ -20,11 +20,13 @@ import torch
 from atprune import data as data_mod
 
 from atprune.models.adapter import Adapter, set_weight
+from atprune.allocation import allocate, block_sizes
 from atprune.api import plan, resolve_batch_size
 from atprune.engine.passes import BlockInputs, collect_stats, first_block_inputs, run_block
 from atprune.engine.placement import Placement
 from atprune.errors import ConfigError
 from atprune.export import check_output_dir, write_json
+from atprune.export.report import versions
 from atprune.jobs.options import RunOptions, check_run_options
 from atprune.models.gguf_tokenizer import tokenizer_record
 from atprune.models.sources import load_model
@@ -58,9 +60,12 @@ def reconstruction_errors(model, windows: torch.Tensor, *, method: str, sparsity
         ConfigError: bad options (see :func:`atprune.api.plan`).
     """
     adapter = Adapter.for_model(model, blocks_path)
-    spec = plan(method, sparsity, adapter.num_blocks, allocation=allocation, beta=beta, pattern=pattern)
+    spec = plan(method, sparsity, adapter.num_blocks, allocation=allocation, beta=beta, pattern=pattern,
+                block_sizes=block_sizes(adapter))
     pruner = get_pruner(method)
     dense_in = inputs or first_block_inputs(adapter, windows, batch_size)
+    # the rates prune() would use: for the model's block sizes, from the statistic the allocator needs (dense model)
+    rates = allocate(spec.allocator, spec.sparsity, adapter, windows, dense_in).rates
     sparse_in = dense_in.with_hidden(list(dense_in.hidden))
     local, accumulated = [], []
     for i, block in enumerate(adapter.blocks):
@@ -68,7 +73,7 @@ def reconstruction_errors(model, windows: torch.Tensor, *, method: str, sparsity
         dense_out = run_block(block, i, dense_in)
         stats = collect_stats(block, i, linears, sparse_in, pruner.needs_hessian) if pruner.needs_stats else None
         for name, lin in linears.items():
-            set_weight(lin, pruner.prune(lin.weight.detach(), stats[name] if stats else None, spec.rates[i], spec.pattern))
+            set_weight(lin, pruner.prune(lin.weight.detach(), stats[name] if stats else None, rates[i], spec.pattern))
         del stats
         local_out = run_block(block, i, dense_in)
         sparse_out = run_block(block, i, sparse_in)
@@ -77,7 +82,7 @@ def reconstruction_errors(model, windows: torch.Tensor, *, method: str, sparsity
         accumulated.append(_sq_diff(dense_out, sparse_out) / norm)
         dense_in = dense_in.with_hidden(dense_out)
         sparse_in = sparse_in.with_hidden(sparse_out)
-    return {"rates": list(spec.rates), "local": local, "accumulated": accumulated}
+    return {"rates": list(rates), "local": local, "accumulated": accumulated}
 
 
 def plot_errors(curves: dict[str, dict], path: str | Path, title: str) -> None:
@@ -169,7 +174,7 @@ def run_analyze_job(job: AnalyzeJob) -> dict:
         curves[text] = reconstruction_errors(lm, windows.windows, method=job.method, sparsity=job.sparsity,
                                              allocation=name, beta=beta, batch_size=batch_size, inputs=inputs,
                                              blocks_path=job.blocks_path)
-    result = {"schema": "atprune.analysis/1", "model": job.model, "method": job.method, "sparsity": job.sparsity,
+    result = {"schema": "atprune.analysis/1", "versions": versions(), "model": job.model, "method": job.method, "sparsity": job.sparsity,
               "calibration": windows.info, "tokenizer_check": tokenizer_check, "warnings": tokenizer_notes, "curves": curves}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "analysis.json", result)

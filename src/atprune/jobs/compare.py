@@ -59,6 +59,9 @@ def check_compare(job: CompareJob):
         raise ConfigError(f"the golden search (ATP's beta, --tune-peers) needs --max-trials >= 3, got {job.max_trials}")
     if job.atp_on_test and "atp" not in job.allocations:
         raise ConfigError("--atp-on-test adds ATP selected on the evaluation data; it needs atp among --allocations")
+    if job.select_on_test:
+        raise ConfigError("compare tunes on held-out selection data; for the reference protocol add ATP selected on "
+                          "the evaluation data with --atp-on-test (marked, never counted as best)")
     check_selection(job)
 
     def own_checks():

@@ -184,7 +184,7 @@ def run_prune_job(job: PruneJob) -> dict:
                             "dtype": str(dtype).removeprefix("torch."), "device": str(device)}
 
     model_info = {"spec": job.model, "source": source.kind, "path": source.path, "class": type(model).__name__,
-                  "blocks": len(spec.rates), "tokenizer_check": tokenizer_check}
+                  "blocks": adapter.num_blocks, "tokenizer_check": tokenizer_check}
     report = build_report(config=config, prune_result=result.to_dict(), evaluation=evaluation, timings=timings,
                           model=model_info, warnings=run_warnings)
     report["peak_gpu_memory_gib"] = peak_memory_gib(device)
