@@ -1,0 +1,91 @@
+"""``SparseLinear``: a linear layer whose weight is kept in the bitmap format and multiplied by the CPU kernels."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from atprune.errors import ConfigError
+from atprune.sparse import kernels
+from atprune.sparse.format import PackedWeight, check_dtype, pack, unpack
+
+# Tokens per call up to which the sparse kernel runs; above it the layer unpacks its weight and runs a dense matmul
+# (prefill is compute bound, where the dense GEMM wins). Measured with `atprune bench` on the 2-core EPYC
+# (docs/performance.md, "Sparse inference"): the sparse kernel stays ahead of the dense one up to 16 tokens.
+MAX_SPARSE_TOKENS = 16
+
+
+class SparseLinear(nn.Module):
+    """``y = x W^T + b`` with ``W`` ``[out_features, in_features]`` stored as bitmap + packed values
+    (:mod:`atprune.sparse.format`), for decoding on a CPU.
+
+    ``forward`` takes ``x`` ``[..., in_features]`` in the weight's dtype (float32, bfloat16 or float16) and returns
+    ``[..., out_features]`` in that dtype (fp32 accumulation). On a CPU with ``tokens = x.numel() // in_features``
+    at most ``max_sparse_tokens`` it runs the sparse kernel chosen by ``kernel`` (``auto``: the fastest the CPU
+    runs; see :mod:`atprune.sparse.kernels`); otherwise (prefill, another device, another input dtype) it unpacks
+    the weight and calls ``F.linear`` (the dense copy lives only during that call).
+
+    Build one with :meth:`from_dense` (from an ``nn.Linear`` or a weight) or from a :class:`PackedWeight`.
+
+    Raises:
+        ConfigError: an unsupported dtype, or a ``kernel`` this CPU cannot run (at construction).
+    """
+
+    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None, kernel: str = "auto",
+                 max_sparse_tokens: int = MAX_SPARSE_TOKENS):
+        super().__init__()
+        check_dtype(packed.dtype)
+        self.in_features, self.out_features = packed.cols, packed.rows
+        self.kernel = kernels.resolve_kernel(kernel)
+        self._kernel_id = kernels.KERNEL_IDS.get(self.kernel)
+        self.max_sparse_tokens = int(max_sparse_tokens)
+        self.register_buffer("bitmap", packed.bitmap)
+        self.register_buffer("values", packed.values)
+        self.register_buffer("group_offsets", packed.group_offsets)
+        if bias is not None and tuple(bias.shape) != (packed.rows,):
+            raise ConfigError(f"bias must have shape ({packed.rows},), got {tuple(bias.shape)}")
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to("cpu", packed.dtype), requires_grad=False)
+
+    @classmethod
+    def from_dense(cls, layer: nn.Linear | torch.Tensor, bias: torch.Tensor | None = None, **kwargs) -> "SparseLinear":
+        """From an ``nn.Linear`` (its weight and bias) or a ``[out, in]`` weight tensor (and optional ``bias``)."""
+        if isinstance(layer, nn.Linear):
+            return cls(pack(layer.weight), layer.bias, **kwargs)
+        return cls(pack(layer), bias, **kwargs)
+
+    @property
+    def packed(self) -> PackedWeight:
+        """The weight as a :class:`PackedWeight` (sharing this module's tensors)."""
+        return PackedWeight(self.bitmap, self.values, self.group_offsets, self.out_features, self.in_features)
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense ``[out_features, in_features]`` weight (a new tensor)."""
+        if self._kernel_id is not None:
+            return kernels.extension().unpack(self.bitmap, self.values, self.group_offsets, self.out_features,
+                                              self.in_features)
+        return unpack(self.packed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"SparseLinear expects [..., {self.in_features}], got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        tokens = x.numel() // self.in_features if self.in_features else 0
+        if (self._kernel_id is not None and x.device.type == "cpu" and x.dtype == self.values.dtype
+                and 0 < tokens <= self.max_sparse_tokens):
+            y = kernels.extension().sparse_mm(x.reshape(tokens, self.in_features).contiguous(), self.bitmap,
+                                              self.values, self.group_offsets, self.out_features, self.bias,
+                                              self._kernel_id)
+            return y.view(*lead, self.out_features)
+        w = self.dense_weight().to(x.device, x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.device, x.dtype))
+
+    def extra_repr(self) -> str:
+        nnz = int(self.group_offsets[-1])
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"dtype={str(self.values.dtype).removeprefix('torch.')}, "
+                f"sparsity={1 - nnz / max(1, self.in_features * self.out_features):.3f}, kernel={self.kernel}")
