@@ -9,9 +9,11 @@
 // Every instruction-set path is in this one file: each function carries __attribute__((target(...))), the file
 // is compiled without -march flags, and the path is chosen at run time (__builtin_cpu_supports), so one build
 // runs, and every path compiles, on any x86-64 machine.
-//   avx512: AVX-512 F/BW/VL/DQ + VBMI2 + BF16. The mask drives _mm512_maskz_expandloadu_epi16 (VBMI2), which puts
-//           the packed 16-bit values into their lanes (zeros elsewhere); bf16 dot products with _mm512_dpbf16_ps
-//           (fp32 accumulation); fp16 through _mm512_cvtph_ps; fp32 as two 16-lane _mm512_maskz_expandloadu_ps.
+//   avx512: AVX-512 F/BW/VL/DQ + VBMI2 + BF16. The mask drives the expand (_mm512_maskz_expand_epi16, VBMI2), which
+//           puts the packed 16-bit values into their lanes (zeros elsewhere); bf16 dot products with
+//           _mm512_dpbf16_ps (fp32 accumulation); fp16 through _mm512_cvtph_ps; fp32 as two 16-lane
+//           _mm512_maskz_expand_ps. (The expand-load form, _mm512_maskz_expandloadu_epi16, reads only the packed
+//           values but was 1.6x slower from memory on the EPYC measured; see expand16.)
 //   avx2:   AVX2 + FMA + F16C. 8 columns per step: 8 packed values are loaded, widened to fp32 and moved into
 //           their lanes by a permutation looked up from the mask byte (256-entry table), unset lanes zeroed.
 //   scalar: portable C++, one set bit at a time (count-trailing-zeros loop).
@@ -60,6 +62,18 @@ struct Args {
   float* y;                // [tokens, rows] fp32
 };
 
+// Software prefetch distances in bytes, ahead of the value stream and of the mask stream (the dense kernels
+// prefetch each row stream the same distance ahead). On the 2-core EPYC measured they change nothing measurable
+// (there the sparse loop is bound by the expand instructions, about 1.7 ns per 32-column row step with data in
+// cache or not); set_prefetch lets them be tuned on other machines.
+int PF_VALUES = 1024;
+int PF_BITMAP = 256;
+
+inline void prefetch(const char* values, const uint8_t* masks) {
+  _mm_prefetch(values, _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(masks), _MM_HINT_T0);
+}
+
 inline void store(const Args& a, int64_t r, int64_t t, float v) {
   if (r < a.rows) a.y[t * a.rows + r] = v + (a.bias ? a.bias[r] : 0.f);
 }
@@ -72,53 +86,85 @@ inline float value_at(const void* base, int64_t i) {
 }
 
 // ------------------------------------------------------------------------------------------ sparse, avx512
+// Expand from a register, not from memory: the memory form of vpexpand is much slower on the EPYC measured
+// (docs/performance.md), so 64 bytes are loaded (the packed array is padded for it) and expanded in registers.
+// The empty asm keeps the compiler from folding the load back into the memory form.
+T512 inline __m512i expand16(uint32_t m, const void* p) {
+  __m512i v = _mm512_loadu_si512(p);
+  asm("" : "+v"(v));
+  return _mm512_maskz_expand_epi16(m, v);
+}
+
+T512 inline __m512 expand32(__mmask16 m, const float* p) {
+  __m512 v = _mm512_loadu_ps(p);
+  asm("" : "+v"(v));
+  return _mm512_maskz_expand_ps(m, v);
+}
+
 template <int TT, int DT>
 T512 void sparse_avx512(const Args& a, int64_t g, int64_t t0) {
-  constexpr int es = DT == 0 ? 4 : 2;
+  constexpr size_t es = DT == 0 ? 4 : 2;
   __m512 acc[G][TT];
+  #pragma GCC unroll 16
   for (int q = 0; q < G; ++q)
+    #pragma GCC unroll 16
     for (int t = 0; t < TT; ++t) acc[q][t] = _mm512_setzero_ps();
   const uint8_t* bm = a.bitmap + g * a.chunks * 16;
+  const uint8_t* const bm_end = bm + a.chunks * 16;
   const char* p = static_cast<const char*>(a.values) + a.offsets[g] * es;
-  for (int64_t c = 0; c < a.chunks; ++c) {
+  const char* xt[TT];  // this tile's token rows of the padded input, advanced one chunk per step
+  #pragma GCC unroll 16
+  for (int t = 0; t < TT; ++t) xt[t] = static_cast<const char*>(a.x) + (t0 + t) * a.xs * (DT == 1 ? 2 : 4);
+  const size_t pf_values = PF_VALUES, pf_masks = PF_BITMAP;
+  for (; bm < bm_end; bm += 16) {
+    prefetch(p + pf_values, bm + pf_masks);
     uint32_t m[G];
-    std::memcpy(m, bm + 16 * c, 16);
-    int off[G + 1];
+    std::memcpy(m, bm, 16);
+    size_t off[G + 1];
     off[0] = 0;
-    for (int q = 0; q < G; ++q) off[q + 1] = off[q] + _mm_popcnt_u32(m[q]);
+    #pragma GCC unroll 16
+    for (int q = 0; q < G; ++q) off[q + 1] = off[q] + size_t(_mm_popcnt_u32(m[q])) * es;
     if (DT == 1) {
       __m512i xv[TT];
-      for (int t = 0; t < TT; ++t)
-        xv[t] = _mm512_loadu_si512(static_cast<const uint16_t*>(a.x) + (t0 + t) * a.xs + C * c);
+      #pragma GCC unroll 16
+      for (int t = 0; t < TT; ++t) xv[t] = _mm512_loadu_si512(xt[t]);
+      #pragma GCC unroll 16
       for (int q = 0; q < G; ++q) {
-        const __m512i v = _mm512_maskz_expandloadu_epi16(m[q], p + off[q] * es);
+        const __m512i v = expand16(m[q], p + off[q]);
+        #pragma GCC unroll 16
         for (int t = 0; t < TT; ++t) acc[q][t] = _mm512_dpbf16_ps(acc[q][t], (__m512bh)v, (__m512bh)xv[t]);
       }
     } else {
       __m512 x0[TT], x1[TT];
+      #pragma GCC unroll 16
       for (int t = 0; t < TT; ++t) {
-        const float* xp = static_cast<const float*>(a.x) + (t0 + t) * a.xs + C * c;
-        x0[t] = _mm512_loadu_ps(xp);
-        x1[t] = _mm512_loadu_ps(xp + 16);
+        x0[t] = _mm512_loadu_ps(reinterpret_cast<const float*>(xt[t]));
+        x1[t] = _mm512_loadu_ps(reinterpret_cast<const float*>(xt[t]) + 16);
       }
+      #pragma GCC unroll 16
       for (int q = 0; q < G; ++q) {
         __m512 v0, v1;
         if (DT == 2) {
-          const __m512i v = _mm512_maskz_expandloadu_epi16(m[q], p + off[q] * es);
+          const __m512i v = expand16(m[q], p + off[q]);
           v0 = _mm512_cvtph_ps(_mm512_castsi512_si256(v));
           v1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(v, 1));
         } else {
           const __mmask16 lo = (__mmask16)(m[q] & 0xFFFFu), hi = (__mmask16)(m[q] >> 16);
-          const float* pq = reinterpret_cast<const float*>(p + off[q] * es);
-          v0 = _mm512_maskz_expandloadu_ps(lo, pq);
-          v1 = _mm512_maskz_expandloadu_ps(hi, pq + _mm_popcnt_u32(lo));
+          const float* pq = reinterpret_cast<const float*>(p + off[q]);
+          v0 = expand32(lo, pq);
+          v1 = expand32(hi, pq + _mm_popcnt_u32(lo));
         }
+        #pragma GCC unroll 16
         for (int t = 0; t < TT; ++t) acc[q][t] = _mm512_fmadd_ps(v1, x1[t], _mm512_fmadd_ps(v0, x0[t], acc[q][t]));
       }
     }
-    p += off[G] * es;
+    p += off[G];
+    #pragma GCC unroll 16
+    for (int t = 0; t < TT; ++t) xt[t] += C * (DT == 1 ? 2 : 4);
   }
+  #pragma GCC unroll 16
   for (int q = 0; q < G; ++q)
+    #pragma GCC unroll 16
     for (int t = 0; t < TT; ++t) store(a, g * G + q, t0 + t, _mm512_reduce_add_ps(acc[q][t]));
 }
 
@@ -160,18 +206,24 @@ T256 void sparse_avx2(const Args& a, int64_t g, int64_t t0) {
   constexpr int es = DT == 0 ? 4 : 2;
   const Lut& L = lut();
   __m256 acc[G][TT];
+  #pragma GCC unroll 16
   for (int q = 0; q < G; ++q)
+    #pragma GCC unroll 16
     for (int t = 0; t < TT; ++t) acc[q][t] = _mm256_setzero_ps();
   const uint8_t* bm = a.bitmap + g * a.chunks * 16;
   const char* p = static_cast<const char*>(a.values) + a.offsets[g] * es;
   for (int64_t c = 0; c < a.chunks; ++c) {
+    prefetch(p + PF_VALUES, bm + 16 * c + PF_BITMAP);
+    #pragma GCC unroll 16
     for (int q = 0; q < G; ++q) {
+      #pragma GCC unroll 16
       for (int s = 0; s < 4; ++s) {
         const unsigned mb = bm[16 * c + 4 * q + s];
         const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(L.perm[mb]));
         const __m256 keep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(L.keep[mb])));
         const __m256 v = _mm256_and_ps(_mm256_permutevar8x32_ps(load8<DT>(p), idx), keep);
         p += _mm_popcnt_u32(mb) * es;
+        #pragma GCC unroll 16
         for (int t = 0; t < TT; ++t) {
           const __m256 xv = _mm256_loadu_ps(static_cast<const float*>(a.x) + (t0 + t) * a.xs + C * c + 8 * s);
           acc[q][t] = _mm256_fmadd_ps(v, xv, acc[q][t]);
@@ -179,7 +231,9 @@ T256 void sparse_avx2(const Args& a, int64_t g, int64_t t0) {
       }
     }
   }
+  #pragma GCC unroll 16
   for (int q = 0; q < G; ++q)
+    #pragma GCC unroll 16
     for (int t = 0; t < TT; ++t) store(a, g * G + q, t0 + t, hsum256(acc[q][t]));
 }
 
@@ -191,6 +245,7 @@ void sparse_scalar(const Args& a, int64_t g, int64_t t0, int64_t tt) {
   const uint8_t* bm = a.bitmap + g * a.chunks * 16;
   int64_t k = a.offsets[g];
   for (int64_t c = 0; c < a.chunks; ++c) {
+    #pragma GCC unroll 16
     for (int q = 0; q < G; ++q) {
       uint32_t bits;
       std::memcpy(&bits, bm + 16 * c + 4 * q, 4);
@@ -202,6 +257,7 @@ void sparse_scalar(const Args& a, int64_t g, int64_t t0, int64_t tt) {
       }
     }
   }
+  #pragma GCC unroll 16
   for (int q = 0; q < G; ++q)
     for (int t = 0; t < tt; ++t) store(a, g * G + q, t0 + t, acc[q][t]);
 }
@@ -215,7 +271,9 @@ T512 void dense_avx512(const Args& a, int64_t g, int64_t t0) {
   constexpr int W = DT == 0 ? 16 : 32;  // columns per vector of weights
   __m512 acc[G][TT];
   const char* p[G];
+  #pragma GCC unroll 16
   for (int q = 0; q < G; ++q) {
+    #pragma GCC unroll 16
     for (int t = 0; t < TT; ++t) acc[q][t] = _mm512_setzero_ps();
     p[q] = static_cast<const char*>(a.values) + std::min<int64_t>(g * G + q, a.rows - 1) * a.cols * es;
   }
@@ -224,9 +282,13 @@ T512 void dense_avx512(const Args& a, int64_t g, int64_t t0) {
   const uint32_t tail = rem ? ((1u << rem) - 1u) : 0xFFFFFFFFu;
   for (int64_t c = 0; c < steps; ++c) {
     const uint32_t m = (c + 1 < steps) ? 0xFFFFFFFFu : tail;
+    #pragma GCC unroll 16
+    for (int q = 0; q < G; ++q) _mm_prefetch(p[q] + c * W * es + PF_VALUES, _MM_HINT_T0);
+    #pragma GCC unroll 16
     for (int q = 0; q < G; ++q) {
       if (DT == 1) {
         const __m512i v = _mm512_maskz_loadu_epi16(m, p[q] + c * W * es);
+        #pragma GCC unroll 16
         for (int t = 0; t < TT; ++t) {
           const __m512i xv = _mm512_loadu_si512(static_cast<const uint16_t*>(a.x) + (t0 + t) * a.xs + W * c);
           acc[q][t] = _mm512_dpbf16_ps(acc[q][t], (__m512bh)v, (__m512bh)xv);
@@ -235,19 +297,23 @@ T512 void dense_avx512(const Args& a, int64_t g, int64_t t0) {
         const __m512i v = _mm512_maskz_loadu_epi16(m, p[q] + c * W * es);
         const __m512 v0 = _mm512_cvtph_ps(_mm512_castsi512_si256(v));
         const __m512 v1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(v, 1));
+        #pragma GCC unroll 16
         for (int t = 0; t < TT; ++t) {
           const float* xp = static_cast<const float*>(a.x) + (t0 + t) * a.xs + W * c;
           acc[q][t] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(xp + 16), _mm512_fmadd_ps(v0, _mm512_loadu_ps(xp), acc[q][t]));
         }
       } else {
         const __m512 v = _mm512_maskz_loadu_ps((__mmask16)m, reinterpret_cast<const float*>(p[q]) + c * W);
+        #pragma GCC unroll 16
         for (int t = 0; t < TT; ++t)
           acc[q][t] = _mm512_fmadd_ps(v, _mm512_loadu_ps(static_cast<const float*>(a.x) + (t0 + t) * a.xs + W * c),
                                       acc[q][t]);
       }
     }
   }
+  #pragma GCC unroll 16
   for (int q = 0; q < G; ++q)
+    #pragma GCC unroll 16
     for (int t = 0; t < TT; ++t) store(a, g * G + q, t0 + t, _mm512_reduce_add_ps(acc[q][t]));
 }
 
@@ -256,19 +322,26 @@ T256 void dense_avx2(const Args& a, int64_t g, int64_t t0) {
   constexpr int es = DT == 0 ? 4 : 2;
   __m256 acc[G][TT];
   const char* p[G];
+  #pragma GCC unroll 16
   for (int q = 0; q < G; ++q) {
+    #pragma GCC unroll 16
     for (int t = 0; t < TT; ++t) acc[q][t] = _mm256_setzero_ps();
     p[q] = static_cast<const char*>(a.values) + std::min<int64_t>(g * G + q, a.rows - 1) * a.cols * es;
   }
   const int64_t steps = a.cols / 8;
   for (int64_t c = 0; c < steps; ++c)
+    #pragma GCC unroll 16
     for (int q = 0; q < G; ++q) {
+      if ((c & 1) == 0) _mm_prefetch(p[q] + 8 * c * es + PF_VALUES, _MM_HINT_T0);
       const __m256 v = load8<DT>(p[q] + 8 * c * es);
+      #pragma GCC unroll 16
       for (int t = 0; t < TT; ++t)
         acc[q][t] = _mm256_fmadd_ps(v, _mm256_loadu_ps(static_cast<const float*>(a.x) + (t0 + t) * a.xs + 8 * c),
                                     acc[q][t]);
     }
+  #pragma GCC unroll 16
   for (int q = 0; q < G; ++q)
+    #pragma GCC unroll 16
     for (int t = 0; t < TT; ++t) {
       float s = hsum256(acc[q][t]);
       const float* xp = static_cast<const float*>(a.x) + (t0 + t) * a.xs;
@@ -415,6 +488,7 @@ at::Tensor unpack(const at::Tensor& bitmap, const at::Tensor& values, const at::
     for (int64_t g = gb; g < ge; ++g) {
       int64_t k = off[g];
       for (int64_t c = 0; c < chunks; ++c)
+        #pragma GCC unroll 16
         for (int q = 0; q < G; ++q) {
           uint32_t bits;
           std::memcpy(&bits, bm + (g * chunks + c) * 16 + 4 * q, 4);
@@ -427,6 +501,11 @@ at::Tensor unpack(const at::Tensor& bitmap, const at::Tensor& values, const at::
     }
   });
   return out;
+}
+
+void set_prefetch(int64_t values, int64_t masks) {
+  PF_VALUES = static_cast<int>(values);
+  PF_BITMAP = static_cast<int>(masks);
 }
 
 std::vector<std::string> cpu_kernels() {
@@ -444,4 +523,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dense_mm", &dense_mm, "the same from a dense [rows, cols] weight (the hand-written dense baseline)");
   m.def("unpack", &unpack, "dense [rows, cols] weight from bitmap + packed values");
   m.def("cpu_kernels", &cpu_kernels, "the kernel paths this CPU can run");
+  m.def("set_prefetch", &set_prefetch, "prefetch distances in bytes (values, masks); for tuning");
 }
