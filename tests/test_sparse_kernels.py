@@ -89,12 +89,19 @@ def test_sparse_linear_forward_all_paths(kernel, dtype):
         assert_close(y.reshape(-1, 45), w, x.reshape(-1, 130), b)
 
 
-def test_unpack_kernel_is_bit_exact():
-    need("scalar")
+@pytest.mark.parametrize("kernel", ["avx512", "scalar"])
+def test_unpack_kernel_is_bit_exact(kernel):
+    need(kernel)
     for dtype in DTYPES:
-        w, _, _ = case(37, 257, dtype, 1)
-        p = pack(w)
-        assert torch.equal(kernels.extension().unpack(p.bitmap, p.values, p.group_offsets, 37, 257), w)
+        for rows, cols in [(37, 257), (4, 32), (5, 1), (9, 64)]:
+            w, _, _ = case(rows, cols, dtype, 1)
+            w[0, 0] = -0.0
+            p = pack(w)
+            into = torch.full((rows * cols,), 7, dtype=dtype)  # a reused buffer holding garbage
+            for out in (None, into):
+                got = kernels.extension().unpack(p.bitmap, p.values, p.group_offsets, rows, cols, KERNEL_IDS[kernel], out)
+                assert torch.equal(got.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                                   w.view(torch.int16 if dtype != torch.float32 else torch.int32))
 
 
 def test_available_kernels_follow_cpu_flags():

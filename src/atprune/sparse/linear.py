@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,6 +16,18 @@ from atprune.sparse.format import PackedWeight, check_dtype, pack, unpack
 # (prefill is compute bound, where the dense GEMM wins). Measured with `atprune bench` on the 2-core EPYC
 # (docs/performance.md, "Sparse inference"): the sparse kernel stays ahead of the dense one up to 16 tokens.
 MAX_SPARSE_TOKENS = 16
+
+
+_local = threading.local()
+
+
+def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """This thread's reused buffer of ``numel`` elements of ``dtype`` (grown when too small)."""
+    buffers = _local.__dict__.setdefault("buffers", {})
+    buf = buffers.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
 
 
 class SparseLinear(nn.Module):
@@ -63,11 +77,14 @@ class SparseLinear(nn.Module):
     def weight_dtype(self) -> torch.dtype:
         return self.values.dtype
 
-    def dense_weight(self) -> torch.Tensor:
-        """The dense ``[out_features, in_features]`` weight (a new tensor)."""
+    def dense_weight(self, scratch: bool = False) -> torch.Tensor:
+        """The dense ``[out_features, in_features]`` weight: a new tensor, or with ``scratch`` a view of this
+        thread's reused buffer (valid until the next ``dense_weight(scratch=True)`` call in the thread; it saves the
+        page faults of a fresh allocation per call, which cost more than the unpacking for large layers)."""
         if self._kernel_id is not None:
+            into = _scratch(self.out_features * self.in_features, self.values.dtype) if scratch else None
             return kernels.extension().unpack(self.bitmap, self.values, self.group_offsets, self.out_features,
-                                              self.in_features)
+                                              self.in_features, self._kernel_id, into)
         return unpack(self.packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +98,7 @@ class SparseLinear(nn.Module):
                                               self.values, self.group_offsets, self.out_features, self.bias,
                                               self._kernel_id)
             return y.view(*lead, self.out_features)
-        w = self.dense_weight().to(x.device, x.dtype)
+        w = self.dense_weight(scratch=x.device.type == "cpu" and x.dtype == self.values.dtype).to(x.device, x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.device, x.dtype))
 
     def extra_repr(self) -> str:

@@ -472,19 +472,65 @@ at::Tensor dense_mm(const at::Tensor& x, const at::Tensor& weight, const c10::op
   return launch(x, weight.contiguous(), c10::nullopt, c10::nullopt, weight.size(0), bias, kernel);
 }
 
+// Group g of the packed weight written densely into out [rows, cols] with the expand (every element written).
+template <int DT>
+T512 void unpack_avx512(const uint8_t* bm, const char* p, char* out, int64_t g, int64_t rows, int64_t cols,
+                        int64_t chunks) {
+  constexpr int64_t es = DT == 0 ? 4 : 2;
+  const int rem = int(cols % C);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const uint32_t tail = (c + 1 == chunks && rem) ? ((1u << rem) - 1u) : 0xFFFFFFFFu;
+    for (int q = 0; q < G; ++q) {
+      uint32_t m;
+      std::memcpy(&m, bm + (g * chunks + c) * 16 + 4 * q, 4);
+      const int64_t r = g * G + q;
+      if (r < rows) {
+        char* o = out + (r * cols + C * c) * es;
+        if (DT == 0) {
+          const __mmask16 lo = (__mmask16)(m & 0xFFFFu), hi = (__mmask16)(m >> 16);
+          const float* pq = reinterpret_cast<const float*>(p);
+          _mm512_mask_storeu_ps(o, (__mmask16)(tail & 0xFFFFu), expand32(lo, pq));
+          _mm512_mask_storeu_ps(o + 64, (__mmask16)(tail >> 16), expand32(hi, pq + _mm_popcnt_u32(lo)));
+        } else {
+          _mm512_mask_storeu_epi16(o, tail, expand16(m, p));
+        }
+      }
+      p += _mm_popcnt_u32(m) * es;
+    }
+  }
+}
+
 // Dense [rows, cols] from the packed form (the prefill fallback), groups split over threads.
 at::Tensor unpack(const at::Tensor& bitmap, const at::Tensor& values, const at::Tensor& offsets, int64_t rows,
-                  int64_t cols) {
+                  int64_t cols, int64_t kernel, const c10::optional<at::Tensor>& into) {
   const int64_t chunks = (cols + C - 1) / C, groups = (rows + G - 1) / G;
   TORCH_CHECK(bitmap.size(0) == groups && bitmap.size(1) == chunks * 16 && offsets.numel() == groups + 1,
               "bad packed weight");
   const int64_t es = values.element_size();
-  at::Tensor out = at::zeros({rows, cols}, values.options());
+  const bool vec = check_kernel(kernel) == AVX512;  // avx2 and scalar: the bit loop
+  at::Tensor out;
+  if (into.has_value()) {  // a reused buffer: no fresh pages to fault in for every call
+    TORCH_CHECK(into->is_contiguous() && into->scalar_type() == values.scalar_type() && into->numel() == rows * cols,
+                "unpack: bad output buffer");
+    out = into->view({rows, cols});
+    if (!vec) out.zero_();
+  } else {
+    out = vec ? at::empty({rows, cols}, values.options()) : at::zeros({rows, cols}, values.options());
+  }
   const uint8_t* bm = bitmap.data_ptr<uint8_t>();
   const int64_t* off = offsets.data_ptr<int64_t>();
   const char* v = static_cast<const char*>(values.data_ptr());
   char* o = static_cast<char*>(out.data_ptr());
   at::parallel_for(0, groups, 16, [&](int64_t gb, int64_t ge) {
+    if (vec) {
+      const int dt = dtype_code(values.scalar_type());
+      for (int64_t g = gb; g < ge; ++g) {
+        if (dt == 0) unpack_avx512<0>(bm, v + off[g] * es, o, g, rows, cols, chunks);
+        else if (dt == 1) unpack_avx512<1>(bm, v + off[g] * es, o, g, rows, cols, chunks);
+        else unpack_avx512<2>(bm, v + off[g] * es, o, g, rows, cols, chunks);
+      }
+      return;
+    }
     for (int64_t g = gb; g < ge; ++g) {
       int64_t k = off[g];
       for (int64_t c = 0; c < chunks; ++c)
@@ -521,7 +567,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "atprune bitmap-sparse CPU kernels (see the file's header)";
   m.def("sparse_mm", &sparse_mm, "y[t, r] = sum_j W[r, j] x[t, j] (+ bias) from bitmap + packed values");
   m.def("dense_mm", &dense_mm, "the same from a dense [rows, cols] weight (the hand-written dense baseline)");
-  m.def("unpack", &unpack, "dense [rows, cols] weight from bitmap + packed values");
+  m.def("unpack", &unpack, "dense [rows, cols] weight from bitmap + packed values (kernel: avx512 or the bit loop)");
   m.def("cpu_kernels", &cpu_kernels, "the kernel paths this CPU can run");
   m.def("set_prefetch", &set_prefetch, "prefetch distances in bytes (values, masks); for tuning");
 }
