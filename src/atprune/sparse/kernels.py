@@ -59,12 +59,31 @@ def compiler() -> str:
     return os.environ.get("CXX", "c++")
 
 
+def _ninja_on_path() -> None:
+    """cpp_extension runs ``ninja`` from PATH; the ``ninja`` package (a dependency) installs it beside the Python
+    executable, which is not on PATH when a virtual environment's Python is run without activating it."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+
+        where = getattr(ninja, "BIN_DIR", None)
+    except ImportError:
+        where = None
+    for folder in (where, str(Path(sys.executable).parent)):
+        if folder and (Path(folder) / "ninja").exists():
+            os.environ["PATH"] = folder + os.pathsep + os.environ.get("PATH", "")
+            return
+    raise KernelUnavailable("ninja (needed by torch.utils.cpp_extension) was not found: pip install ninja")
+
+
 def _build():
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise KernelUnavailable(f"the sparse CPU kernels are x86-64 only (this machine is {platform.machine()})")
     cxx = compiler()
     if shutil.which(cxx) is None:
         raise KernelUnavailable(f"no C++ compiler: {cxx!r} was not found (install g++, or set CXX to a compiler)")
+    _ninja_on_path()
     from torch.utils import cpp_extension
 
     digest = source_hash()
