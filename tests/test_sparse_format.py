@@ -104,3 +104,29 @@ def test_check_packed_finds_corruption():
     packed.bitmap[1, 15] |= 0x80  # row 7 of a 5-row weight: padding
     with pytest.raises(ConfigError):
         fm.check_packed(packed)
+
+
+def test_sparse_package_imports_only_errors_and_atomic_from_atprune():
+    """atprune.sparse is its own room: nothing from the pruning engine (checked on the source, not at run time)."""
+    import ast
+    from pathlib import Path
+
+    import atprune.sparse
+
+    allowed = {"atprune.errors", "atprune.atomic"}
+    for path in Path(atprune.sparse.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                if name == "atprune" or name.startswith("atprune."):
+                    assert name in allowed or name.startswith("atprune.sparse"), f"{path.name} imports {name}"
+
+
+def test_import_atprune_stays_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, atprune; assert 'atprune.sparse' not in sys.modules; "
+            "assert callable(atprune.sparsify_for_inference) and callable(atprune.load_sparse)")
+    subprocess.run([sys.executable, "-c", code], check=True)
