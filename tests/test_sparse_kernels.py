@@ -48,18 +48,24 @@ def assert_close(y, w, x, b):
     assert bool((err <= tol).all()), f"max excess {(err - tol).max().item():.3g}"
 
 
-@pytest.mark.parametrize("kernel", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("kernel", ["avx512", "avx512-expand", "avx2", "scalar"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", [1, 3, 16])
 def test_sparse_kernel_matches_float64(kernel, dtype, tokens):
+    """avx512 decodes with the popcount permutation by default; avx512-expand is its vpexpand variant."""
+    kernel, _, decode = kernel.partition("-")
     need(kernel)
     ext = kernels.extension()
-    for rows, cols in SHAPES:
-        for sparsity in (0.0, 0.7, 1.0):
-            w, x, b = case(rows, cols, dtype, tokens, sparsity)
-            p = pack(w)
-            y = ext.sparse_mm(x, p.bitmap, p.values, p.group_offsets, rows, b, KERNEL_IDS[kernel])
-            assert_close(y, w, x, b)
+    ext.set_decode(decode or "permute")
+    try:
+        for rows, cols in SHAPES:
+            for sparsity in (0.0, 0.7, 1.0):
+                w, x, b = case(rows, cols, dtype, tokens, sparsity)
+                p = pack(w)
+                y = ext.sparse_mm(x, p.bitmap, p.values, p.group_offsets, rows, b, KERNEL_IDS[kernel])
+                assert_close(y, w, x, b)
+    finally:
+        ext.set_decode("permute")
 
 
 @pytest.mark.parametrize("kernel", ["avx512", "avx2", "scalar"])
@@ -111,7 +117,8 @@ def test_available_kernels_follow_cpu_flags():
         flags = set(next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split(":")[1].split())
     except (OSError, StopIteration):
         pytest.skip("no /proc/cpuinfo flags line")
-    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vbmi2", "avx512_bf16"} <= flags
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vbmi2", "avx512_bf16", "avx512_bitalg",
+              "avx512_vpopcntdq"} <= flags
     avx2 = {"avx2", "fma", "popcnt"} <= flags
     got = kernels.cpu_kernels()
     assert ("avx512" in got) == avx512 and ("avx2" in got) == avx2 and "scalar" in got and got[-1] == "torch"

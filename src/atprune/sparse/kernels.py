@@ -6,7 +6,8 @@ the Python version, so an edit or an upgrade recompiles and an unchanged source 
 file is compiled without ``-march``: every instruction-set path carries its own ``target`` attribute and the path
 is picked at run time from the CPU's features (``cpu_kernels()``), so one build runs on every x86-64 CPU.
 
-Kernel names: ``avx512`` (AVX-512 F/BW/VL/DQ + VBMI2 + BF16), ``avx2`` (AVX2 + FMA), ``scalar`` (portable C++),
+Kernel names: ``avx512`` (AVX-512 F/BW/VL/DQ + VBMI2 + BF16 + BITALG + VPOPCNTDQ: Intel Sapphire Rapids and later,
+AMD Zen 4 and later), ``avx2`` (AVX2 + FMA), ``scalar`` (portable C++),
 and ``torch`` (no C++: the weight is unpacked and multiplied with ``torch.nn.functional.linear``; what runs when
 the extension cannot be built).
 """
@@ -141,7 +142,7 @@ def skip_reason(kernel: str) -> str | None:
         return str(err)
     if kernel in names:
         return None
-    need = {"avx512": "AVX-512 F/BW/VL/DQ with VBMI2 and BF16", "avx2": "AVX2 and FMA"}[kernel]
+    need = {"avx512": "AVX-512 F/BW/VL/DQ with VBMI2, BF16, BITALG and VPOPCNTDQ", "avx2": "AVX2 and FMA"}[kernel]
     return f"kernel {kernel!r} needs {need}, which this CPU ({cpu_model()}) does not have"
 
 
