@@ -13,15 +13,15 @@ AT=${ATPRUNE:-atprune}
 uptime | tee "$OUT/load_before.txt"
 # Per layer, LLaMA-7B MLP shapes, random matrices (distinct layers cycled beyond the last-level cache).
 $AT bench --device cpu --shapes 11008x4096 4096x11008 --sparsity 0.5 0.6 0.7 0.8 --dtype bfloat16 --batch 1,4,16 \
-    --json "$OUT/shapes_bf16.json"
+    --repeats 15 --json "$OUT/shapes_bf16.json"
 $AT bench --device cpu --shapes 11008x4096 4096x11008 --sparsity 0.7 0.8 --dtype float32 --batch 1,4,16 \
-    --json "$OUT/shapes_fp32.json"
+    --repeats 15 --json "$OUT/shapes_fp32.json"
 # Where the sparse kernel stops paying (tokens per call), for the dense fallback threshold.
 $AT bench --device cpu --shapes 4096x11008 --sparsity 0.7 --dtype bfloat16 --batch 1,2,4,8,16,32 \
-    --json "$OUT/crossover_bf16.json"
+    --repeats 15 --json "$OUT/crossover_bf16.json"
 # End to end on the real pruned SmolLM2, bf16 and float32.
 $AT bench --model "$RUN" --device cpu --dtype bfloat16 --batch 1,4,16 --prompt 512 --gen 128 \
-    --json "$OUT/smollm2_wanda70_bf16.json"
+    --runs 3 --json "$OUT/smollm2_wanda70_bf16.json"
 $AT bench --model "$RUN" --device cpu --dtype float32 --batch 1,4,16 --prompt 512 --gen 128 \
-    --json "$OUT/smollm2_wanda70_fp32.json"
+    --runs 3 --json "$OUT/smollm2_wanda70_fp32.json"
 uptime | tee "$OUT/load_after.txt"
