@@ -97,7 +97,7 @@ def run_bench(args) -> int:
         record = bench_shapes(args.shape_list, args.sparsity or [0.7], args.torch_dtype, args.batches,
                               kernel=args.kernel, repeats=args.repeats, layers=args.layers, progress=lambda m: None)
         say(header(record))
-        say("per layer: best of interleaved passes over distinct layers (us per layer call); speedup over the faster "
+        say("per layer: best of interleaved passes over distinct layers (us per layer call: each layer's fastest call); speedup over the faster "
             "of torch F.linear and the own dense kernel")
         for row in record["results"]:
             say(format_row(row))

@@ -5,9 +5,10 @@ Method. Every comparison runs side by side in one process, same dtype, same thre
 dense (masked) weight, atprune's own dense kernel (the same loop structure as the sparse one, the fair
 hand-written baseline) and :class:`SparseLinear`. Each timed pass calls every one of ``n`` distinct layers once,
 where ``n`` is chosen so that the dense weights of a pass exceed twice the last-level cache (otherwise the timing
-measures cache, not memory); the variants take turns pass by pass (so load from other processes hits them alike)
-and each variant's time is the best of ``repeats`` passes (other load only ever adds time), the median also being
-recorded. ``speedup`` = (faster of torch and own dense) / sparse.
+measures cache, not memory); the variants take turns pass by pass (so load from other processes hits them alike).
+Each call is timed alone and a layer's time is its fastest of ``repeats`` calls (other load only ever adds time,
+and a call of a few ms mostly escapes the time slices another process takes on a shared machine, where a whole
+pass would not); the median call is recorded too. ``speedup`` = (faster of torch and own dense) / sparse.
 
 Before anything is timed the gate compares every sparse layer's output with the reference
 ``F.linear`` in float32 on the dense masked weight, within the dtype's rounding plus fp32 summation bound; a
@@ -119,45 +120,38 @@ def gate_layer(layer: SparseLinear, dense: torch.Tensor, tokens: int, seed: int 
 
 
 def time_passes(variants: dict, repeats: int) -> dict:
-    """``variants``: name -> a function running one pass. Runs one untimed warm-up pass each, then ``repeats``
-    rounds in which every variant runs one timed pass in turn. Returns name -> {"best_s", "median_s"} per pass."""
-    for fn in variants.values():
-        fn()
-    times = {name: [] for name in variants}
+    """``variants``: name -> list of calls, one per distinct layer. One untimed warm-up pass each, then
+    ``repeats`` rounds in which every variant makes one pass over its layers in turn, each call timed alone.
+    Returns name -> {"best_s": sum over layers of each layer's fastest call, "median_s": median call x layers}:
+    the time of one pass over all layers. Timing each call alone (a few ms) keeps a time slice taken by another
+    process on a shared machine out of most calls, where a whole pass would almost always catch one."""
+    for calls in variants.values():
+        for call in calls:
+            call()
+    times = {name: [[] for _ in calls] for name, calls in variants.items()}
+    clock = time.perf_counter
     for _ in range(repeats):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: {"best_s": min(v), "median_s": statistics.median(v)} for name, v in times.items()}
+        for name, calls in variants.items():
+            for i, call in enumerate(calls):
+                start = clock()
+                call()
+                times[name][i].append(clock() - start)
+    return {name: {"best_s": sum(min(t) for t in per_layer),
+                   "median_s": statistics.median([x for t in per_layer for x in t]) * len(per_layer)}
+            for name, per_layer in times.items()}
 
 
 def layer_variants(layers: list[SparseLinear], dense: list[torch.Tensor], tokens: int, kernel_id: int | None,
                    seed: int = 0) -> dict:
-    """One pass each of torch F.linear, the own dense kernel (when the C++ kernels are built) and sparse over all
-    ``layers`` (same random input for all)."""
+    """Per variant (torch F.linear, the own dense kernel when the C++ kernels are built, sparse), one call per
+    layer, all on the same random ``[tokens, in]`` input."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, layers[0].in_features, generator=g).to(layers[0].weight_dtype)
-    biases = [None if lay.bias is None else lay.bias for lay in layers]
-
-    def torch_pass():
-        for w, b in zip(dense, biases):
-            F.linear(x, w, b)
-
-    def sparse_pass():
-        for lay in layers:
-            lay(x)
-
-    variants = {"torch": torch_pass}
+    variants = {"torch": [lambda w=w, b=lay.bias: F.linear(x, w, b) for w, lay in zip(dense, layers)]}
     if kernel_id is not None:
         ext = kernels.extension()
-
-        def own_dense_pass():
-            for w, b in zip(dense, biases):
-                ext.dense_mm(x, w, b, kernel_id)
-
-        variants["dense"] = own_dense_pass
-    variants["sparse"] = sparse_pass
+        variants["dense"] = [lambda w=w, b=lay.bias: ext.dense_mm(x, w, b, kernel_id) for w, lay in zip(dense, layers)]
+    variants["sparse"] = [lambda lay=lay: lay(x) for lay in layers]
     return variants
 
 

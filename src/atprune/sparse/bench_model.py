@@ -9,9 +9,10 @@ with every pruned layer a :class:`SparseLinear`. Same dtype, same threads, same 
   :class:`bench.BenchMismatch` and nothing is timed.
 * Per layer: for each weight shape, one pass calls every layer of that shape in the model once (torch / own dense
   kernel / sparse), best of ``repeats`` interleaved passes (:func:`bench.time_passes`).
-* End to end, for each batch size ``b``: prefill of ``b`` prompts of ``prompt`` tokens (timed alone), then ``gen``
-  greedy decode steps with the KV cache (one token per sequence per step); decode tokens/s = ``b * gen / time``.
-  Dense and sparse alternate, best of ``runs``. The share of a dense decode step spent outside the swapped layers
+* End to end, for each batch size ``b``: prefill of ``b`` prompts of ``prompt`` tokens (timed alone, best of
+  ``runs``), then ``gen - 1`` greedy decode steps with the KV cache (one token per sequence per step), each step
+  timed; the step time is the 10th percentile over all runs' steps (steps no other process interrupted; the
+  median is recorded too), decode tokens/s = ``b / step``. Dense and sparse alternate run by run. The share of a dense decode step spent outside the swapped layers
   is estimated as ``1 - (sum of the per-layer times at batch b) / (decode step time)``; with it the end-to-end
   gain expected from the per-layer gain is ``1 / (outside + linear / speedup)`` (Amdahl).
 """
@@ -19,6 +20,7 @@ with every pruned layer a :class:`SparseLinear`. Same dtype, same threads, same 
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 from collections import defaultdict
 
@@ -97,8 +99,9 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _generate_timed(model, ids: torch.Tensor, gen: int) -> tuple[float, float, torch.Tensor]:
-    """(prefill seconds, decode seconds for ``gen - 1`` steps, generated ids ``[batch, gen]``): greedy, KV cache."""
+def _generate_timed(model, ids: torch.Tensor, gen: int) -> tuple[float, list[float], torch.Tensor]:
+    """(prefill seconds, seconds of each of the ``gen - 1`` decode steps, generated ids ``[batch, gen]``): greedy,
+    KV cache."""
     from transformers import DynamicCache
 
     key = _cache_kwarg(model)
@@ -109,13 +112,14 @@ def _generate_timed(model, ids: torch.Tensor, gen: int) -> tuple[float, float, t
         prefill = time.perf_counter() - start
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens = [token]
-        start = time.perf_counter()
+        steps = []
         for _ in range(gen - 1):
+            start = time.perf_counter()
             out = model(token, use_cache=True, **{key: cache})
             token = out.logits[:, -1].argmax(-1, keepdim=True)
+            steps.append(time.perf_counter() - start)
             tokens.append(token)
-        decode = time.perf_counter() - start
-    return prefill, decode, torch.cat(tokens, dim=1)
+    return prefill, steps, torch.cat(tokens, dim=1)
 
 
 def end_to_end(dense, sparse, tokenizer, batches: list[int], prompt: int, gen: int, runs: int) -> list[dict]:
@@ -123,23 +127,27 @@ def end_to_end(dense, sparse, tokenizer, batches: list[int], prompt: int, gen: i
     rows = []
     for b in batches:
         ids = prompt_ids(tokenizer, b, prompt, seed=b)
-        best = {"dense": [float("inf"), float("inf")], "sparse": [float("inf"), float("inf")]}
+        prefill = {"dense": float("inf"), "sparse": float("inf")}
+        steps = {"dense": [], "sparse": []}
         texts = {}
         _generate_timed(dense, ids[:, : min(prompt, 16)], 2)  # warm-up (allocations, kernel build)
         _generate_timed(sparse, ids[:, : min(prompt, 16)], 2)
         for _ in range(runs):
             for name, model in (("dense", dense), ("sparse", sparse)):
-                pre, dec, out = _generate_timed(model, ids, gen)
-                best[name] = [min(best[name][0], pre), min(best[name][1], dec)]
+                pre, times, out = _generate_timed(model, ids, gen)
+                prefill[name] = min(prefill[name], pre)
+                steps[name] += times
                 texts[name] = out
-        steps = max(1, gen - 1)
         row = {"batch": b, "prompt": prompt, "gen": gen,
                "same_greedy_tokens": float((texts["dense"] == texts["sparse"]).float().mean())}
         for name in ("dense", "sparse"):
-            row[f"{name}_prefill_s"] = best[name][0]
-            row[f"{name}_prefill_tokens_per_s"] = b * prompt / best[name][0]
-            row[f"{name}_decode_step_ms"] = best[name][1] / steps * 1e3
-            row[f"{name}_decode_tokens_per_s"] = b * steps / best[name][1]
+            ordered = sorted(steps[name])
+            step = ordered[len(ordered) // 10]  # 10th percentile: steps that no other process interrupted
+            row[f"{name}_prefill_s"] = prefill[name]
+            row[f"{name}_prefill_tokens_per_s"] = b * prompt / prefill[name]
+            row[f"{name}_decode_step_ms"] = step * 1e3
+            row[f"{name}_decode_step_ms_median"] = statistics.median(ordered) * 1e3
+            row[f"{name}_decode_tokens_per_s"] = b / step
         row["decode_speedup"] = row["dense_decode_step_ms"] / row["sparse_decode_step_ms"]
         row["prefill_speedup"] = row["dense_prefill_s"] / row["sparse_prefill_s"]
         rows.append(row)
