@@ -53,13 +53,18 @@ class SparseLinear(nn.Module):
         self.in_features, self.out_features = packed.cols, packed.rows
         self.kernel = kernels.resolve_kernel(kernel)
         self._kernel_id = kernels.KERNEL_IDS.get(self.kernel)
-        self.max_sparse_tokens = int(max_sparse_tokens)
+        self.__dict__["_max_numel"] = 0
+        self.max_sparse_tokens = max_sparse_tokens
         self.register_buffer("bitmap", packed.bitmap)
         self.register_buffer("values", packed.values)
         self.register_buffer("group_offsets", packed.group_offsets)
         if bias is not None and tuple(bias.shape) != (packed.rows,):
             raise ConfigError(f"bias must have shape ({packed.rows},), got {tuple(bias.shape)}")
-        self.bias = None if bias is None else nn.Parameter(bias.detach().to("cpu", packed.dtype), requires_grad=False)
+        self.register_parameter("bias", None if bias is None else
+                                nn.Parameter(bias.detach().to("cpu", packed.dtype), requires_grad=False))
+        # Plain attributes for the decode path (no nn.Module attribute lookup per call).
+        self.__dict__["_op"] = kernels.extension().sparse_mm if self._kernel_id is not None else None
+        self.__dict__["_dtype"] = packed.dtype
 
     @classmethod
     def from_dense(cls, layer: nn.Linear | torch.Tensor, bias: torch.Tensor | None = None, **kwargs) -> "SparseLinear":
@@ -72,6 +77,16 @@ class SparseLinear(nn.Module):
     def packed(self) -> PackedWeight:
         """The weight as a :class:`PackedWeight` (sharing this module's tensors)."""
         return PackedWeight(self.bitmap, self.values, self.group_offsets, self.out_features, self.in_features)
+
+    @property
+    def max_sparse_tokens(self) -> int:
+        """Tokens per call up to which the sparse kernel runs (the dense fallback above)."""
+        return self.__dict__["_max_tokens"]
+
+    @max_sparse_tokens.setter
+    def max_sparse_tokens(self, value: int) -> None:
+        self.__dict__["_max_tokens"] = int(value)
+        self.__dict__["_max_numel"] = int(value) * self.in_features
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -88,18 +103,23 @@ class SparseLinear(nn.Module):
         return unpack(self.packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Kept short: at decode sizes the Python around the kernel call is a good part of a small layer's time.
+        op = self.__dict__["_op"]
+        if (op is not None and x.dtype == self.__dict__["_dtype"] and x.device.type == "cpu"
+                and 0 < x.numel() <= self.__dict__["_max_numel"] and x.shape[-1] == self.in_features):
+            buffers = self._buffers
+            return op(x, buffers["bitmap"], buffers["values"], buffers["group_offsets"], self.out_features,
+                      self._parameters["bias"], self._kernel_id)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"SparseLinear expects [..., {self.in_features}], got {tuple(x.shape)}")
-        lead = x.shape[:-1]
-        tokens = x.numel() // self.in_features if self.in_features else 0
-        if (self._kernel_id is not None and x.device.type == "cpu" and x.dtype == self.values.dtype
-                and 0 < tokens <= self.max_sparse_tokens):
-            y = kernels.extension().sparse_mm(x.reshape(tokens, self.in_features).contiguous(), self.bitmap,
-                                              self.values, self.group_offsets, self.out_features, self.bias,
-                                              self._kernel_id)
-            return y.view(*lead, self.out_features)
         w = self.dense_weight(scratch=x.device.type == "cpu" and x.dtype == self.values.dtype).to(x.device, x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.device, x.dtype))
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .float() may change the values' dtype: keep the fast path's cached dtype in step.
+        out = super()._apply(fn, *args, **kwargs)
+        self.__dict__["_dtype"] = self._buffers["values"].dtype
+        return out
 
     def extra_repr(self) -> str:
         nnz = int(self.group_offsets[-1])

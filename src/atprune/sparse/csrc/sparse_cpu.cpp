@@ -60,7 +60,7 @@ struct Args {
   const void* x;           // [tokens, xs]
   int64_t xs, cols, chunks, tokens, rows;
   const float* bias;       // [rows] fp32 or nullptr
-  float* y;                // [tokens, rows] fp32
+  void* y;                 // [tokens, rows] in x's dtype (fp32 accumulation, rounded once at the end)
 };
 
 // Software prefetch distances in bytes, ahead of the value stream and of the mask stream (the dense kernels
@@ -75,8 +75,13 @@ inline void prefetch(const char* values, const uint8_t* masks) {
   _mm_prefetch(reinterpret_cast<const char*>(masks), _MM_HINT_T0);
 }
 
+template <int DT>
 inline void store(const Args& a, int64_t r, int64_t t, float v) {
-  if (r < a.rows) a.y[t * a.rows + r] = v + (a.bias ? a.bias[r] : 0.f);
+  if (r >= a.rows) return;
+  v += a.bias ? a.bias[r] : 0.f;
+  if (DT == 0) static_cast<float*>(a.y)[t * a.rows + r] = v;
+  else if (DT == 1) static_cast<c10::BFloat16*>(a.y)[t * a.rows + r] = c10::BFloat16(v);
+  else static_cast<c10::Half*>(a.y)[t * a.rows + r] = c10::Half(v);
 }
 
 template <int DT>
@@ -212,7 +217,7 @@ T512 void sparse_avx512(const Args& a, int64_t g, int64_t t0) {
   #pragma GCC unroll 16
   for (int q = 0; q < G; ++q)
     #pragma GCC unroll 16
-    for (int t = 0; t < TT; ++t) store(a, g * G + q, t0 + t, _mm512_reduce_add_ps(acc[q][t]));
+    for (int t = 0; t < TT; ++t) store<DT>(a, g * G + q, t0 + t, _mm512_reduce_add_ps(acc[q][t]));
 }
 
 // -------------------------------------------------------------------------------------------- sparse, avx2
@@ -281,7 +286,7 @@ T256 void sparse_avx2(const Args& a, int64_t g, int64_t t0) {
   #pragma GCC unroll 16
   for (int q = 0; q < G; ++q)
     #pragma GCC unroll 16
-    for (int t = 0; t < TT; ++t) store(a, g * G + q, t0 + t, hsum256(acc[q][t]));
+    for (int t = 0; t < TT; ++t) store<DT>(a, g * G + q, t0 + t, hsum256(acc[q][t]));
 }
 
 // ------------------------------------------------------------------------------------------ sparse, scalar
@@ -306,7 +311,7 @@ void sparse_scalar(const Args& a, int64_t g, int64_t t0, int64_t tt) {
   }
   #pragma GCC unroll 16
   for (int q = 0; q < G; ++q)
-    for (int t = 0; t < tt; ++t) store(a, g * G + q, t0 + t, acc[q][t]);
+    for (int t = 0; t < tt; ++t) store<DT>(a, g * G + q, t0 + t, acc[q][t]);
 }
 
 // ------------------------------------------------------------------------------ dense (the fair baseline)
@@ -361,7 +366,7 @@ T512 void dense_avx512(const Args& a, int64_t g, int64_t t0) {
   #pragma GCC unroll 16
   for (int q = 0; q < G; ++q)
     #pragma GCC unroll 16
-    for (int t = 0; t < TT; ++t) store(a, g * G + q, t0 + t, _mm512_reduce_add_ps(acc[q][t]));
+    for (int t = 0; t < TT; ++t) store<DT>(a, g * G + q, t0 + t, _mm512_reduce_add_ps(acc[q][t]));
 }
 
 template <int TT, int DT>
@@ -393,7 +398,7 @@ T256 void dense_avx2(const Args& a, int64_t g, int64_t t0) {
       float s = hsum256(acc[q][t]);
       const float* xp = static_cast<const float*>(a.x) + (t0 + t) * a.xs;
       for (int64_t j = steps * 8; j < a.cols; ++j) s += value_at<DT>(p[q], j) * xp[j];
-      store(a, g * G + q, t0 + t, s);
+      store<DT>(a, g * G + q, t0 + t, s);
     }
 }
 
@@ -407,7 +412,7 @@ void dense_scalar(const Args& a, int64_t g, int64_t t0, int64_t tt) {
       const float w = value_at<DT>(a.values, r * a.cols + j);
       for (int t = 0; t < tt; ++t) acc[t] += w * x[(t0 + t) * a.xs + j];
     }
-    for (int t = 0; t < tt; ++t) store(a, r, t0 + t, acc[t]);
+    for (int t = 0; t < tt; ++t) store<DT>(a, r, t0 + t, acc[t]);
   }
 }
 
@@ -460,13 +465,14 @@ at::Tensor launch(const at::Tensor& x, const at::Tensor& values, const c10::opti
                   const c10::optional<at::Tensor>& offsets, int64_t rows, const c10::optional<at::Tensor>& bias,
                   int64_t kernel_id) {
   const int kernel = check_kernel(kernel_id);
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && values.is_contiguous(), "x must be a contiguous 2-D tensor");
+  TORCH_CHECK(x.dim() >= 1 && values.is_contiguous(), "x must be [..., cols] and the weight contiguous");
   TORCH_CHECK(x.scalar_type() == values.scalar_type(), "x and the weight must have the same dtype");
   const int dt = dtype_code(x.scalar_type());
   const bool dense = !bitmap.has_value();
   Args a{};
-  a.cols = x.size(1);
-  a.tokens = x.size(0);
+  a.cols = x.size(-1);
+  const at::Tensor x2 = x.reshape({-1, a.cols}).contiguous();
+  a.tokens = x2.size(0);
   a.rows = rows;
   a.chunks = (a.cols + C - 1) / C;
   a.xs = ((a.cols + 63) / 64) * 64;
@@ -481,19 +487,26 @@ at::Tensor launch(const at::Tensor& x, const at::Tensor& values, const c10::opti
   } else {
     TORCH_CHECK(values.numel() == rows * a.cols, "dense weight must be [rows, cols]");
   }
-  const bool keep16 = kernel == AVX512 && dt == 1;
-  at::Tensor xp = at::zeros({a.tokens, a.xs}, x.options().dtype(keep16 ? at::kBFloat16 : at::kFloat));
-  xp.narrow(1, 0, a.cols).copy_(x);
+  // The kernels read x as bf16 (avx512 bf16 path) or fp32 (all others), rows padded with zeros to xs columns:
+  // used as it is when it already is that, else copied.
+  const at::ScalarType xt = (kernel == AVX512 && dt == 1) ? at::kBFloat16 : at::kFloat;
+  at::Tensor xp = x2;
+  if (x2.scalar_type() != xt || a.xs != a.cols) {
+    xp = at::zeros({a.tokens, a.xs}, x.options().dtype(xt));
+    xp.narrow(1, 0, a.cols).copy_(x2);
+  }
   at::Tensor bias32;
   if (bias.has_value()) {
     bias32 = bias->to(at::kFloat).contiguous();
     TORCH_CHECK(bias32.numel() == rows, "bias must have one entry per output row");
     a.bias = bias32.data_ptr<float>();
   }
-  at::Tensor y = at::empty({a.tokens, rows}, x.options().dtype(at::kFloat));
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = rows;
+  at::Tensor y = at::empty(shape, x.options());
   a.values = values.data_ptr();
   a.x = xp.data_ptr();
-  a.y = y.data_ptr<float>();
+  a.y = y.data_ptr();
   // Grain: about 256 KiB of weight bytes per task, so small layers stay on one thread.
   const double group_bytes = dense ? double(G) * a.cols * values.element_size()
                                    : double(values.numel() * values.element_size()) / groups + a.chunks * 16;
@@ -509,7 +522,7 @@ at::Tensor launch(const at::Tensor& x, const at::Tensor& values, const c10::opti
       else run_groups<2, false>(kernel, a, gb, ge);
     }
   });
-  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
+  return y;
 }
 
 at::Tensor sparse_mm(const at::Tensor& x, const at::Tensor& bitmap, const at::Tensor& values,
@@ -519,7 +532,7 @@ at::Tensor sparse_mm(const at::Tensor& x, const at::Tensor& bitmap, const at::Te
 
 at::Tensor dense_mm(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                     int64_t kernel) {
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "weight must be [rows, cols]");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(-1), "weight must be [rows, cols]");
   return launch(x, weight.contiguous(), c10::nullopt, c10::nullopt, weight.size(0), bias, kernel);
 }
 
