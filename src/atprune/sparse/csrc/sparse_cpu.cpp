@@ -507,10 +507,11 @@ at::Tensor launch(const at::Tensor& x, const at::Tensor& values, const c10::opti
   a.values = values.data_ptr();
   a.x = xp.data_ptr();
   a.y = y.data_ptr();
-  // Grain: about 256 KiB of weight bytes per task, so small layers stay on one thread.
-  const double group_bytes = dense ? double(G) * a.cols * values.element_size()
-                                   : double(values.numel() * values.element_size()) / groups + a.chunks * 16;
-  const int64_t grain = std::max<int64_t>(1, int64_t(256.0 * 1024.0 / std::max(1.0, group_bytes)));
+  // Grain (groups per task), so that a task is worth waking a thread for: dense, about 256 KiB of weights (it is
+  // memory bound); sparse, at least 4096 row-chunk steps (about 5 us; it is bound by the decode instructions, so
+  // layers that are small in bytes still gain from a second core).
+  const int64_t grain = dense ? std::max<int64_t>(1, (256 * 1024) / std::max<int64_t>(1, G * a.cols * values.element_size()))
+                              : std::max<int64_t>(1, 4096 / std::max<int64_t>(1, G * a.chunks));
   at::parallel_for(0, groups, grain, [&](int64_t gb, int64_t ge) {
     if (dense) {
       if (dt == 0) run_groups<0, true>(kernel, a, gb, ge);
