@@ -85,3 +85,15 @@ def test_bench_model_runs_and_refuses_a_corrupted_model(run, tmp_path, capsys, m
     assert main(args[:-2]) == 1
     err = capsys.readouterr().err
     assert "refusing to time" in err
+
+
+def test_bench_prunes_a_model_that_is_not_a_run_folder(tmp_path, capsys):
+    from tests.conftest import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "model", layers=1, seed=2)
+    args = ["bench", "--model", str(folder), "--dtype", "float32", "--batch", "1", "--prompt", "8", "--gen", "2",
+            "--repeats", "1", "--runs", "1", "--json", str(tmp_path / "r.json")]
+    assert main(args) == 2 and "give one --sparsity" in capsys.readouterr().err
+    assert main(args + ["--sparsity", "0.6"]) == 0
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["swapped_layers"] == 7 and "pruned here by magnitude to 0.6" in record["model"]
