@@ -20,8 +20,10 @@ _PUBLIC = {  # name -> module that defines it
     "PruneResult": "atprune.api",
     "evaluate_perplexity": "atprune.api",
     "load_model": "atprune.models.sources",
+    "load_sparse": "atprune.sparse",
     "plan": "atprune.api",
     "prune": "atprune.api",
+    "sparsify_for_inference": "atprune.sparse",
 }
 
 __all__ = sorted(_PUBLIC) + ["__version__"]

@@ -184,7 +184,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_args(a)
     a.add_argument("--allocations", nargs="+", default=["uniform"], help="e.g. uniform atp:0.01 atp:0.015")
     _add_eval_args(sub.add_parser("eval", help="zero-shot accuracy (lm-eval) of a model or a pruned run folder"))
+    _add_bench_args(sub.add_parser("bench", help="sparse inference speed: correctness gate, then dense vs sparse per "
+                                   "layer and end to end (CPU)"))
     return parser
+
+
+def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="a pruned run folder (atprune prune --out), or an alias/model that "
+                   "is pruned here by magnitude to --sparsity; without it, --shapes")
+    p.add_argument("--shapes", nargs="+", default=None, metavar="OUTxIN", help="model-free mode: random matrices of "
+                   "these shapes, e.g. 11008x4096 4096x11008")
+    p.add_argument("--sparsity", nargs="+", type=float, default=None, help="sparsities of the random matrices "
+                   "(default 0.7), or the magnitude pruning of a --model that is not a run folder")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 (default), float16")
+    p.add_argument("--device", default="cpu", help="cpu (the only one so far)")
+    p.add_argument("--batch", default="1,4,16", help="tokens per call (decode batch), comma list (default 1,4,16)")
+    p.add_argument("--prompt", type=int, default=512, help="prompt tokens for prefill (default 512)")
+    p.add_argument("--gen", type=int, default=128, help="greedy decode steps (default 128)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
+    p.add_argument("--kernel", default="auto", help="auto (default), avx512, avx2, scalar or torch")
+    p.add_argument("--repeats", type=int, default=7, help="timed passes per variant, best kept (default 7)")
+    p.add_argument("--runs", type=int, default=2, help="end-to-end runs per model, best kept (default 2)")
+    p.add_argument("--layers", type=int, default=None, help="distinct random matrices per shape (default: enough "
+                   "for twice the last-level cache, at least 4)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the whole record as JSON")
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -236,6 +259,12 @@ def _run_eval(args) -> int:
     if args.out:
         print(f"saved: {os.path.abspath(args.out)}/zeroshot.json")
     return 0
+
+
+def _run_bench(args) -> int:
+    from atprune.cli_bench import run_bench
+
+    return run_bench(args)
 
 
 def _run_options(args, **overrides) -> dict:
@@ -356,6 +385,7 @@ def _job_from_args(args):
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``atprune`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    args.argv_tail = list(sys.argv[1:] if argv is None else argv)[1:]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "search":
@@ -368,11 +398,20 @@ def main(argv: list[str] | None = None) -> int:
             return {"verify": _run_verify, "recipe": _run_recipe}[args.command](args)
         if args.command == "eval":
             return _run_eval(args)
+        if args.command == "bench":
+            return _run_bench(args)
         return _run_prune(args)
     except ConfigError as err:
         print(f"atprune: error: {err}", file=sys.stderr)
         return 2
     except MaskViolation as err:
+        print(f"atprune: error: {err}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:  # atprune bench refusing to time a sparse model that gives wrong outputs
+        from atprune.sparse.bench import BenchMismatch
+
+        if not isinstance(err, BenchMismatch):
+            raise
         print(f"atprune: error: {err}", file=sys.stderr)
         return 1
 
