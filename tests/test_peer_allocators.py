@@ -201,11 +201,8 @@ def test_peer_allocator_bad_options():
         get_allocator("alphapruning").allocate(0.5, 4)
 
 
-def test_compare_cli_writes_tables(tmp_path, capsys):
-    import csv
-    import json
-
-    from atprune.cli import main
+def _compare_inputs(tmp_path):
+    """A saved tiny model, a calibration text and an evaluation text for ``atprune compare`` runs."""
     from tests.conftest import random_text, save_tiny_model
 
     model = save_tiny_model(tmp_path / "model", layers=3)
@@ -213,6 +210,15 @@ def test_compare_cli_writes_tables(tmp_path, capsys):
     calib.write_text(random_text(4000, seed=5))
     evalf = tmp_path / "eval.txt"
     evalf.write_text(random_text(300, seed=6))
+    return model, calib, evalf
+
+
+def test_compare_cli_writes_tables(tmp_path, capsys):
+    import csv
+    import json
+
+    from atprune.cli import main
+    model, calib, evalf = _compare_inputs(tmp_path)
     out = tmp_path / "cmp"
     code = main(["compare", "--model", str(model), "--methods", "wanda", "magnitude", "--sparsities", "0.5",
                  "--allocations", "uniform", "atp", "owl", "alphapruning", "dlp", "--calib-data", str(calib),
@@ -237,13 +243,7 @@ def test_compare_tunes_every_peer_with_the_same_budget_and_marks_selection_on_te
     import json
 
     from atprune.cli import main
-    from tests.conftest import random_text, save_tiny_model
-
-    model = save_tiny_model(tmp_path / "model", layers=3)
-    calib = tmp_path / "calib.txt"
-    calib.write_text(random_text(4000, seed=5))
-    evalf = tmp_path / "eval.txt"
-    evalf.write_text(random_text(300, seed=6))
+    model, calib, evalf = _compare_inputs(tmp_path)
     out = tmp_path / "cmp"
     code = main(["compare", "--model", str(model), "--methods", "wanda", "--sparsities", "0.6", "--allocations",
                  "uniform", "atp", "owl", "alphapruning", "dlp", "--calib-data", str(calib), "--eval-data", str(evalf),

@@ -5,29 +5,11 @@ A new allocator is one new module in this package: :mod:`atprune.allocators` imp
 
 from __future__ import annotations
 
-from types import MappingProxyType
-
 from atprune.errors import ConfigError
+from atprune.registry import Registry
 
-_ALLOCATORS: dict[str, type] = {}
-ALLOCATORS = MappingProxyType(_ALLOCATORS)  # name -> class, read-only
-
-
-def register_allocator(name: str):
-    """Class decorator: register an :class:`~atprune.allocators.base.Allocator` under ``name`` (sets ``cls.name``).
-
-    Raises:
-        ValueError: if ``name`` is already taken by another class (a programming error, not user input).
-    """
-
-    def decorate(cls: type) -> type:
-        if _ALLOCATORS.get(name, cls) is not cls:
-            raise ValueError(f"allocator name {name!r} is already registered by {_ALLOCATORS[name].__qualname__}")
-        cls.name = name
-        _ALLOCATORS[name] = cls
-        return cls
-
-    return decorate
+ALLOCATORS = Registry("allocator", "allocation")  # name -> class, in registration order
+register_allocator = ALLOCATORS.register  # class decorator; see Registry.register
 
 
 def get_allocator(name: str, **options):
@@ -37,10 +19,7 @@ def get_allocator(name: str, **options):
     Raises:
         ConfigError: for an unknown name, an option it does not take, or an illegal option value.
     """
-    try:
-        cls = _ALLOCATORS[name]
-    except KeyError:
-        raise ConfigError(f"unknown allocation {name!r}; choose one of: {', '.join(_ALLOCATORS)}") from None
+    cls = ALLOCATORS.lookup(name)
     options = {k: v for k, v in options.items() if v is not None}
     try:
         return cls(**options)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from atprune import data as data_mod
-from atprune.allocators import ALLOCATORS, get_allocator
+from atprune.allocators import ALLOCATORS
 from atprune.atomic import atomic_file
 from atprune.api import evaluate_perplexity, plan
 from atprune.errors import ConfigError
@@ -50,9 +50,8 @@ def check_compare(job: CompareJob):
     Raises:
         ConfigError: the first problem found.
     """
-    unknown = [a for a in job.allocations if a not in ALLOCATORS]
-    if unknown:
-        raise ConfigError(f"unknown allocation {unknown[0]!r}; choose from: {', '.join(ALLOCATORS)}")
+    for a in job.allocations:
+        ALLOCATORS.lookup(a)  # an unknown name is a one-line error listing the known ones
     if not job.methods or not job.sparsities or not job.allocations:
         raise ConfigError("compare needs at least one method, sparsity and allocation")
     if ("atp" in job.allocations or job.tune_peers) and job.max_trials < 3:
@@ -112,7 +111,7 @@ def run_compare_job(job: CompareJob) -> dict:
         if alloc == "atp" or variant != "default":
             trials, value, _ = runner.tune(method, s, alloc, max_trials=job.max_trials,
                                            select=on_test if variant == "selected on test" else None)
-            knob = get_allocator(alloc, beta=0.0 if alloc == "atp" else None).tunable
+            knob = ALLOCATORS[alloc].tunable
             beta, options = (value, None) if alloc == "atp" else (None, {knob: value})
             row |= {"beta": beta, "options": options, "search_seconds": time.perf_counter() - t0, "trials": trials}
         try:
@@ -148,7 +147,7 @@ def _variants(job: CompareJob, alloc: str) -> list[str]:
     peer with its main option searched the same way ("tuned"); with ``atp_on_test`` also ATP with beta chosen on the
     evaluation data ("selected on test", the reference protocol)."""
     variants = ["default"]
-    tunable = get_allocator(alloc, beta=0.0 if alloc == "atp" else None).tunable
+    tunable = ALLOCATORS[alloc].tunable
     if job.tune_peers and alloc != "atp" and tunable is not None:
         variants.append("tuned")
     if job.atp_on_test and alloc == "atp":

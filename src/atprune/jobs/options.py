@@ -104,13 +104,6 @@ def check_run_options(opts: RunOptions, *, own_checks=None) -> Checked:
     return Checked(source, num_blocks(source), device, dtype)
 
 
-def run_config(opts: RunOptions, checked: Checked, **extra) -> dict:
-    """The options as recorded in reports: every field, with dtype and device as resolved, plus ``extra``."""
-    from dataclasses import asdict
-
-    return asdict(opts) | {"dtype": str(checked.dtype).removeprefix("torch."), "device": str(checked.device)} | extra
-
-
 @dataclass(kw_only=True)
 class SelectionOptions:
     """Held-out selection data for choosing a knob (ATP's beta) without touching the evaluation data.

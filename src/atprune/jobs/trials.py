@@ -14,7 +14,7 @@ import time
 import torch
 
 from atprune.allocation import block_sizes, block_statistic
-from atprune.allocators import NEEDS_NOTHING, get_allocator
+from atprune.allocators import ALLOCATORS, NEEDS_NOTHING, get_allocator
 from atprune.api import prune, resolve_batch_size
 from atprune.engine.passes import first_block_inputs
 from atprune.engine.placement import Placement, auto_batch_size
@@ -96,7 +96,7 @@ class TrialRunner:
         """One full prune with ``allocation`` at ``beta`` (the value of its tunable option: ATP's beta, OWL's lam, ...)
         and its selection metric; an illegal value (rates leaving [0, 1)) scores inf."""
         t0 = time.perf_counter()
-        knob = get_allocator(allocation, beta=0.0 if allocation == "atp" else None).tunable
+        knob = ALLOCATORS.lookup(allocation).tunable
         try:
             if allocation == "atp":
                 result = self.prune(method, sparsity, "atp", beta)

@@ -6,29 +6,10 @@ decorator runs without any list to keep by hand.
 
 from __future__ import annotations
 
-from types import MappingProxyType
+from atprune.registry import Registry
 
-from atprune.errors import ConfigError
-
-_PRUNERS: dict[str, type] = {}
-PRUNERS = MappingProxyType(_PRUNERS)  # name -> class, read-only, in registration order
-
-
-def register_pruner(name: str):
-    """Class decorator: register a :class:`~atprune.pruners.base.Pruner` under ``name`` (and set ``cls.name``).
-
-    Raises:
-        ValueError: if ``name`` is already taken by another class (a programming error, not user input).
-    """
-
-    def decorate(cls: type) -> type:
-        if _PRUNERS.get(name, cls) is not cls:
-            raise ValueError(f"pruner name {name!r} is already registered by {_PRUNERS[name].__qualname__}")
-        cls.name = name
-        _PRUNERS[name] = cls
-        return cls
-
-    return decorate
+PRUNERS = Registry("pruner", "pruning method")  # name -> class, in registration order
+register_pruner = PRUNERS.register  # class decorator; see Registry.register
 
 
 def get_pruner(name: str, **options):
@@ -37,8 +18,4 @@ def get_pruner(name: str, **options):
     Raises:
         ConfigError: for an unknown name (the message lists the known ones).
     """
-    try:
-        cls = _PRUNERS[name]
-    except KeyError:
-        raise ConfigError(f"unknown pruning method {name!r}; choose one of: {', '.join(_PRUNERS)}") from None
-    return cls(**options)
+    return PRUNERS.lookup(name)(**options)
