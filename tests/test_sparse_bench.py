@@ -45,7 +45,8 @@ def test_bench_shapes_cli_writes_a_record(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--shapes", "8x8", "--device", "cuda"], "--device cpu"),
+    (["--shapes", "8x8", "--device", "tpu"], "--device must be cpu or cuda"),
+    (["--shapes", "8x8", "--config", "x.json"], "--config (a random-init model) is for --device cuda"),
     (["--shapes", "8x8", "--kernel", "avx9000"], "unknown kernel"),
     (["--shapes", "8x8", "--dtype", "int8"], "--dtype"),
     (["--shapes", "8by8"], "OUTxIN"),
@@ -55,6 +56,7 @@ def test_bench_shapes_cli_writes_a_record(tmp_path, capsys):
     (["--shapes", "8x8", "--threads", "0"], "--threads"),
 ])
 def test_bench_bad_input_is_one_line_exit_2(argv, message, capsys):
+    """(On a machine without CUDA, ``--device cuda`` is refused by test_bench_cuda_without_gpu_is_refused.)"""
     assert main(["bench"] + argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
@@ -97,3 +99,10 @@ def test_bench_prunes_a_model_that_is_not_a_run_folder(tmp_path, capsys):
     assert main(args + ["--sparsity", "0.6"]) == 0
     record = json.loads((tmp_path / "r.json").read_text())
     assert record["swapped_layers"] == 7 and "pruned here by magnitude to 0.6" in record["model"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_bench_cuda_without_gpu_is_refused(capsys):
+    assert main(["bench", "--shapes", "8x8", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "needs a CUDA GPU" in err and err.count("\n") == 1

@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--allocations", nargs="+", default=["uniform"], help="e.g. uniform atp:0.01 atp:0.015")
     _add_eval_args(sub.add_parser("eval", help="zero-shot accuracy (lm-eval) of a model or a pruned run folder"))
     _add_bench_args(sub.add_parser("bench", help="sparse inference speed: correctness gate, then dense vs sparse per "
-                                   "layer and end to end (CPU)"))
+                                   "layer and end to end (CPU, or CUDA with --device cuda)"))
     return parser
 
 
@@ -197,7 +197,11 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity", nargs="+", type=float, default=None, help="sparsities of the random matrices "
                    "(default 0.7), or the magnitude pruning of a --model that is not a run folder")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 (default), float16")
-    p.add_argument("--device", default="cpu", help="cpu (the only one so far)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda (the CUDA kernel against cuBLAS: --shapes "
+                   "and/or --config)")
+    p.add_argument("--config", default=None, metavar="FILE", help="--device cuda: a transformers config JSON (e.g. "
+                   "benchmarks/configs/llama2-7b.json) for a random-init model, pruned to a random --sparsity, for "
+                   "the end-to-end decode under CUDA graphs (--prompt tokens of context, --gen steps)")
     p.add_argument("--batch", default="1,4,16", help="tokens per call (decode batch), comma list (default 1,4,16)")
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens for prefill (default 512)")
     p.add_argument("--gen", type=int, default=128, help="greedy decode steps (default 128)")

@@ -15,10 +15,21 @@ def _check(args) -> None:
     from atprune.sparse import kernels
     from atprune.sparse.bench import parse_batches, parse_dtype, parse_shapes
 
-    if args.device != "cpu":
-        raise ConfigError(f"atprune bench measures the CPU kernels: --device cpu (got {args.device!r}; the CUDA "
-                          "kernel is a separate issue)")
-    if (args.model is None) == (args.shapes is None):
+    if args.device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda needs a CUDA GPU, and torch sees none here")
+        if args.model is not None:
+            raise ConfigError("--device cuda takes --shapes and/or --config (a random-init model for the end-to-end "
+                              "decode), not --model")
+        if args.shapes is None and args.config is None:
+            raise ConfigError("--device cuda: give --shapes OUTxIN ... and/or --config MODEL_CONFIG.json")
+        if args.config is not None and not Path(args.config).is_file():
+            raise ConfigError(f"--config {args.config} is not a file")
+    elif args.config is not None:
+        raise ConfigError("--config (a random-init model) is for --device cuda")
+    elif (args.model is None) == (args.shapes is None):
         raise ConfigError("give either --model (a pruned run folder or a model to prune) or --shapes OUTxIN ...")
     for name in ("threads", "layers"):
         check_positive_int(f"--{name}", getattr(args, name), optional=True)
@@ -32,7 +43,10 @@ def _check(args) -> None:
     args.batches = parse_batches(args.batch)
     args.torch_dtype = parse_dtype(args.dtype or "bfloat16")
     args.shape_list = parse_shapes(args.shapes) if args.shapes else None
-    kernels.resolve_kernel(args.kernel)  # a kernel this CPU cannot run: one line, before any work
+    if args.device == "cpu":
+        kernels.resolve_kernel(args.kernel)  # a kernel this CPU cannot run: one line, before any work
+    elif args.torch_dtype not in (torch.bfloat16, torch.float16):
+        raise ConfigError("--device cuda: the CUDA kernel takes --dtype bfloat16 or float16")
     if args.json:
         folder = Path(args.json).resolve().parent
         if not folder.is_dir():
@@ -94,7 +108,9 @@ def run_bench(args) -> int:
     from atprune.sparse.bench_model import bench_model
 
     say = lambda msg: print(msg, flush=True)  # noqa: E731
-    if args.shape_list:
+    if args.device == "cuda":
+        record = _run_cuda(args, say)
+    elif args.shape_list:
         record = bench_shapes(args.shape_list, args.sparsity or [0.7], args.torch_dtype, args.batches,
                               kernel=args.kernel, repeats=args.repeats, layers=args.layers, progress=lambda m: None)
         say(header(record))
@@ -114,3 +130,43 @@ def run_bench(args) -> int:
         write_record(args.json, record)
         say(f"saved: {os.path.abspath(args.json)}")
     return 0
+
+
+def _run_cuda(args, say) -> dict:
+    """``--device cuda``: per-layer tables (``--shapes``) and the end-to-end decode (``--config``)."""
+    from atprune.sparse import bench_cuda, cuda
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                            text=True).stdout.strip() or None
+    record = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
+              "dtype": str(args.torch_dtype).removeprefix("torch."), "commit": commit,
+              "copy_roof_tbps": bench_cuda.copy_roof()}
+    cuda.extension()  # compile (or load) before anything is timed
+    say(f"{record['device']}  {record['dtype']}  copy roof {record['copy_roof_tbps']:.2f} TB/s (read + write)")
+    if args.shape_list:
+        rows = bench_cuda.per_layer(args.shape_list, args.sparsity or [0.7], args.batches, args.torch_dtype,
+                                    repeats=max(args.repeats, 20))
+        record["layers"] = rows
+        say("per layer, CUDA graphs, distinct weights cycled past L2: us per call; TB/s of the bytes each must read")
+        say(f"{'shape':>12} {'sparsity':>8} {'b':>3} {'cuBLAS us':>9} {'sparse us':>9} {'speedup':>7} "
+            f"{'cuBLAS TB/s':>11} {'sparse TB/s':>11} {'B/weight':>8}")
+        for r in rows:
+            say(f"{r['shape'][0]:>6}x{r['shape'][1]:<5} {r['sparsity']:>8.2f} {r['batch']:>3} {r['dense_us']:>9.1f} "
+                f"{r['sparse_us']:>9.1f} {r['speedup']:>6.2f}x {r['dense_tbps']:>11.2f} {r['sparse_tbps']:>11.2f} "
+                f"{r['bytes_per_weight']:>8.3f}")
+    if args.config:
+        sparsity = (args.sparsity or [0.7])[0]
+        dense = bench_cuda.random_model(args.config, args.torch_dtype)
+        pruned = bench_cuda.prune_linears_randomly(dense, sparsity)
+        e2e = bench_cuda.end_to_end(dense, args.batches, context=args.prompt, steps=args.gen, runs=args.runs)
+        e2e.update({"config": args.config, "sparsity": sparsity, "layers_pruned": pruned})
+        record["end_to_end"] = e2e
+        say(f"end to end: {args.config}, random weights, {pruned} decoder linears at random sparsity {sparsity}, "
+            f"context {args.prompt}, decode step in a CUDA graph; weights on GPU: dense "
+            f"{e2e['gpu_weight_bytes_dense'] / 2**30:.2f} GiB, sparse {e2e['gpu_weight_bytes_sparse'] / 2**30:.2f} GiB")
+        say(f"{'batch':>5} {'dense tok/s':>11} {'sparse tok/s':>12} {'speedup':>7} {'logits rel diff':>15}")
+        for r in e2e["rows"]:
+            say(f"{r['batch']:>5} {r['dense_tok_s']:>11.1f} {r['sparse_tok_s']:>12.1f} {r['speedup']:>6.2f}x "
+                f"{r['logits_rel_diff']:>15.4f}")
+    return record

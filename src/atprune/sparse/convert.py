@@ -36,14 +36,15 @@ def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
 
 def sparsify_for_inference(model: nn.Module, min_sparsity: float = MIN_SPARSITY, kernel: str = "auto",
                            max_sparse_tokens: int = MAX_SPARSE_TOKENS) -> dict:
-    """Replace every ``nn.Linear`` and ``Conv1D`` of ``model`` (on CPU) whose weight has at least ``min_sparsity``
+    """Replace every ``nn.Linear`` and ``Conv1D`` of ``model`` (on CPU or a CUDA GPU) whose weight has at least ``min_sparsity``
     exact zeros with a :class:`SparseLinear` holding the same weight in the bitmap format, in place; the rest
     (embeddings, a dense ``lm_head``, layers too dense to gain) stays as it is. The model keeps working with
     ``forward`` and transformers' ``generate()``; outputs equal the dense model's up to the kernel's fp32
     summation order.
 
     Args:
-        model: a module on CPU whose weights are float32, bfloat16 or float16.
+        model: a module on CPU or CUDA whose weights are float32, bfloat16 or float16 (on CUDA, bf16/fp16 layers
+            run the CUDA kernel; see :class:`SparseLinear`).
         min_sparsity: fraction of zeros from which a layer is swapped, in [0, 1].
         kernel: ``auto`` or a kernel name (:data:`atprune.sparse.kernels.KERNELS`).
         max_sparse_tokens: tokens per call up to which the sparse kernel runs (dense matmul above).
@@ -54,7 +55,7 @@ def sparsify_for_inference(model: nn.Module, min_sparsity: float = MIN_SPARSITY,
         "min_sparsity"}``; bytes are those of the swapped weights (dense in their dtype vs packed).
 
     Raises:
-        ConfigError: ``min_sparsity`` outside [0, 1], a ``kernel`` this CPU cannot run, a model not on CPU, or no
+        ConfigError: ``min_sparsity`` outside [0, 1], a ``kernel`` this CPU cannot run, a model on another device, or no
             layer to swap (the model is not pruned), before any layer is changed.
     """
     if not isinstance(min_sparsity, (int, float)) or not 0 <= min_sparsity <= 1:
@@ -68,8 +69,8 @@ def sparsify_for_inference(model: nn.Module, min_sparsity: float = MIN_SPARSITY,
             continue
         weight, bias = wb
         shape = [int(weight.shape[0]), int(weight.shape[1])]
-        if weight.device.type != "cpu":
-            raise ConfigError(f"sparsify_for_inference runs on CPU; layer {name} is on {weight.device}")
+        if weight.device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"sparsify_for_inference runs on CPU or CUDA; layer {name} is on {weight.device}")
         sparsity = float((weight == 0).sum()) / max(1, weight.numel())
         if weight.dtype not in DTYPES:
             skipped.append({"name": name, "shape": shape, "sparsity": sparsity, "reason": f"dtype {weight.dtype}"})
@@ -87,7 +88,10 @@ def sparsify_for_inference(model: nn.Module, min_sparsity: float = MIN_SPARSITY,
     for name, sparsity in found:
         module = modules[name]
         weight, bias = linear_weight(module)
-        layer = SparseLinear(pack(weight), bias, kernel=kernel, max_sparse_tokens=max_sparse_tokens)
+        on_gpu = weight.device.type == "cuda"
+        layer = SparseLinear(pack(weight, on_device=on_gpu), bias, kernel=kernel, max_sparse_tokens=max_sparse_tokens)
+        if on_gpu:  # repacks into the GPU tile layout there (the CPU layout moves to the CPU)
+            layer = layer.to(weight.device)
         chosen = layer.kernel
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, layer)

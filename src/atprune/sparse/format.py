@@ -82,8 +82,9 @@ def grid(rows: int, cols: int) -> tuple[int, int]:
     return (rows + G - 1) // G, (cols + C - 1) // C
 
 
-def pack(weight: torch.Tensor) -> PackedWeight:
-    """Pack a 2-D ``weight`` ``[rows, cols]`` (float32/bfloat16/float16, any device; the result is on CPU).
+def pack(weight: torch.Tensor, on_device: bool = False) -> PackedWeight:
+    """Pack a 2-D ``weight`` ``[rows, cols]`` (float32/bfloat16/float16, any device). The work runs on the weight's
+    device; the result is on the CPU, or with ``on_device`` on the weight's device (for building a GPU model fast).
 
     Raises:
         ConfigError: not 2-D, or an unsupported dtype.
@@ -91,37 +92,40 @@ def pack(weight: torch.Tensor) -> PackedWeight:
     if weight.dim() != 2:
         raise ConfigError(f"a packed weight is 2-D [rows, cols], got shape {tuple(weight.shape)}")
     check_dtype(weight.dtype)
-    w = weight.detach().to("cpu")
+    w = weight.detach()
+    dev = w.device
     rows, cols = w.shape
     groups, chunks = grid(rows, cols)
-    padded = torch.zeros(groups * G, chunks * C, dtype=w.dtype)
+    padded = torch.zeros(groups * G, chunks * C, dtype=w.dtype, device=dev)
     padded[:rows, :cols] = w
     tiles = padded.view(groups, G, chunks, C).transpose(1, 2)  # [groups, chunks, G, C]: the storage order
     keep = tiles.contiguous().view(_INT_VIEW[w.dtype]) != 0  # bit pattern, so -0.0 and NaN are kept
-    weights = (1 << torch.arange(8, dtype=torch.int32)).to(torch.uint8)
+    weights = (1 << torch.arange(8, dtype=torch.int32, device=dev)).to(torch.uint8)
     bitmap = (keep.view(groups, chunks, G, 4, 8).to(torch.uint8) * weights).sum(dim=-1, dtype=torch.int32)
     bitmap = bitmap.to(torch.uint8).reshape(groups, chunks * 16).contiguous()
-    offsets = torch.zeros(groups + 1, dtype=torch.int64)
+    offsets = torch.zeros(groups + 1, dtype=torch.int64, device=dev)
     torch.cumsum(keep.view(groups, -1).sum(dim=1), 0, out=offsets[1:])
     nnz = int(offsets[-1])
-    values = torch.zeros(nnz + PAD, dtype=w.dtype)
+    values = torch.zeros(nnz + PAD, dtype=w.dtype, device=dev)
     values[:nnz] = tiles[keep]  # boolean indexing walks [groups, chunks, G, C] in order: the storage order
+    if not on_device:
+        bitmap, values, offsets = bitmap.cpu(), values.cpu(), offsets.cpu()
     return PackedWeight(bitmap, values, offsets, rows, cols)
 
 
 def _keep(packed: PackedWeight) -> torch.Tensor:
     """bool ``[groups, chunks, G, C]``: which entries the bitmap says are stored."""
     groups, chunks = grid(packed.rows, packed.cols)
-    shifts = torch.arange(8, dtype=torch.uint8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.bitmap.device)
     bits = (packed.bitmap.view(groups, chunks, G, 4, 1) >> shifts) & 1
     return bits.view(groups, chunks, G, C).bool()
 
 
 def unpack(packed: PackedWeight) -> torch.Tensor:
-    """The dense ``[rows, cols]`` weight (CPU, the packed dtype), bit for bit the one packed. Pure torch (the
-    reference); the C++ extension's ``unpack`` is the fast one."""
+    """The dense ``[rows, cols]`` weight (on the packed tensors' device, the packed dtype), bit for bit the one
+    packed. Pure torch (the reference); the C++ extension's ``unpack`` is the fast one on a CPU."""
     groups, chunks = grid(packed.rows, packed.cols)
-    tiles = torch.zeros(groups, chunks, G, C, dtype=packed.dtype)
+    tiles = torch.zeros(groups, chunks, G, C, dtype=packed.dtype, device=packed.values.device)
     tiles[_keep(packed)] = packed.values[:packed.nnz]
     return tiles.transpose(1, 2).reshape(groups * G, chunks * C)[:packed.rows, :packed.cols].contiguous()
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atprune.errors import ConfigError
-from atprune.sparse import kernels
+from atprune.sparse import cuda, kernels
 from atprune.sparse.format import PackedWeight, check_dtype, check_packed, pack, unpack
 
 # Tokens per call up to which the sparse kernel runs; above it the layer unpacks its weight into a reused buffer
@@ -42,6 +42,11 @@ class SparseLinear(nn.Module):
     runs; see :mod:`atprune.sparse.kernels`); otherwise (prefill, another device, another input dtype) it unpacks
     the weight and calls ``F.linear`` (the dense copy lives only during that call).
 
+    Moved to a GPU (``.to("cuda")``, ``.cuda()``) with bfloat16/float16 values, the layer repacks its weight into the
+    GPU tile layout (:mod:`atprune.sparse.cuda`; the CPU-layout buffers stay on the CPU, so the GPU holds one copy)
+    and runs the CUDA decode kernel for up to ``max_cuda_tokens`` tokens per call (at most 16), else it unpacks the
+    tiles on the GPU and calls cuBLAS through ``F.linear``. Both paths can be captured in CUDA graphs.
+
     Build one with :meth:`from_dense` (from an ``nn.Linear`` or a weight) or from a :class:`PackedWeight`.
 
     Raises:
@@ -68,6 +73,8 @@ class SparseLinear(nn.Module):
         # Plain attributes for the decode path (no nn.Module attribute lookup per call).
         self.__dict__["_op"] = kernels.extension().sparse_mm if self._kernel_id is not None else None
         self.__dict__["_dtype"] = packed.dtype
+        self.__dict__["_tiles"] = None  # the GPU layout while the layer lives on a GPU
+        self.max_cuda_tokens = cuda.MAX_TOKENS
 
     @classmethod
     def from_dense(cls, layer: nn.Linear | torch.Tensor, bias: torch.Tensor | None = None, **kwargs) -> "SparseLinear":
@@ -106,8 +113,16 @@ class SparseLinear(nn.Module):
         return unpack(self.packed) if self.values.device.type == "cpu" else unpack(_to_cpu(self.packed)).to(
             self.values.device)
 
+    @property
+    def tiles(self) -> "cuda.TiledWeight | None":
+        """The GPU tile layout while the layer is on a GPU (else None)."""
+        return self.__dict__["_tiles"]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Kept short: at decode sizes the Python around the kernel call is a good part of a small layer's time.
+        tiles = self.__dict__["_tiles"]
+        if tiles is not None and x.is_cuda:
+            return self._forward_cuda(x, tiles)
         op = self.__dict__["_op"]
         if (op is not None and x.dtype == self.__dict__["_dtype"] and x.device.type == "cpu"
                 and 0 < x.numel() <= self.__dict__["_max_numel"] and x.shape[-1] == self.in_features):
@@ -119,7 +134,30 @@ class SparseLinear(nn.Module):
         w = self.dense_weight(scratch=x.device.type == "cpu" and x.dtype == self.values.dtype).to(x.device, x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.device, x.dtype))
 
+    def _forward_cuda(self, x: torch.Tensor, tiles: "cuda.TiledWeight") -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"SparseLinear expects [..., {self.in_features}], got {tuple(x.shape)}")
+        bias = self._parameters["bias"]
+        if x.dtype == tiles.values.dtype and 0 < x.numel() <= self.max_cuda_tokens * self.in_features:
+            return cuda.sparse_mm(x, tiles, bias)
+        w = cuda.dense_from_tiles(tiles).to(x.dtype)
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
     def _apply(self, fn, *args, **kwargs):
+        # To a GPU: repack into the tile layout there and leave the CPU-layout buffers on the CPU (one GPU copy).
+        tiles = self.__dict__["_tiles"]
+        here = tiles.values.device if tiles is not None else self._buffers["values"].device
+        probe = fn(torch.zeros(1, dtype=self._buffers["values"].dtype, device=here))
+        if probe.device.type == "cuda" and probe.dtype in cuda.DTYPES:
+            packed = _to_device(self.packed, probe.device)
+            self.__dict__["_tiles"] = cuda.pack_tiles(unpack(packed).to(probe.dtype))
+            for name in ("bitmap", "values", "group_offsets"):
+                self._buffers[name] = self._buffers[name].cpu()
+            if self._parameters["bias"] is not None:
+                self._parameters["bias"] = nn.Parameter(fn(self._parameters["bias"].data), requires_grad=False)
+            return self
+        if probe.device.type != "cuda":
+            self.__dict__["_tiles"] = None
         # .to() / .float() may change the values' dtype: keep the fast path's cached dtype in step.
         out = super()._apply(fn, *args, **kwargs)
         self.__dict__["_dtype"] = self._buffers["values"].dtype
@@ -134,4 +172,10 @@ class SparseLinear(nn.Module):
 
 def _to_cpu(packed: PackedWeight) -> PackedWeight:
     """The same packed weight with its tensors on the CPU (where the unpacking runs)."""
-    return PackedWeight(packed.bitmap.cpu(), packed.values.cpu(), packed.group_offsets.cpu(), packed.rows, packed.cols)
+    return _to_device(packed, "cpu")
+
+
+def _to_device(packed: PackedWeight, device) -> PackedWeight:
+    """The same packed weight with its tensors on ``device``."""
+    return PackedWeight(packed.bitmap.to(device), packed.values.to(device), packed.group_offsets.to(device),
+                        packed.rows, packed.cols)
