@@ -60,10 +60,10 @@ def _graph(fn):
 
 def copy_roof(nbytes: int = 2 ** 30) -> float:
     """Device-to-device copy bandwidth in TB/s (read + write bytes / time), best of 5 timings of 20 copies."""
-    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    a = torch.empty(nbytes // 8, dtype=torch.int64, device="cuda")
     b = torch.empty_like(a)
     replay = _graph(lambda: b.copy_(a))
-    return max(2 * nbytes / _events_time(replay, 20) / 1e12 for _ in range(5))
+    return max(2 * a.numel() * 8 / _events_time(replay, 20) / 1e12 for _ in range(5))
 
 
 def random_pruned(out: int, inp: int, sparsity: float, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
@@ -147,6 +147,18 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def rewind(cache, length: int, position: torch.Tensor) -> None:
+    """Set a static cache (and the captured ``cache_position`` tensor) back to ``length`` tokens, in place, so that a
+    graph captured after warm-up steps replays from there. transformers >= 5.2x keeps a per-layer device tensor
+    ``cumulative_length`` that each update advances (and ignores ``cache_position`` for the write); older versions
+    write at ``cache_position``."""
+    position.fill_(length)
+    for layer in getattr(cache, "layers", []):
+        counter = getattr(layer, "cumulative_length", None)
+        if isinstance(counter, torch.Tensor):
+            counter.fill_(length)
+
+
 def decode_step_time(model, batch: int, context: int, steps: int) -> tuple[float, torch.Tensor]:
     """Seconds per decode step (batch ``batch``, after ``context`` prefilled tokens) with the step in a CUDA graph,
     and the logits of the first captured step (to compare dense and sparse)."""
@@ -165,8 +177,8 @@ def decode_step_time(model, batch: int, context: int, steps: int) -> tuple[float
         def step():
             holder["logits"] = model(input_ids=token, cache_position=position, use_cache=True, **{key: cache}).logits
 
-        replay = _graph(step)  # warm-up steps write cache slots past `context`: harmless, overwritten below
-        position.fill_(context)
+        replay = _graph(step)
+        rewind(cache, context, position)  # the warm-up steps advanced the cache: back to `context` tokens
         replay()
         first = holder["logits"].float().clone()
 
