@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from atprune.errors import ConfigError
-from atprune.export.files import check_output_dir, public_permissions, read_tensors, safetensors_files, write_json
+from atprune.export.files import (check_output_dir, public_permissions, read_tensors, safetensors_files, tensors_digest,
+                                  write_json)
 from atprune.export.masks import check_masks, check_saveable, mask_digest, matrix_entries, record_masks
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,8 @@ def check_export_options(save_dtype: str | None, formats) -> tuple[torch.dtype |
 def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrite: bool = False,
                 extra: dict[str, dict] | None = None, files: dict[str, Path] | None = None, *,
                 masks: Mapping[str, torch.Tensor] | None = None, save_dtype: str | None = None,
-                formats=("dense",), blocks_path: str | None = None) -> Path:
+                formats=("dense",), blocks_path: str | None = None,
+                untouched: Mapping[str, dict] | None = None) -> Path:
     """Save ``model`` (safetensors, tied weights kept tied), ``tokenizer``, ``report.json``, the JSON documents
     in ``extra`` (file name -> content) and copies of ``files`` (file name -> source path) into ``out``, all
     in one atomic swap.
@@ -104,6 +106,10 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
             model is not changed.
         formats: ``("dense",)`` (default) or with ``"compressed"``: the compressed-tensors sparse-bitmask
             checkpoint is written in addition, to ``out/compressed/`` (see :mod:`atprune.export.compressed`).
+        untouched: parts that pruning must not change (e.g. a vision tower): part -> ``{"names": [parameter
+            names], "sha256": tensors_digest of them before pruning, in the save dtype}``. The digest of those
+            tensors as written is recorded next to it (``export.untouched``) and :func:`verify_checkpoint`
+            recomputes it from the files.
 
     The report gets an ``export`` section (dtype, formats, sizes in bytes, per-matrix zeros, sparsity,
     mask checksums, underflow zeros); the caller's dict is not modified.
@@ -159,6 +165,13 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
                     tmp, tmp / COMPRESSED_DIR, saved, tokenizer,
                     structure=str(((report.get("pruning") or {}).get("spec") or {}).get("pattern") or "unstructured"))
             del saved
+            if untouched:
+                export["untouched"] = {}
+                for part, rec in untouched.items():
+                    written = read_tensors(tmp, rec["names"])
+                    export["untouched"][part] = {"names": list(rec["names"]), "sha256": rec["sha256"],
+                                                 "saved_sha256": tensors_digest(written),
+                                                 "saved_tensors": len(written)}
             report = report | {"export": export} | ({"warnings": warnings} if export["underflow_zeros"] else {})
         write_json(tmp / "report.json", report)
         for name, payload in (extra or {}).items():
@@ -189,7 +202,9 @@ def verify_checkpoint(folder: str | os.PathLike) -> list[dict]:
         One row per (format, matrix): ``format`` (``dense``/``compressed``), ``name``, ``expected`` (saved
         sparsity in the report), ``found`` (recomputed; None if the matrix is missing), ``pruned`` (sparsity
         of the pruning mask), ``underflow`` (extra zeros from the cast), ``ok`` and ``problem`` (empty, or
-        comma-separated: corrupt (does not decompress), missing, shape, dtype, sparsity, checksum).
+        comma-separated: corrupt (does not decompress), missing, shape, dtype, sparsity, checksum). Then one row
+        per part the report says pruning left untouched (``export.untouched``, e.g. a vision tower): ``expected``,
+        ``found`` and ``pruned`` None, ``ok`` when the saved tensors digest to the dense model's checksum.
 
     Raises:
         ConfigError: no report.json, or a report without an ``export`` section (nothing to compare with).
@@ -234,6 +249,13 @@ def verify_checkpoint(folder: str | os.PathLike) -> list[dict]:
             rows.append({"format": fmt, "name": name, "expected": rec["saved_sparsity"], "found": found,
                          "pruned": rec["sparsity"], "underflow": rec["underflow_zeros"], "ok": not problems,
                          "problem": ", ".join(problems)})
+    for part, rec in (export.get("untouched") or {}).items():
+        tensors = read_tensors(folder, rec["names"])
+        problems = ["missing"] if len(tensors) != len(rec["names"]) else []
+        if not problems and tensors_digest(tensors) != rec["sha256"]:
+            problems.append("checksum")
+        rows.append({"format": "dense", "name": f"{part} (dense, {len(rec['names'])} tensors)", "expected": None,
+                     "found": None, "pruned": None, "underflow": 0, "ok": not problems, "problem": ", ".join(problems)})
     return rows
 
 
@@ -243,8 +265,9 @@ def format_verify_table(rows: list[dict]) -> str:
     lines = [f"{'format':<10} {'matrix':<{width}} {'report':>8} {'found':>8} {'underflow':>9}  status"]
     for r in rows:
         found = "-" if r["found"] is None else f"{r['found']:.4f}"
-        status = "ok" if r["ok"] else f"MISMATCH ({r['problem']})"
-        lines.append(f"{r['format']:<10} {r['name']:<{width}} {r['expected']:>8.4f} {found:>8} {r['underflow']:>9}  {status}")
+        expected = "-" if r["expected"] is None else f"{r['expected']:.4f}"
+        status = ("ok" if r["expected"] is not None else "unchanged") if r["ok"] else f"MISMATCH ({r['problem']})"
+        lines.append(f"{r['format']:<10} {r['name']:<{width}} {expected:>8} {found:>8} {r['underflow']:>9}  {status}")
     bad = sum(not r["ok"] for r in rows)
     formats = sorted({r["format"] for r in rows})
     lines.append(f"{len(rows) - bad}/{len(rows)} matrices match the report ({', '.join(formats)})"

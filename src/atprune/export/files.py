@@ -32,6 +32,28 @@ def read_tensors(folder: Path, names) -> dict[str, torch.Tensor]:
     return found
 
 
+def tensors_digest(tensors, dtype: torch.dtype | None = None) -> str:
+    """sha256 (hex) of named tensors: for each name in sorted order, the name, dtype, shape and the raw bytes
+    (row-major), so two sets digest alike iff they hold the same names with bit-identical values.
+
+    Args:
+        tensors: name -> tensor (any device), or ``(name, tensor)`` pairs.
+        dtype: cast floating tensors to this dtype first (to compare with a checkpoint saved in it).
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    items = dict(tensors.items() if hasattr(tensors, "items") else tensors)
+    for name in sorted(items):
+        t = items[name].detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        t = t.cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(items[name].shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def check_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: tuple[str, ...] = ()) -> Path:
     """Refuse a destination that would lose data; call before any heavy work.
 
