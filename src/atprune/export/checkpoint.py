@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from atprune.errors import ConfigError
-from atprune.export.files import (check_output_dir, public_permissions, read_tensors, safetensors_files, tensors_digest,
-                                  write_json)
+from atprune.export.files import (check_output_dir, public_permissions, read_tensors, safetensors_files, saved_names,
+                                  tensors_digest, write_json)
 from atprune.export.masks import check_masks, check_saveable, mask_digest, matrix_entries, record_masks
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,8 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
         untouched: parts that pruning must not change (e.g. a vision tower): part -> ``{"names": [parameter
             names], "sha256": tensors_digest of them before pruning, in the save dtype}``. The digest of those
             tensors as written is recorded next to it (``export.untouched``) and :func:`verify_checkpoint`
-            recomputes it from the files.
+            recomputes it from the files. Matrices and parts are recorded under their keys in the files
+            (:func:`atprune.export.files.saved_names`).
 
     The report gets an ``export`` section (dtype, formats, sizes in bytes, per-matrix zeros, sparsity,
     mask checksums, underflow zeros); the caller's dict is not modified.
@@ -146,12 +147,18 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if masks:
-            saved = read_tensors(tmp, masks)
+            # the files' keys (transformers may write a class under its checkpoints' historical names)
+            keys = saved_names(model, list(masks)) if isinstance(model, torch.nn.Module) else {n: n for n in masks}
+            in_files = read_tensors(tmp, keys.values())
+            saved = {n: in_files[k] for n, k in keys.items() if k in in_files}
+            del in_files
             check_masks(saved, masks, "in the saved checkpoint")
             export = {"dtype": str(next(iter(saved.values())).dtype).removeprefix("torch."), "formats": list(formats),
                       "blocks_path": getattr(masks, "blocks_path", None) or _blocks_path(next(iter(masks))),
                       "sizes_bytes": {"dense": sum(p.stat().st_size for p in safetensors_files(tmp))},
-                      "underflow_zeros": 0, "matrices": matrix_entries(saved, masks)}
+                      "underflow_zeros": 0,
+                      "matrices": {keys[n]: e for n, e in matrix_entries(saved, masks).items()}}
+            saved = {keys[n]: t for n, t in saved.items()}  # by file key from here on
             export["underflow_zeros"] = sum(m["underflow_zeros"] for m in export["matrices"].values())
             warnings = list(report.get("warnings") or [])
             if export["underflow_zeros"]:
@@ -168,10 +175,12 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
             if untouched:
                 export["untouched"] = {}
                 for part, rec in untouched.items():
-                    written = read_tensors(tmp, rec["names"])
-                    export["untouched"][part] = {"names": list(rec["names"]), "sha256": rec["sha256"],
-                                                 "saved_sha256": tensors_digest(written),
-                                                 "saved_tensors": len(written)}
+                    keys = saved_names(model, rec["names"])
+                    written = read_tensors(tmp, keys.values())
+                    by_name = {n: written[k] for n, k in keys.items() if k in written}
+                    export["untouched"][part] = {"names": list(rec["names"]), "files": [keys[n] for n in rec["names"]],
+                                                 "sha256": rec["sha256"], "saved_sha256": tensors_digest(by_name),
+                                                 "saved_tensors": len(by_name)}
             report = report | {"export": export} | ({"warnings": warnings} if export["underflow_zeros"] else {})
         write_json(tmp / "report.json", report)
         for name, payload in (extra or {}).items():
@@ -250,7 +259,8 @@ def verify_checkpoint(folder: str | os.PathLike) -> list[dict]:
                          "pruned": rec["sparsity"], "underflow": rec["underflow_zeros"], "ok": not problems,
                          "problem": ", ".join(problems)})
     for part, rec in (export.get("untouched") or {}).items():
-        tensors = read_tensors(folder, rec["names"])
+        in_files = read_tensors(folder, rec["files"])  # digested under the model's parameter names
+        tensors = {n: in_files[k] for n, k in zip(rec["names"], rec["files"]) if k in in_files}
         problems = ["missing"] if len(tensors) != len(rec["names"]) else []
         if not problems and tensors_digest(tensors) != rec["sha256"]:
             problems.append("checksum")

@@ -32,6 +32,24 @@ def read_tensors(folder: Path, names) -> dict[str, torch.Tensor]:
     return found
 
 
+def saved_names(model, names) -> dict[str, str]:
+    """Where ``model.save_pretrained`` writes each named parameter: ``{parameter name: key in the safetensors
+    files}``. transformers 5 writes some classes under their checkpoints' historical names (e.g. LLaVA's
+    ``model.language_model.layers.0...`` as ``language_model.model.layers.0...``), by reverting its load-time
+    renaming (``transformers.core_model_loading.revert_weight_conversion``); names it does not rename map to
+    themselves."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    out = {}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # pragma: no cover - transformers without load-time renaming
+        return {n: n for n in names}
+    for name in names:
+        renamed = revert_weight_conversion(model, {name: params[name].detach()})
+        out[name] = next(iter(renamed)) if len(renamed) == 1 else name
+    return out
+
+
 def tensors_digest(tensors, dtype: torch.dtype | None = None) -> str:
     """sha256 (hex) of named tensors: for each name in sorted order, the name, dtype, shape and the raw bytes
     (row-major), so two sets digest alike iff they hold the same names with bit-identical values.

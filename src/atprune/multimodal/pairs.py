@@ -155,4 +155,5 @@ def image_text_calibration(processor, pairs: list[Pair], max_text_tokens: int | 
     image_tokens = sum(int((f["input_ids"] == image_id).sum()) for f in feeds) if image_id is not None else None
     return ImageTextCalibration(feeds, {"dataset": "image-text pairs", "origin": source, "nsamples": len(feeds),
                                         "tokens": tokens, "image_tokens": image_tokens,
+                                        "seqlen": max(int(f["input_ids"].shape[1]) for f in feeds),  # the longest
                                         "max_text_tokens": max_text_tokens})
