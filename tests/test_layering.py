@@ -32,9 +32,11 @@ ALLOWED: dict[str, set[str]] = {
     "eval": BASE | {"data", "models"},
     "export": BASE | {"models", "eval"},
     "allocation": BASE | {"models", "engine", "allocators"},
-    "api": BASE | {"data", "models", "engine", "pruners", "allocators", "allocation", "eval"},
+    # vision-language models: layouts, image-text pairs, caption check; checksums of the dense parts
+    "multimodal": BASE | {"models", "export.files"},
+    "api": BASE | {"data", "models", "engine", "pruners", "allocators", "allocation", "eval", "multimodal.pairs"},
     "jobs": BASE | {"plotting", "data", "models", "engine", "pruners", "allocators", "allocation", "eval", "export",
-                    "api"},
+                    "api", "multimodal"},
     "cli": BASE | {"models", "pruners", "allocators", "eval", "export", "jobs", "sparse", "cli_bench"},
     "cli_bench": BASE | {"sparse", "models", "api"},
     "__init__": BASE | {"api", "models", "sparse"},

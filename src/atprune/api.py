@@ -26,6 +26,7 @@ from atprune.engine.placement import Placement, auto_batch_size
 from atprune.errors import ConfigError, check_positive_int, check_sparsity
 from atprune.eval.perplexity import perplexity
 from atprune.models.adapter import Adapter, set_weight
+from atprune.multimodal.pairs import ImageTextCalibration
 from atprune.pruners import Pattern, get_pruner
 
 
@@ -128,7 +129,9 @@ class PruneResult:
         return asdict(self)
 
 
-def _as_windows(calib, tokenizer, nsamples, seqlen, seed, data_dir, strict) -> tuple[torch.Tensor, dict]:
+def _as_windows(calib, tokenizer, nsamples, seqlen, seed, data_dir, strict) -> tuple[torch.Tensor | list, dict]:
+    if isinstance(calib, ImageTextCalibration):  # feeds of a vision-language model, one per image-text pair
+        return list(calib.feeds), calib.info
     if isinstance(calib, data_mod.TokenWindows):
         return calib.windows, calib.info
     if isinstance(calib, torch.Tensor):
@@ -147,11 +150,14 @@ OFFLOAD_BATCH_CAP = 4  # "auto" batch size with offloading (LLaMA-2-70B shape: t
 
 def resolve_batch_size(batch_size: int | str, model, windows: torch.Tensor, placement: Placement) -> int:
     """``"auto"`` -> :func:`atprune.engine.placement.auto_batch_size` for this model and ``[nsamples, seqlen]`` windows
-    (at most 16, or :data:`OFFLOAD_BATCH_CAP` when ``placement`` offloads); an int is returned as is.
+    (at most 16, or :data:`OFFLOAD_BATCH_CAP` when ``placement`` offloads); an int is returned as is; image-text
+    feeds (a list, not a tensor) run one per forward pass: 1.
 
     Raises:
         ConfigError: for anything else than ``"auto"`` or a positive int.
     """
+    if not isinstance(windows, torch.Tensor):
+        return 1  # image-text feeds: one pair per forward pass
     if batch_size == "auto":
         dtype = next(model.parameters()).dtype
         # offloading is asked for to save device memory: keep the transient activations small too
@@ -175,7 +181,8 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
         tokenizer: needed when ``calib`` is a data name or path.
         method, sparsity, allocation, beta, pattern: see :func:`plan`.
         calib: ``[nsamples, seqlen]`` int64 tensor, :class:`atprune.data.TokenWindows`, a data spec
-            (``"c4"``, ``"wikitext2"``, a file) or None (C4).
+            (``"c4"``, ``"wikitext2"``, a file), None (C4), or for a vision-language model an
+            :class:`atprune.multimodal.pairs.ImageTextCalibration` (image-text pairs through its processor).
         nsamples, seqlen, seed: calibration windows to draw when ``calib`` is a spec.
         batch_size: calibration windows per forward pass, or ``"auto"`` (see
             :func:`atprune.engine.placement.auto_batch_size`; 1 on CPU). Results do not depend on it.

@@ -40,7 +40,8 @@ def _add_common_args(p: argparse.ArgumentParser, *, sparsity_default: float | No
     p.add_argument("--sparsity", type=float, default=sparsity_default, help="target sparsity ratio S in [0, 1) "
                    "(default 0.5" + ("; implied by an N:M pattern)" if sparsity_default is None else ")"))
     p.add_argument("--calib-data", default="c4", help="calibration text: c4, wikitext2, or a .raw/.txt/.jsonl/"
-                   ".json(.gz)/.parquet file (default c4)")
+                   ".json(.gz)/.parquet file (default c4); for a vision-language model also a .jsonl of "
+                   "{\"image\": path, \"text\": str} pairs")
     p.add_argument("--data-dir", default=None, help="local data folder for named sets (default $ATPRUNE_DATA_DIR)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sample and eval window (default 2048)")
@@ -92,6 +93,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-seqlen", type=int, default=None, help="eval window length (default: --seqlen)")
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows (quick checks)")
     p.add_argument("--strict", action="store_true", help="fewer calibration tokens than asked is an error")
+    p.add_argument("--caption-data", default=None, metavar="PAIRS.jsonl", help="vision-language models: mean "
+                   "log-likelihood of these captions for their images ({\"image\": path, \"text\": caption} "
+                   "lines), dense and pruned")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON instead of the table")
     _add_zero_shot_args(p, "the pruned model and, unless --no-eval-dense, the dense one")
     _add_export_args(p)
@@ -383,7 +387,7 @@ def _job_from_args(args):
                     eval_seqlen=args.eval_seqlen, eval_dense=not args.no_eval_dense, offload=args.offload,
                     offload_activations=args.offload_activations, strict=args.strict, save_dtype=args.save_dtype,
                     formats=(args.format,), zero_shot=args.zero_shot, task_data=args.task_data,
-                    zero_shot_limit=args.zero_shot_limit)
+                    zero_shot_limit=args.zero_shot_limit, caption_data=args.caption_data)
 
 
 def main(argv: list[str] | None = None) -> int:

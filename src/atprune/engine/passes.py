@@ -11,6 +11,11 @@
 The engine knows nothing about any pruner or allocator: the caller says which statistics it needs and
 what to do with them. Calibration windows all have the same length and no padding, so batch
 composition does not change any statistic.
+
+Calibration can also be a list of *feeds*: one dict of model keyword inputs per forward pass (a vision-language
+model's ``input_ids``, ``pixel_values``, ``image_grid_thw``...; see :mod:`atprune.multimodal`). Feeds differ in
+length and in what the model derives from them (image-token masks, 3D rotary positions), so every feed runs through
+the whole model once and keeps its own block keyword arguments.
 """
 
 from __future__ import annotations
@@ -38,23 +43,30 @@ class BlockInputs:
 
     Attributes:
         hidden: one ``[batch, seqlen, hidden]`` tensor per calibration batch.
-        shared: keyword arguments of block 0 per batch size (identical for every batch of that size, since
-            windows have one length and no padding).
-        overrides: per batch size, ``{block index: {name: value}}`` for the keyword arguments a block receives
+        shared: keyword arguments of block 0 per key (for token windows the key is the batch size: the arguments
+            are identical for every batch of that size, since windows have one length and no padding; for feeds
+            each feed has its own key).
+        overrides: per key, ``{block index: {name: value}}`` for the keyword arguments a block receives
             that differ from block 0's (models with per-layer attention types, e.g. sliding-window layers,
             pass a different mask or rotary table to some blocks); empty for most models.
+        keys: the key of every entry of ``hidden`` (default: its batch size).
     """
 
     hidden: list[torch.Tensor]
-    shared: dict[int, dict]
-    overrides: dict[int, dict[int, dict]]
+    shared: dict
+    overrides: dict
+    keys: list | None = None
 
-    def kwargs(self, block: int, batch: int) -> dict:
-        """Keyword arguments for ``block`` and a batch of ``batch`` windows."""
-        return self.shared[batch] | self.overrides[batch].get(block, {})
+    def key(self, j: int):
+        """The key of ``hidden[j]`` into ``shared`` and ``overrides``."""
+        return self.keys[j] if self.keys is not None else self.hidden[j].shape[0]
+
+    def kwargs(self, block: int, key) -> dict:
+        """Keyword arguments for ``block`` and the batch of key ``key`` (see :meth:`key`)."""
+        return self.shared[key] | self.overrides[key].get(block, {})
 
     def with_hidden(self, hidden: list[torch.Tensor]) -> "BlockInputs":
-        return BlockInputs(hidden, self.shared, self.overrides)
+        return BlockInputs(hidden, self.shared, self.overrides, self.keys)
 
 
 def _same(a, b) -> bool:
@@ -90,10 +102,11 @@ def _as_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tens
     return hidden, kwargs
 
 
-def _record_all_blocks(adapter: Adapter, batch: torch.Tensor,
+def _record_all_blocks(adapter: Adapter, batch: torch.Tensor | dict,
                        placement: Placement) -> tuple[torch.Tensor, dict, dict[int, dict]]:
-    """One full forward pass of one batch with pre-hooks on every block: block 0's input, block 0's keyword
-    arguments, and per block the keyword arguments that differ from block 0's."""
+    """One full forward pass of one batch (token ids, or a feed: a dict of model inputs) with pre-hooks on every
+    block: block 0's input, block 0's keyword arguments, and per block the keyword arguments that differ from
+    block 0's."""
     seen: list[tuple] = [None] * adapter.num_blocks
 
     def make_hook(i):
@@ -106,7 +119,7 @@ def _record_all_blocks(adapter: Adapter, batch: torch.Tensor,
     handles = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(adapter.blocks)]
     try:
         with torch.no_grad(), placement.streaming(adapter.blocks):
-            adapter.model(input_ids=batch, use_cache=False)
+            adapter.model(**(batch if isinstance(batch, dict) else {"input_ids": batch}), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -119,7 +132,13 @@ def _record_all_blocks(adapter: Adapter, batch: torch.Tensor,
     return hidden, base, overrides
 
 
-def first_block_inputs(adapter: Adapter, windows: torch.Tensor, batch_size: int = 1,
+def _feed_to(feed: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """A feed's tensors on ``device``; floating ones (pixel values) in the model's ``dtype``."""
+    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if isinstance(v, torch.Tensor) else v
+            for k, v in feed.items()}
+
+
+def first_block_inputs(adapter: Adapter, windows: torch.Tensor | list[dict], batch_size: int = 1,
                        placement: Placement | None = None) -> BlockInputs:
     """Capture what the blocks receive when the model runs on ``windows``.
 
@@ -127,7 +146,9 @@ def first_block_inputs(adapter: Adapter, windows: torch.Tensor, batch_size: int 
     arguments are known); every other batch stops right after block 0's inputs are captured.
 
     Args:
-        windows: ``[nsamples, seqlen]`` int64 token ids (no padding).
+        windows: ``[nsamples, seqlen]`` int64 token ids (no padding), or a list of feeds (one dict of model
+            keyword inputs per forward pass, e.g. a processor's output for one image-text pair; ``batch_size`` is
+            then ignored and every feed runs through the whole model and keeps its own block arguments).
         batch_size: windows per forward pass.
         placement: where blocks and activations live (default: all on the model's device).
 
@@ -136,6 +157,15 @@ def first_block_inputs(adapter: Adapter, windows: torch.Tensor, batch_size: int 
     """
     placement = placement or Placement.default_for(adapter.model)
     device = placement.device
+    if not isinstance(windows, torch.Tensor):
+        dtype = next(adapter.model.parameters()).dtype
+        feeds = BlockInputs([], {}, {}, [])
+        for j, feed in enumerate(windows):
+            hidden, feeds.shared[j], feeds.overrides[j] = _record_all_blocks(adapter, _feed_to(feed, device, dtype),
+                                                                             placement)
+            feeds.hidden.append(placement.store(hidden))
+            feeds.keys.append(j)
+        return feeds
     captured = BlockInputs([], {}, {})
 
     def grab(module, args, kwargs):
@@ -167,9 +197,9 @@ def run_block(block: nn.Module, index: int, inputs: BlockInputs,
     first item."""
     outs = []
     with torch.no_grad():
-        for hidden in inputs.hidden:
+        for j, hidden in enumerate(inputs.hidden):
             x = placement.fetch(hidden) if placement else hidden
-            out = block(x, **inputs.kwargs(index, hidden.shape[0]))
+            out = block(x, **inputs.kwargs(index, inputs.key(j)))
             out = out[0] if isinstance(out, (tuple, list)) else out
             outs.append(placement.store(out) if placement else out)
     return outs
@@ -222,12 +252,12 @@ def collect_stats(block: nn.Module, index: int, linears: dict[str, nn.Linear], i
     handles = [_watch_inputs(lin, lambda x, name=name: add(name, x)) for name, lin in linears.items()]
     try:
         with torch.no_grad(), exact_tf32_for(next(block.parameters()).dtype):
-            for hidden in inputs.hidden:
+            for j, hidden in enumerate(inputs.hidden):
                 seen.clear()
                 calls.clear()
                 x = placement.fetch(hidden) if placement else hidden
                 try:
-                    block(x, **inputs.kwargs(index, hidden.shape[0]))
+                    block(x, **inputs.kwargs(index, inputs.key(j)))
                 except _StopForward:
                     pass
                 if expected is None:
@@ -259,7 +289,8 @@ def sequential(
 
     Args:
         adapter: the model's :class:`Adapter`.
-        windows: ``[nsamples, seqlen]`` int64 calibration token ids.
+        windows: ``[nsamples, seqlen]`` int64 calibration token ids, or a list of feeds (see
+            :func:`first_block_inputs`).
         prune_block: ``f(i, block, linears, stats)`` changes the weights of block i in place; ``stats`` maps
             layer names to :class:`InputStats` collected on the block's current inputs (``None`` if
             ``needs_stats`` is False).

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from atprune.errors import ConfigError
-from atprune.export.files import check_output_dir, public_permissions, read_tensors, safetensors_files, write_json
+from atprune.export.files import (check_output_dir, public_permissions, read_tensors, safetensors_files, saved_names,
+                                  tensors_digest, write_json)
 from atprune.export.masks import check_masks, check_saveable, mask_digest, matrix_entries, record_masks
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,8 @@ def check_export_options(save_dtype: str | None, formats) -> tuple[torch.dtype |
 def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrite: bool = False,
                 extra: dict[str, dict] | None = None, files: dict[str, Path] | None = None, *,
                 masks: Mapping[str, torch.Tensor] | None = None, save_dtype: str | None = None,
-                formats=("dense",), blocks_path: str | None = None) -> Path:
+                formats=("dense",), blocks_path: str | None = None,
+                untouched: Mapping[str, dict] | None = None) -> Path:
     """Save ``model`` (safetensors, tied weights kept tied), ``tokenizer``, ``report.json``, the JSON documents
     in ``extra`` (file name -> content) and copies of ``files`` (file name -> source path) into ``out``, all
     in one atomic swap.
@@ -104,6 +106,11 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
             model is not changed.
         formats: ``("dense",)`` (default) or with ``"compressed"``: the compressed-tensors sparse-bitmask
             checkpoint is written in addition, to ``out/compressed/`` (see :mod:`atprune.export.compressed`).
+        untouched: parts that pruning must not change (e.g. a vision tower): part -> ``{"names": [parameter
+            names], "sha256": tensors_digest of them before pruning, in the save dtype}``. The digest of those
+            tensors as written is recorded next to it (``export.untouched``) and :func:`verify_checkpoint`
+            recomputes it from the files. Matrices and parts are recorded under their keys in the files
+            (:func:`atprune.export.files.saved_names`).
 
     The report gets an ``export`` section (dtype, formats, sizes in bytes, per-matrix zeros, sparsity,
     mask checksums, underflow zeros); the caller's dict is not modified.
@@ -140,12 +147,18 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if masks:
-            saved = read_tensors(tmp, masks)
+            # the files' keys (transformers may write a class under its checkpoints' historical names)
+            keys = saved_names(model, list(masks)) if isinstance(model, torch.nn.Module) else {n: n for n in masks}
+            in_files = read_tensors(tmp, keys.values())
+            saved = {n: in_files[k] for n, k in keys.items() if k in in_files}
+            del in_files
             check_masks(saved, masks, "in the saved checkpoint")
             export = {"dtype": str(next(iter(saved.values())).dtype).removeprefix("torch."), "formats": list(formats),
                       "blocks_path": getattr(masks, "blocks_path", None) or _blocks_path(next(iter(masks))),
                       "sizes_bytes": {"dense": sum(p.stat().st_size for p in safetensors_files(tmp))},
-                      "underflow_zeros": 0, "matrices": matrix_entries(saved, masks)}
+                      "underflow_zeros": 0,
+                      "matrices": {keys[n]: e for n, e in matrix_entries(saved, masks).items()}}
+            saved = {keys[n]: t for n, t in saved.items()}  # by file key from here on
             export["underflow_zeros"] = sum(m["underflow_zeros"] for m in export["matrices"].values())
             warnings = list(report.get("warnings") or [])
             if export["underflow_zeros"]:
@@ -159,6 +172,15 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
                     tmp, tmp / COMPRESSED_DIR, saved, tokenizer,
                     structure=str(((report.get("pruning") or {}).get("spec") or {}).get("pattern") or "unstructured"))
             del saved
+            if untouched:
+                export["untouched"] = {}
+                for part, rec in untouched.items():
+                    keys = saved_names(model, rec["names"])
+                    written = read_tensors(tmp, keys.values())
+                    by_name = {n: written[k] for n, k in keys.items() if k in written}
+                    export["untouched"][part] = {"names": list(rec["names"]), "files": [keys[n] for n in rec["names"]],
+                                                 "sha256": rec["sha256"], "saved_sha256": tensors_digest(by_name),
+                                                 "saved_tensors": len(by_name)}
             report = report | {"export": export} | ({"warnings": warnings} if export["underflow_zeros"] else {})
         write_json(tmp / "report.json", report)
         for name, payload in (extra or {}).items():
@@ -189,7 +211,9 @@ def verify_checkpoint(folder: str | os.PathLike) -> list[dict]:
         One row per (format, matrix): ``format`` (``dense``/``compressed``), ``name``, ``expected`` (saved
         sparsity in the report), ``found`` (recomputed; None if the matrix is missing), ``pruned`` (sparsity
         of the pruning mask), ``underflow`` (extra zeros from the cast), ``ok`` and ``problem`` (empty, or
-        comma-separated: corrupt (does not decompress), missing, shape, dtype, sparsity, checksum).
+        comma-separated: corrupt (does not decompress), missing, shape, dtype, sparsity, checksum). Then one row
+        per part the report says pruning left untouched (``export.untouched``, e.g. a vision tower): ``expected``,
+        ``found`` and ``pruned`` None, ``ok`` when the saved tensors digest to the dense model's checksum.
 
     Raises:
         ConfigError: no report.json, or a report without an ``export`` section (nothing to compare with).
@@ -234,6 +258,14 @@ def verify_checkpoint(folder: str | os.PathLike) -> list[dict]:
             rows.append({"format": fmt, "name": name, "expected": rec["saved_sparsity"], "found": found,
                          "pruned": rec["sparsity"], "underflow": rec["underflow_zeros"], "ok": not problems,
                          "problem": ", ".join(problems)})
+    for part, rec in (export.get("untouched") or {}).items():
+        in_files = read_tensors(folder, rec["files"])  # digested under the model's parameter names
+        tensors = {n: in_files[k] for n, k in zip(rec["names"], rec["files"]) if k in in_files}
+        problems = ["missing"] if len(tensors) != len(rec["names"]) else []
+        if not problems and tensors_digest(tensors) != rec["sha256"]:
+            problems.append("checksum")
+        rows.append({"format": "dense", "name": f"{part} (dense, {len(rec['names'])} tensors)", "expected": None,
+                     "found": None, "pruned": None, "underflow": 0, "ok": not problems, "problem": ", ".join(problems)})
     return rows
 
 
@@ -243,8 +275,9 @@ def format_verify_table(rows: list[dict]) -> str:
     lines = [f"{'format':<10} {'matrix':<{width}} {'report':>8} {'found':>8} {'underflow':>9}  status"]
     for r in rows:
         found = "-" if r["found"] is None else f"{r['found']:.4f}"
-        status = "ok" if r["ok"] else f"MISMATCH ({r['problem']})"
-        lines.append(f"{r['format']:<10} {r['name']:<{width}} {r['expected']:>8.4f} {found:>8} {r['underflow']:>9}  {status}")
+        expected = "-" if r["expected"] is None else f"{r['expected']:.4f}"
+        status = ("ok" if r["expected"] is not None else "unchanged") if r["ok"] else f"MISMATCH ({r['problem']})"
+        lines.append(f"{r['format']:<10} {r['name']:<{width}} {expected:>8} {found:>8} {r['underflow']:>9}  {status}")
     bad = sum(not r["ok"] for r in rows)
     formats = sorted({r["format"] for r in rows})
     lines.append(f"{len(rows) - bad}/{len(rows)} matrices match the report ({', '.join(formats)})"

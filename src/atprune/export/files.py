@@ -32,6 +32,46 @@ def read_tensors(folder: Path, names) -> dict[str, torch.Tensor]:
     return found
 
 
+def saved_names(model, names) -> dict[str, str]:
+    """Where ``model.save_pretrained`` writes each named parameter: ``{parameter name: key in the safetensors
+    files}``. transformers 5 writes some classes under their checkpoints' historical names (e.g. LLaVA's
+    ``model.language_model.layers.0...`` as ``language_model.model.layers.0...``), by reverting its load-time
+    renaming (``transformers.core_model_loading.revert_weight_conversion``); names it does not rename map to
+    themselves."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    out = {}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # pragma: no cover - transformers without load-time renaming
+        return {n: n for n in names}
+    for name in names:
+        renamed = revert_weight_conversion(model, {name: params[name].detach()})
+        out[name] = next(iter(renamed)) if len(renamed) == 1 else name
+    return out
+
+
+def tensors_digest(tensors, dtype: torch.dtype | None = None) -> str:
+    """sha256 (hex) of named tensors: for each name in sorted order, the name, dtype, shape and the raw bytes
+    (row-major), so two sets digest alike iff they hold the same names with bit-identical values.
+
+    Args:
+        tensors: name -> tensor (any device), or ``(name, tensor)`` pairs.
+        dtype: cast floating tensors to this dtype first (to compare with a checkpoint saved in it).
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    items = dict(tensors.items() if hasattr(tensors, "items") else tensors)
+    for name in sorted(items):
+        t = items[name].detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        t = t.cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(items[name].shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def check_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: tuple[str, ...] = ()) -> Path:
     """Refuse a destination that would lose data; call before any heavy work.
 

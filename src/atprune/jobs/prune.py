@@ -19,7 +19,9 @@ from atprune.api import OFFLOAD_BATCH_CAP, check_widths, evaluate_perplexity, ne
 from atprune.errors import ConfigError, check_positive_int
 from atprune.export import check_export_options, check_output_dir, check_saveable, record_masks, save_pruned
 from atprune.engine.placement import Placement, auto_batch_size, peak_memory_gib
+from atprune.export.checkpoint import SAVE_DTYPES
 from atprune.export.report import build_report
+from atprune.jobs.multimodal import VisionLanguageRun, check_vision_language
 from atprune.jobs.options import RunOptions, check_run_options, check_window_length
 from atprune.models.gguf_tokenizer import tokenizer_record
 from atprune.models.sources import load_model, resolve_device
@@ -48,14 +50,16 @@ class PruneJob(RunOptions):
     task_data: str | None = None  # local original task files (None: the hub)
     zero_shot_limit: int | None = None
     zero_shot_batch_size: int = 16
+    caption_data: str | None = None  # image-text .jsonl: caption log-likelihood, dense vs pruned (vision-language)
 
 
 def check_job(job: PruneJob):
     """Validate everything that can be checked without loading the model.
 
     Returns:
-        ``(source, spec, device, dtype)``: the resolved model source, the :class:`atprune.api.PruneSpec`
-        (rates for the model's number of blocks), the torch device and dtype.
+        ``(source, spec, device, dtype, vl)``: the resolved model source, the :class:`atprune.api.PruneSpec`
+        (rates for the model's number of blocks), the torch device and dtype, and the
+        :class:`atprune.jobs.multimodal.VisionLanguagePlan` (image-text files read and checked).
 
     Raises:
         ConfigError: the first problem found, as one line.
@@ -83,7 +87,11 @@ def check_job(job: PruneJob):
         check_output_dir(job.out, job.overwrite, inputs=checked.inputs())
     spec = plan(job.method, job.sparsity, checked.num_blocks, allocation=job.allocation, beta=job.beta,
                 pattern=job.pattern, allocation_options=job.allocation_options)
-    return checked.source, spec, checked.device, checked.dtype
+    vl = check_vision_language(checked.source, job.calib_data if needs_calibration(spec) else None,
+                               job.caption_data, job.nsamples)
+    if vl.vision_language and job.offload:
+        raise ConfigError("--offload is not supported for vision-language models yet")
+    return checked.source, spec, checked.device, checked.dtype, vl
 
 
 def run_prune_job(job: PruneJob) -> dict:
@@ -92,13 +100,17 @@ def run_prune_job(job: PruneJob) -> dict:
     Raises:
         ConfigError: bad options or data (before the model is loaded whenever possible).
     """
-    source, spec, device, dtype = check_job(job)
+    source, spec, device, dtype, vl = check_job(job)
     timings: dict[str, float] = {}
     run_warnings: list[str] = []
     t0 = time.perf_counter()
     placement = Placement(device, offload=job.offload, offload_activations=job.offload_activations)
-    model, tokenizer = load_model(source, dtype=dtype, device="cpu" if job.offload else device,
-                                  progress=job.progress, allow_tokenizer_mismatch=job.allow_tokenizer_mismatch)
+    vlm = VisionLanguageRun(vl, source, dtype, device, job.progress) if vl.vision_language else None
+    if vlm is None:
+        model, tokenizer = load_model(source, dtype=dtype, device="cpu" if job.offload else device,
+                                      progress=job.progress, allow_tokenizer_mismatch=job.allow_tokenizer_mismatch)
+    else:
+        model, tokenizer = vlm.model, vlm.tokenizer
     tokenizer_check, notes = tokenizer_record(tokenizer)
     run_warnings.extend(notes)
     adapter = Adapter.for_model(model, job.blocks_path)
@@ -114,7 +126,9 @@ def run_prune_job(job: PruneJob) -> dict:
     calib = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if needs_calibration(spec):
+        if needs_calibration(spec) and vlm is not None and vl.calib_pairs:
+            calib = vlm.calibration(job.seqlen)
+        elif needs_calibration(spec):
             calib_source = data_mod.load_text(job.calib_data, "train", job.data_dir)
             calib = data_mod.calibration_windows(tokenizer, calib_source, job.nsamples, job.seqlen, job.seed,
                                                  job.strict)
@@ -158,6 +172,8 @@ def run_prune_job(job: PruneJob) -> dict:
 
     if job.zero_shot and job.eval_dense:
         score("dense")
+    if vlm is not None:
+        vlm.before_pruning(SAVE_DTYPES.get(job.save_dtype), score_dense=job.eval_dense)
     result = prune(model, tokenizer, method=spec.method, sparsity=spec.sparsity, allocation=spec.allocation,
                    beta=spec.beta, pattern=spec.pattern, calib=calib, batch_size=job.batch_size,
                    allocation_options=job.allocation_options, placement=placement, blocks_path=job.blocks_path,
@@ -172,6 +188,10 @@ def run_prune_job(job: PruneJob) -> dict:
             run_warnings.append(msg)
             log.warning("!" * 20 + " %s " + "!" * 20, msg)
 
+    if vlm is not None:
+        vlm.after_pruning()
+        timings.update(vlm.timings)
+        run_warnings.extend(vlm.warnings())
     if job.zero_shot:
         from atprune.eval.zeroshot import sanity_gate
 
@@ -190,9 +210,12 @@ def run_prune_job(job: PruneJob) -> dict:
     report["peak_gpu_memory_gib"] = peak_memory_gib(device)
     if job.zero_shot:
         report["zero_shot"] = zero_shot
+    if vlm is not None:
+        report["multimodal"] = vlm.report()
     if job.out:
         t = time.perf_counter()
-        save_pruned(model, tokenizer, job.out, report, overwrite=job.overwrite, masks=masks,
-                    save_dtype=job.save_dtype, formats=job.formats)
+        save_pruned(model, tokenizer if vlm is None else vlm.processor, job.out, report, overwrite=job.overwrite,
+                    masks=masks, save_dtype=job.save_dtype, formats=job.formats,
+                    untouched=vlm.dense.untouched() if vlm is not None else None)
         timings["save"] = time.perf_counter() - t
     return report

@@ -19,7 +19,8 @@ from atprune.models.sources import _config_num_blocks
 
 KNOWN_BLOCK_PATHS = (
     "model.layers",  # LLaMA, Mistral, Mixtral, Qwen2/3, Gemma 2/3, Phi-3
-    "model.language_model.layers",  # multimodal wrappers of a text decoder (Gemma 3 conditional generation)
+    "model.language_model.layers",  # vision-language wrappers: LLaVA, LLaVA-NeXT, Qwen2-VL / 2.5-VL, Gemma 3
+    "model.text_model.layers",  # Idefics3 / SmolVLM
     "model.decoder.layers",  # OPT
     "transformer.h",  # GPT-2, Falcon, BLOOM
     "gpt_neox.layers",  # GPT-NeoX / Pythia
