@@ -21,7 +21,7 @@ from atprune.export import check_export_options, check_output_dir, check_saveabl
 from atprune.engine.placement import Placement, auto_batch_size, peak_memory_gib
 from atprune.export.checkpoint import SAVE_DTYPES
 from atprune.export.report import build_report
-from atprune.jobs.multimodal import VisionLanguageRun, check_vision_language
+from atprune.jobs.multimodal import VisionLanguageRun, check_vision_language, with_offload
 from atprune.jobs.options import RunOptions, check_run_options, check_window_length
 from atprune.models.gguf_tokenizer import tokenizer_record
 from atprune.models.sources import load_model, resolve_device
@@ -89,8 +89,7 @@ def check_job(job: PruneJob):
                 pattern=job.pattern, allocation_options=job.allocation_options)
     vl = check_vision_language(checked.source, job.calib_data if needs_calibration(spec) else None,
                                job.caption_data, job.nsamples)
-    if vl.vision_language and job.offload:
-        raise ConfigError("--offload is not supported for vision-language models yet")
+    vl = with_offload(vl, job.offload)
     return checked.source, spec, checked.device, checked.dtype, vl
 
 
