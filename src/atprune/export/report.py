@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import platform
 import sys
 from datetime import datetime, timezone
@@ -40,7 +41,10 @@ def versions() -> dict:
     return {"atprune": __version__, "atprune_commit": _source_commit(), "python": sys.version.split()[0],
             "torch": torch.__version__,
             "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
-            "gguf": getattr(gguf, "__version__", None) or _dist_version("gguf"), "platform": platform.platform()}
+            "gguf": getattr(gguf, "__version__", None) or _dist_version("gguf"), "platform": platform.platform()} | (
+        # a copy of a checkout whose git metadata lags its files (the GPU machine's) can name the commit it holds
+        {"atprune_commit_declared": os.environ["ATPRUNE_SOURCE_COMMIT"]} if os.environ.get("ATPRUNE_SOURCE_COMMIT")
+        else {})
 
 
 def _dist_version(name: str) -> str | None:
