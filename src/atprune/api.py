@@ -21,6 +21,7 @@ from atprune.allocation import allocate
 from atprune.allocation import block_sizes as model_block_sizes
 from atprune.allocation import needs_calibration as allocator_needs_calibration
 from atprune.allocators import NEEDS_NOTHING, get_allocator
+from atprune.allocators.nm import round_to_nm
 from atprune.engine.passes import BlockInputs, first_block_inputs, sequential
 from atprune.engine.placement import Placement, auto_batch_size
 from atprune.errors import ConfigError, check_positive_int, check_sparsity
@@ -41,12 +42,18 @@ class PruneSpec:
     rates: tuple[float, ...]  # for L equal blocks; empty for allocators that need the model (see prune())
     allocator: object = None
     statistic: dict = field(default_factory=dict)  # what the allocator derived the rates from (after prune())
+    block_n: tuple[int, ...] = ()  # mixed N:M: the N of every block (after prune(); see atprune.allocators.nm)
+
+    def block_pattern(self, i: int) -> Pattern:
+        """The pattern of block ``i``: ``N_i:M`` for a mixed N:M run, else the run's pattern."""
+        return Pattern(self.block_n[i], self.pattern.m) if self.block_n else self.pattern
 
     def describe(self) -> dict:
         extra = (self.allocator.describe() if self.allocator is not None else {}) | self.statistic
         return {"method": self.method, "sparsity": self.sparsity, "pattern": str(self.pattern),
                 "allocation": self.allocation, "beta": self.beta} | {f"allocator_{k}": v for k, v in extra.items()
-                                                                      if k != "name"}
+                                                                      if k != "name"} | (
+            {"mixed_nm": True, "block_n": list(self.block_n)} if self.block_n else {})
 
 
 def plan(method: str, sparsity: float | None, num_blocks: int, *, allocation: str = "uniform",
@@ -70,7 +77,8 @@ def plan(method: str, sparsity: float | None, num_blocks: int, *, allocation: st
     Raises:
         ConfigError: unknown method or allocation, sparsity outside [0, 1), illegal beta (the message gives the
             legal range for this S and L), malformed N:M, an N:M pattern with a different sparsity or with a
-            non-uniform allocation.
+            2:4-style M < 3 with a non-uniform allocation. An N:M pattern with a non-uniform allocation is
+            mixed N:M: :func:`prune` rounds each block's rate to one N (:func:`atprune.allocators.nm.round_to_nm`).
     """
     get_pruner(method)
     pattern = pattern if isinstance(pattern, Pattern) else Pattern.parse(pattern)
@@ -78,8 +86,9 @@ def plan(method: str, sparsity: float | None, num_blocks: int, *, allocation: st
         implied = pattern.sparsity
         if sparsity is not None and abs(sparsity - implied) > 1e-9:
             raise ConfigError(f"pattern {pattern} fixes the sparsity ratio at {implied:g}; got --sparsity {sparsity:g}")
-        if allocation != "uniform":
-            raise ConfigError(f"pattern {pattern} prunes every layer at {implied:g}; use allocation 'uniform', not {allocation!r}")
+        if allocation != "uniform" and pattern.m < 3:
+            raise ConfigError(f"mixed N:M with allocation {allocation!r} needs M >= 3 so that blocks can differ "
+                              f"(pattern {pattern} allows only N={pattern.n}); use e.g. 4:8, or allocation 'uniform'")
         sparsity = implied
     if sparsity is None:
         raise ConfigError("a sparsity ratio is required for unstructured pruning (e.g. 0.5)")
@@ -217,18 +226,22 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
     allocation = allocate(spec.allocator, spec.sparsity, adapter, windows, block_inputs, placement,
                           statistic=allocator_statistic)
     spec = replace(spec, rates=allocation.rates, statistic=allocation.statistic)
+    if spec.pattern.structured and spec.allocation != "uniform":
+        block_n = tuple(round_to_nm(spec.rates, model_block_sizes(adapter), spec.pattern.n, spec.pattern.m))
+        spec = replace(spec, block_n=block_n, rates=tuple(1.0 - k / spec.pattern.m for k in block_n),
+                       statistic=spec.statistic | {"rates_before_nm_rounding": list(spec.rates)})
     blocks: list[dict] = []
 
     def prune_block(i, block, linears, stats):
-        rate = spec.rates[i]
+        rate, pattern = spec.rates[i], spec.block_pattern(i)
         layers, params, zeros = {}, 0, 0
         for name, lin in linears.items():
-            set_weight(lin, pruner.prune(lin.weight.detach(), stats[name] if stats else None, rate, spec.pattern))
+            set_weight(lin, pruner.prune(lin.weight.detach(), stats[name] if stats else None, rate, pattern))
             n, z = lin.weight.numel(), int((lin.weight == 0).sum())
             layers[name] = z / n
             params, zeros = params + n, zeros + z
         blocks.append({"index": i, "target": rate, "achieved": zeros / params, "params": params, "zeros": zeros,
-                       "layers": layers})
+                       "layers": layers} | ({"pattern": str(pattern)} if pattern.structured else {}))
 
     bar = tqdm(total=adapter.num_blocks, desc=f"{method} {spec.allocation}", unit="block", disable=not progress)
     try:

@@ -79,7 +79,8 @@ def _add_device_args(p: argparse.ArgumentParser, offload: bool = True) -> None:
 
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
     _add_common_args(p, sparsity_default=None, out_required=False, offload=True)
-    p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4, 4:8")
+    p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4, 4:8; with a "
+                   "non-uniform --allocation each block gets its own N, mean N:M (mixed N:M)")
     p.add_argument("--allocation", default="uniform", help=f"per-block sparsity allocation: {', '.join(ALLOCATORS)}")
     p.add_argument("--beta", type=float, default=None, help="ATP step between consecutive blocks; legal range "
                    "[0, min(2S, 2(1-S))/(L-1)]")
