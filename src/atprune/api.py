@@ -28,6 +28,7 @@ from atprune.errors import ConfigError, check_positive_int, check_sparsity
 from atprune.eval.perplexity import perplexity
 from atprune.models.adapter import Adapter, set_weight
 from atprune.pruners import Pattern, get_pruner
+from atprune.pruners.dsnot import check_refine, dsnot_refine, dsnot_skips
 
 
 @dataclass(frozen=True)
@@ -111,10 +112,10 @@ def check_widths(adapter: Adapter, pattern: Pattern) -> None:
             pattern.check_width(lin.in_features, f"block {i} {name}")
 
 
-def needs_calibration(spec: PruneSpec) -> bool:
+def needs_calibration(spec: PruneSpec, refine: str | None = None) -> bool:
     """Whether pruning as ``spec`` says reads calibration data (magnitude with uniform, atp or alphapruning does
-    not)."""
-    return get_pruner(spec.method).needs_stats or allocator_needs_calibration(spec.allocator)
+    not; any ``refine`` does)."""
+    return get_pruner(spec.method).needs_stats or refine is not None or allocator_needs_calibration(spec.allocator)
 
 
 @dataclass
@@ -176,7 +177,7 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
           seqlen: int = 2048, seed: int = 0, batch_size: int | str = 1, data_dir: str | None = None,
           strict: bool = False, block_inputs: BlockInputs | None = None, allocation_options: dict | None = None,
           placement: Placement | None = None, progress: bool = True, blocks_path: str | None = None,
-          allocator_statistic: list[float] | None = None) -> PruneResult:
+          allocator_statistic: list[float] | None = None, refine: str | None = None) -> PruneResult:
     """Prune ``model`` in place, block by block, with per-block sparsity ratios from an allocator.
 
     Args:
@@ -197,6 +198,8 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
             (e.g. ``"model.decoder.layers"``); default: found automatically (see :meth:`Adapter.for_model`).
         allocator_statistic: the allocator's per-block statistic (:func:`atprune.allocation.block_statistic`)
             already computed on this very dense model, e.g. by an earlier trial; default: computed here.
+        refine: ``"dsnot"``: refine each layer's mask after the pruner (:mod:`atprune.pruners.dsnot`, official
+            defaults; unstructured only; the layer becomes the dense weight times the refined mask).
 
     Returns:
         :class:`PruneResult`.
@@ -211,9 +214,11 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
     spec = plan(method, sparsity, adapter.num_blocks, allocation=allocation, beta=beta, pattern=pattern,
                 allocation_options=allocation_options, block_sizes=model_block_sizes(adapter))
     check_widths(adapter, spec.pattern)
+    check_refine(refine, spec.pattern)
     pruner = get_pruner(method)
+    needs_stats = pruner.needs_stats or refine is not None
     placement = placement or Placement.default_for(model)
-    if needs_calibration(spec):
+    if needs_calibration(spec, refine):
         windows, calib_info = _as_windows(calib, tokenizer, nsamples, seqlen, seed, data_dir, strict)
         batch_size = resolve_batch_size(batch_size, model, windows, placement)
         calib_info = dict(calib_info) | {"batch_size": batch_size}
@@ -236,7 +241,11 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
         rate, pattern = spec.rates[i], spec.block_pattern(i)
         layers, params, zeros = {}, 0, 0
         for name, lin in linears.items():
-            set_weight(lin, pruner.prune(lin.weight.detach(), stats[name] if stats else None, rate, pattern))
+            dense = lin.weight.detach()
+            new = pruner.prune(dense, stats[name] if stats else None, rate, pattern)
+            if refine is not None and not dsnot_skips(name):
+                new = dense.masked_fill(dsnot_refine(dense, new == 0, stats[name]), 0)
+            set_weight(lin, new)
             n, z = lin.weight.numel(), int((lin.weight == 0).sum())
             layers[name] = z / n
             params, zeros = params + n, zeros + z
@@ -245,7 +254,7 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
 
     bar = tqdm(total=adapter.num_blocks, desc=f"{method} {spec.allocation}", unit="block", disable=not progress)
     try:
-        if pruner.needs_stats:
+        if needs_stats:
             sequential(adapter, windows, prune_block, needs_hessian=pruner.needs_hessian, batch_size=batch_size,
                        inputs=block_inputs, progress=lambda i: bar.update(1), placement=placement, last_outputs=False)
         else:  # data-free (magnitude): no forward pass at all
@@ -257,7 +266,8 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
     seconds = time.perf_counter() - start
     params = sum(b["params"] for b in blocks)
     zeros = sum(b["zeros"] for b in blocks)
-    return PruneResult(spec.describe() | {"rates": list(spec.rates)}, blocks, zeros / params, params, seconds, calib_info)
+    described = spec.describe() | {"rates": list(spec.rates)} | ({"refine": refine} if refine else {})
+    return PruneResult(described, blocks, zeros / params, params, seconds, calib_info)
 
 
 def evaluate_perplexity(model, tokenizer, data: str | data_mod.EvalSet = "wikitext2", *, split: str = "test", seqlen: int = 2048,

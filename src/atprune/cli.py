@@ -86,6 +86,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    "[0, min(2S, 2(1-S))/(L-1)]")
     p.add_argument("--alloc-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="allocator option, repeatable: owl M=5 lam=0.08; alphapruning eps=0.3; dlp alpha=0.15")
+    p.add_argument("--refine", default=None, metavar="dsnot", help="refine every layer's mask after "
+                   "the pruner: dsnot (DSnoT, Zhang et al. 2024, official defaults; unstructured only)")
     p.add_argument("--eval-data", default="wikitext2", help="perplexity text: wikitext2 (test), c4 (validation), a file or a "
                    "data folder (default wikitext2)")
     p.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
@@ -380,7 +382,7 @@ def _job_from_args(args):
                     eval_seqlen=args.eval_seqlen, eval_dense=not args.no_eval_dense, offload=args.offload,
                     offload_activations=args.offload_activations, strict=args.strict, save_dtype=args.save_dtype,
                     formats=(args.format,), zero_shot=args.zero_shot, task_data=args.task_data,
-                    zero_shot_limit=args.zero_shot_limit)
+                    zero_shot_limit=args.zero_shot_limit, refine=args.refine)
 
 
 def main(argv: list[str] | None = None) -> int:

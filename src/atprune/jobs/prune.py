@@ -15,6 +15,7 @@ import torch
 
 from atprune import data as data_mod
 from atprune.models.adapter import Adapter
+from atprune.pruners.dsnot import check_refine
 from atprune.api import OFFLOAD_BATCH_CAP, check_widths, evaluate_perplexity, needs_calibration, plan, prune
 from atprune.errors import ConfigError, check_positive_int
 from atprune.export import check_export_options, check_output_dir, check_saveable, record_masks, save_pruned
@@ -48,6 +49,7 @@ class PruneJob(RunOptions):
     task_data: str | None = None  # local original task files (None: the hub)
     zero_shot_limit: int | None = None
     zero_shot_batch_size: int = 16
+    refine: str | None = None  # "dsnot": DSnoT mask refinement after the pruner (atprune.pruners.dsnot)
 
 
 def check_job(job: PruneJob):
@@ -75,8 +77,9 @@ def check_job(job: PruneJob):
             from atprune.eval.zeroshot import check_zero_shot
 
             check_zero_shot(job.zero_shot, job.task_data, job.zero_shot_limit, job.zero_shot_batch_size)
-        plan(job.method, job.sparsity, 2, allocation=job.allocation, beta=0.0 if job.beta is not None else None,
-             pattern=job.pattern)  # names, sparsity and pattern, before the model source is touched
+        first = plan(job.method, job.sparsity, 2, allocation=job.allocation,
+                     beta=0.0 if job.beta is not None else None, pattern=job.pattern)  # before the model is touched
+        check_refine(job.refine, first.pattern)
 
     checked = check_run_options(job, own_checks=own_checks)
     if job.out:
@@ -114,7 +117,7 @@ def run_prune_job(job: PruneJob) -> dict:
     calib = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if needs_calibration(spec):
+        if needs_calibration(spec, job.refine):
             calib_source = data_mod.load_text(job.calib_data, "train", job.data_dir)
             calib = data_mod.calibration_windows(tokenizer, calib_source, job.nsamples, job.seqlen, job.seed,
                                                  job.strict)
@@ -161,7 +164,7 @@ def run_prune_job(job: PruneJob) -> dict:
     result = prune(model, tokenizer, method=spec.method, sparsity=spec.sparsity, allocation=spec.allocation,
                    beta=spec.beta, pattern=spec.pattern, calib=calib, batch_size=job.batch_size,
                    allocation_options=job.allocation_options, placement=placement, blocks_path=job.blocks_path,
-                   progress=job.progress)
+                   progress=job.progress, refine=job.refine)
     timings["prune"] = result.seconds
     masks = record_masks(model, job.blocks_path) if job.out else None  # checked again at every step of the save
     if job.eval_data:
