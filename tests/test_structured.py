@@ -173,3 +173,24 @@ def test_cli_structured_run_saves_a_smaller_model(tmp_path, capsys):
         assert main(base + ["--overwrite"] + extra) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "gemma3"])
+def test_other_families_shrink_and_reload(arch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(arch, layers=2)
+    ids = _calib(2, 16, 1)
+    with torch.no_grad():
+        before = model(ids).logits
+    shrink(model, _calib(), "wanda-sp", "both", [0.0, 0.0])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)  # ratio 0: exactly the same logits
+    shrink(model, _calib(), "wanda-sp", "both", [0.5, 0.5])
+    with torch.no_grad():
+        logits = model(ids).logits
+    model.save_pretrained(tmp_path / "m")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert again.config.get_text_config().intermediate_size == 48
+    with torch.no_grad():
+        assert torch.allclose(again(ids).logits, logits, atol=1e-5)
