@@ -194,3 +194,41 @@ def test_other_families_shrink_and_reload(arch, tmp_path):
     assert again.config.get_text_config().intermediate_size == 48
     with torch.no_grad():
         assert torch.allclose(again(ids).logits, logits, atol=1e-5)
+
+
+def test_removed_kv_groups_equal_masked_heads():
+    """Cutting a KV group gives the logits of the dense model with its query heads' o_proj columns zeroed (the heads
+    then contribute nothing): the query heads kept are exactly those that attended with the kept KV heads."""
+    model = tiny_model("llama", layers=2)
+    ref = tiny_model("llama", layers=2)
+    ids = _calib(2, 16, 3)
+    shrink(model, _calib(), "wanda-sp", "heads", [0.5, 0.5])
+    for block, rblock in zip(model.model.layers, ref.model.layers):
+        kept_kv = [int((rblock.self_attn.k_proj.weight[::16] == row).all(1).nonzero()[0])
+                   for row in block.self_attn.k_proj.weight[::16]]
+        assert len(kept_kv) == 1
+        gone = [h for h in range(4) if h // 2 not in kept_kv]  # 4 query heads, 2 per KV head
+        with torch.no_grad():
+            for h in gone:
+                rblock.self_attn.o_proj.weight[:, h * 16:(h + 1) * 16] = 0
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, ref(ids).logits, atol=1e-5)
+
+
+def test_flap_head_bias_compensates_removed_heads():
+    """FLAP on heads: o_proj's new bias is o_proj's weight on the removed heads' columns times their mean input."""
+    model = tiny_model("llama", layers=1)
+    o_dense = model.model.layers[0].self_attn.o_proj.weight.detach().clone()
+    seen = {}
+    hook = model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
+    calib = _calib(4, 32)
+    with torch.no_grad():
+        model(calib)
+    hook.remove()
+    shrink(model, calib, "flap", "heads", [0.5])
+    o = model.model.layers[0].self_attn.o_proj
+    kept = [int((o_dense == col.unsqueeze(1)).all(0).nonzero()[0]) for col in o.weight.t()]
+    gone = sorted(set(range(64)) - set(kept))
+    assert len(gone) == 32
+    mean = seen["x"].reshape(-1, 64).mean(0)
+    assert torch.allclose(o.bias, o_dense[:, gone] @ mean[gone], atol=1e-5)

@@ -24,7 +24,8 @@ from atprune.engine.placement import Placement
 from atprune.errors import ConfigError, check_sparsity
 from atprune.jobs.options import RunOptions, check_run_options
 from atprune.models.adapter import Adapter
-from atprune.models.shrink import attention_shape, block_widths, check_family, shrink_heads, shrink_mlp, update_config
+from atprune.models.shrink import (attention_shape, block_widths, check_family, query_columns, shrink_heads, shrink_mlp,
+                                   update_config)
 from atprune.models.sources import load_model
 from atprune.pruners import structured as sp
 
@@ -88,9 +89,7 @@ def shrink(model, windows: torch.Tensor, method: str, structure: str, rates, bat
             heads, kv, hd = attention_shape(block)
             k = sp.removed_count(rates[i], kv)
             keep = sp.keep_indices(sp.group_scores(sp.head_scores(method, o.weight, st, hd), kv), k)
-            per = heads // kv
-            cols = ((keep.unsqueeze(1) * per + torch.arange(per)).reshape(-1, 1) * hd + torch.arange(hd)).reshape(-1)
-            comp = sp.compensation(o.weight, st, cols) if bias else None
+            comp = sp.compensation(o.weight, st, query_columns(keep, heads, kv, hd)) if bias else None
             shrink_heads(block, keep, comp)
             rec["removed_kv_groups"] = k
         records.append(rec | block_widths([block])[0])

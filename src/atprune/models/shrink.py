@@ -96,6 +96,14 @@ def attention_shape(block: nn.Module) -> tuple[int, int, int]:
     return attn.q_proj.out_features // hd, attn.k_proj.out_features // hd, hd
 
 
+def query_columns(keep_groups: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """int64 indices of the q_proj rows / o_proj columns of the query heads of KV groups ``keep_groups`` (query head h
+    attends with KV head ``h // (num_heads / num_kv_heads)``, as transformers' ``repeat_kv`` lays them out)."""
+    per = num_heads // num_kv_heads
+    q_heads = (keep_groups.unsqueeze(1) * per + torch.arange(per)).reshape(-1)
+    return (q_heads.unsqueeze(1) * head_dim + torch.arange(head_dim)).reshape(-1)
+
+
 def shrink_heads(block: nn.Module, keep_groups: torch.Tensor, compensation: torch.Tensor | None = None) -> None:
     """Keep KV groups ``keep_groups`` (sorted int64) with their query heads: rows of q/k/v, columns of o_proj.
 
@@ -104,15 +112,13 @@ def shrink_heads(block: nn.Module, keep_groups: torch.Tensor, compensation: torc
     """
     attn = block.self_attn
     heads, kv, hd = attention_shape(block)
-    per = heads // kv
-    q_heads = (keep_groups.unsqueeze(1) * per + torch.arange(per)).reshape(-1)
-    q_cols = (q_heads.unsqueeze(1) * hd + torch.arange(hd)).reshape(-1)
+    q_cols = query_columns(keep_groups, heads, kv, hd)
     kv_cols = (keep_groups.unsqueeze(1) * hd + torch.arange(hd)).reshape(-1)
     _slice(attn.q_proj, rows=q_cols)
     _slice(attn.k_proj, rows=kv_cols)
     _slice(attn.v_proj, rows=kv_cols)
     _slice(attn.o_proj, cols=q_cols)
-    for name, value in (("num_heads", q_heads.numel()), ("num_key_value_heads", keep_groups.numel())):
+    for name, value in (("num_heads", q_cols.numel() // hd), ("num_key_value_heads", keep_groups.numel())):
         if hasattr(attn, name):
             setattr(attn, name, int(value))
     if compensation is not None:
