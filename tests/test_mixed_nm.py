@@ -114,3 +114,13 @@ def test_mixed_report_verify_and_compressed(tmp_path):
     bad = [r for r in verify_checkpoint(out) if r["name"] == name and r["format"] == "dense"][0]
     assert "sparsity" not in bad["problem"] and f"not {n0}:8" in bad["problem"] and not bad["ok"]
     assert rec["pattern"] == f"{n0}:8"
+
+
+def test_recipe_refuses_a_mixed_run():
+    from atprune.export.recipe import recipe_from_report
+
+    model = tiny_model("llama", layers=3)
+    result = atprune.prune(model, None, method="magnitude", sparsity=None, pattern="4:8", allocation="atp",
+                           beta=0.1, progress=False)
+    with pytest.raises(ConfigError, match="no single llm-compressor mask_structure"):
+        recipe_from_report({"pruning": result.to_dict()}, modifier="wanda")
