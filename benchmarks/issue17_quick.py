@@ -70,6 +70,8 @@ def main() -> int:
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--widths-from", default=None, help="speed cell: a record of this script with structured cells; "
+                    "models of those per-block MLP widths are timed against the dense one, all interleaved")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -115,6 +117,21 @@ def main() -> int:
                 for refine in (None, "dsnot"):
                     cell("wanda+dsnot" if refine else "wanda", method="wanda", sparsity=s, allocation=alloc, beta=beta,
                          refine=refine)
+    if "speed" in args.cells:  # speed depends on the shapes only: cut the first channels to the recorded widths
+        from atprune.models.shrink import shrink_mlp
+
+        prompt = calib.windows[:1, : args.prompt]
+        model.load_state_dict(dense_state)
+        models = {"dense": model}
+        for c in json.loads(Path(args.widths_from).read_text())["cells"]:
+            m = copy.deepcopy(model)
+            for block, width in zip(Adapter.for_model(m).blocks, c["widths"]):
+                shrink_mlp(block, torch.arange(width))
+            models[f"{c['allocation']} {c['sparsity']:g}"] = m
+        record["speed"] = side_by_side(models, prompt, args.gen, args.repeats)
+        record["speed_params"] = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+        save()
+        print(record["speed"], flush=True)
     if "structured" in args.cells:
         prompt = calib.windows[:1, : args.prompt]
         model.load_state_dict(dense_state)
