@@ -175,7 +175,7 @@ def test_cli_structured_run_saves_a_smaller_model(tmp_path, capsys):
         assert len(err) == 1 and message in err[0], err
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "gemma3"])
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "gemma2", "gemma3"])
 def test_other_families_shrink_and_reload(arch, tmp_path):
     from transformers import AutoModelForCausalLM
 
