@@ -80,12 +80,18 @@ def _add_device_args(p: argparse.ArgumentParser, offload: bool = True) -> None:
 
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
     _add_common_args(p, sparsity_default=None, out_required=False, offload=True)
-    p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4, 4:8")
+    p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4, 4:8; with a "
+                   "non-uniform --allocation each block gets its own N, mean N:M (mixed N:M)")
     p.add_argument("--allocation", default="uniform", help=f"per-block sparsity allocation: {', '.join(ALLOCATORS)}")
     p.add_argument("--beta", type=float, default=None, help="ATP step between consecutive blocks; legal range "
                    "[0, min(2S, 2(1-S))/(L-1)]")
     p.add_argument("--alloc-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="allocator option, repeatable: owl M=5 lam=0.08; alphapruning eps=0.3; dlp alpha=0.15")
+    p.add_argument("--structure", default=None, metavar="channels|heads|both", help="structured width pruning with "
+                   "--method wanda-sp or flap: remove whole MLP channels and/or KV groups with their query heads; "
+                   "--sparsity is the mean fraction removed; saves a smaller transformers model")
+    p.add_argument("--refine", default=None, metavar="dsnot", help="refine every layer's mask after "
+                   "the pruner: dsnot (DSnoT, Zhang et al. 2024, official defaults; unstructured only)")
     p.add_argument("--eval-data", default="wikitext2", help="perplexity text: wikitext2 (test), c4 (validation), a file or a "
                    "data folder (default wikitext2)")
     p.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
@@ -387,7 +393,7 @@ def _job_from_args(args):
                     eval_seqlen=args.eval_seqlen, eval_dense=not args.no_eval_dense, offload=args.offload,
                     offload_activations=args.offload_activations, strict=args.strict, save_dtype=args.save_dtype,
                     formats=(args.format,), zero_shot=args.zero_shot, task_data=args.task_data,
-                    zero_shot_limit=args.zero_shot_limit, caption_data=args.caption_data)
+                    zero_shot_limit=args.zero_shot_limit, caption_data=args.caption_data, refine=args.refine)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -424,10 +430,25 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _run_structured(args) -> int:
+    from atprune.jobs.structured import StructuredJob, format_structured, run_structured_job
+
+    if args.pattern.strip().lower() not in ("unstructured", "none", "") or args.refine or args.format != "dense":
+        raise ConfigError("--structure removes whole channels/heads; it takes no --pattern, --refine or --format")
+    report = run_structured_job(StructuredJob(
+        **_run_options(args), method=args.method, structure=args.structure,
+        sparsity=0.2 if args.sparsity is None else args.sparsity, allocation=args.allocation, beta=args.beta,
+        allocation_options=_alloc_options(args.alloc_opt), eval_dense=not args.no_eval_dense))
+    print(json.dumps(report, indent=2) if args.json else format_structured(report))
+    return 0
+
+
 def _run_prune(args) -> int:
     from atprune.jobs.prune import run_prune_job
     from atprune.export.report import format_table
 
+    if args.structure is not None:
+        return _run_structured(args)
     report = run_prune_job(_job_from_args(args))
     if args.json:
         print(json.dumps(report, indent=2))

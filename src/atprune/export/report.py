@@ -88,9 +88,11 @@ def format_table(report: dict) -> str:
         beta = f" beta={spec['beta']:g}" if spec.get("beta") is not None else ""
         lines.append(f"method={spec['method']} pattern={spec['pattern']} allocation={spec['allocation']}{beta} "
                      f"target={spec['sparsity']:g}")
-        lines.append(f"{'block':>5} {'target':>8} {'achieved':>9}")
+        nm = any("pattern" in b for b in pr["blocks"])  # N:M: the N:M of each block (mixed N:M: one N per block)
+        lines.append(f"{'block':>5} {'target':>8} {'achieved':>9}" + (f" {'N:M':>5}" if nm else ""))
         for b in pr["blocks"]:
-            lines.append(f"{b['index']:>5} {b['target']:>8.4f} {b['achieved']:>9.4f}")
+            lines.append(f"{b['index']:>5} {b['target']:>8.4f} {b['achieved']:>9.4f}"
+                         + (f" {b.get('pattern', '-'):>5}" if nm else ""))
         cal = pr.get("calibration") or {}
         if cal:
             lines.append(f"calibration: {cal.get('dataset')} {cal.get('nsamples')} samples x {cal.get('seqlen')} tokens "
