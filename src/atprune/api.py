@@ -218,17 +218,7 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
                           statistic=allocator_statistic)
     spec = replace(spec, rates=allocation.rates, statistic=allocation.statistic)
     blocks: list[dict] = []
-
-    def prune_block(i, block, linears, stats):
-        rate = spec.rates[i]
-        layers, params, zeros = {}, 0, 0
-        for name, lin in linears.items():
-            set_weight(lin, pruner.prune(lin.weight.detach(), stats[name] if stats else None, rate, spec.pattern))
-            n, z = lin.weight.numel(), int((lin.weight == 0).sum())
-            layers[name] = z / n
-            params, zeros = params + n, zeros + z
-        blocks.append({"index": i, "target": rate, "achieved": zeros / params, "params": params, "zeros": zeros,
-                       "layers": layers})
+    prune_block = block_pruner(pruner, spec.rates, spec.pattern, blocks)
 
     bar = tqdm(total=adapter.num_blocks, desc=f"{method} {spec.allocation}", unit="block", disable=not progress)
     try:
@@ -241,7 +231,30 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
                 bar.update(1)
     finally:
         bar.close()
-    seconds = time.perf_counter() - start
+    return prune_result(spec, blocks, time.perf_counter() - start, calib_info)
+
+
+def block_pruner(pruner, rates, pattern: Pattern, records: list[dict]):
+    """The ``prune_block(i, block, linears, stats)`` callback of :func:`atprune.engine.passes.sequential`: prunes
+    every layer of block i with ``pruner`` at ``rates[i]`` and appends the block's record (``index``, ``target``,
+    ``achieved``, ``params``, ``zeros``, per-layer ``layers``) to ``records``. Layers are anything
+    :func:`atprune.models.adapter.set_weight` takes (``weight`` ``[out, in]``)."""
+    def prune_block(i, block, linears, stats):
+        rate = rates[i]
+        layers, params, zeros = {}, 0, 0
+        for name, lin in linears.items():
+            set_weight(lin, pruner.prune(lin.weight.detach(), stats[name] if stats else None, rate, pattern))
+            n, z = lin.weight.numel(), int((lin.weight == 0).sum())
+            layers[name] = z / n
+            params, zeros = params + n, zeros + z
+        records.append({"index": i, "target": rate, "achieved": zeros / params, "params": params, "zeros": zeros,
+                        "layers": layers})
+
+    return prune_block
+
+
+def prune_result(spec: PruneSpec, blocks: list[dict], seconds: float, calib_info: dict) -> PruneResult:
+    """The :class:`PruneResult` of a run that pruned ``blocks`` (the records of :func:`block_pruner`)."""
     params = sum(b["params"] for b in blocks)
     zeros = sum(b["zeros"] for b in blocks)
     return PruneResult(spec.describe() | {"rates": list(spec.rates)}, blocks, zeros / params, params, seconds, calib_info)
