@@ -169,6 +169,8 @@ def _convnext_blocks(stages: list[tuple[nn.Module, list[nn.Module]]]) -> nn.Modu
     ConvNeXt) runs before block 0's captured input is taken, inside the stage, so it is wrapped too."""
     flat = []
     for downsample, blocks in stages:
+        if isinstance(downsample, nn.ModuleList):  # transformers: applied one after the other
+            downsample = nn.Sequential(*downsample)
         has_downsample = not isinstance(downsample, nn.Identity) and any(True for _ in downsample.parameters())
         for j, block in enumerate(blocks):
             flat.append(WithDownsample(downsample, block) if j == 0 and has_downsample else block)
