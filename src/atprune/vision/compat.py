@@ -66,7 +66,7 @@ def import_timm():
     Raises:
         ConfigError: timm or torchvision is not installed (the message names the ``atprune[vision]`` extra).
     """
-    if "timm" in sys.modules:
+    if sys.modules.get("timm") is not None:
         return sys.modules["timm"]
     import_torchvision()
     try:
