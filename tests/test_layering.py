@@ -37,7 +37,10 @@ ALLOWED: dict[str, set[str]] = {
     "api": BASE | {"data", "models", "engine", "pruners", "allocators", "allocation", "eval", "multimodal.pairs"},
     "jobs": BASE | {"plotting", "data", "models", "engine", "pruners", "allocators", "allocation", "eval", "export",
                     "api", "multimodal"},
-    "cli": BASE | {"models", "pruners", "allocators", "eval", "export", "jobs", "sparse", "cli_bench"},
+    # image classifiers: their adapter and data over the shared engine, pruners, allocators and search strategies
+    "vision": BASE | {"models.sources", "engine", "pruners", "allocators", "allocation", "api", "export",
+                      "jobs.strategies"},
+    "cli": BASE | {"models", "pruners", "allocators", "eval", "export", "jobs", "sparse", "cli_bench", "vision"},
     "cli_bench": BASE | {"sparse", "models", "api"},
     "__init__": BASE | {"api", "models", "sparse"},
 }

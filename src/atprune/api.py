@@ -243,21 +243,8 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
         spec = replace(spec, block_n=block_n, rates=tuple(1.0 - k / spec.pattern.m for k in block_n),
                        statistic=spec.statistic | {"rates_before_nm_rounding": list(spec.rates)})
     blocks: list[dict] = []
-
-    def prune_block(i, block, linears, stats):
-        rate, pattern = spec.rates[i], spec.block_pattern(i)
-        layers, params, zeros = {}, 0, 0
-        for name, lin in linears.items():
-            dense = lin.weight.detach()
-            new = pruner.prune(dense, stats[name] if stats else None, rate, pattern)
-            if refine is not None and not dsnot_skips(name):
-                new = dense.masked_fill(dsnot_refine(dense, new == 0, stats[name]), 0)
-            set_weight(lin, new)
-            n, z = lin.weight.numel(), int((lin.weight == 0).sum())
-            layers[name] = z / n
-            params, zeros = params + n, zeros + z
-        blocks.append({"index": i, "target": rate, "achieved": zeros / params, "params": params, "zeros": zeros,
-                       "layers": layers} | ({"pattern": str(pattern)} if pattern.structured else {}))
+    prune_block = block_pruner(pruner, spec.rates, spec.pattern, blocks, block_pattern=spec.block_pattern,
+                               refine=refine)
 
     bar = tqdm(total=adapter.num_blocks, desc=f"{method} {spec.allocation}", unit="block", disable=not progress)
     try:
@@ -270,7 +257,37 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
                 bar.update(1)
     finally:
         bar.close()
-    seconds = time.perf_counter() - start
+    return prune_result(spec, blocks, time.perf_counter() - start, calib_info, refine)
+
+
+def block_pruner(pruner, rates, pattern: Pattern, records: list[dict], block_pattern=None, refine: str | None = None):
+    """The ``prune_block(i, block, linears, stats)`` callback of :func:`atprune.engine.passes.sequential`: prunes
+    every layer of block i with ``pruner`` at ``rates[i]`` (and the pattern ``block_pattern(i)``, default
+    ``pattern``: a mixed N:M run's N per block), refines the mask with DSnoT when ``refine == "dsnot"`` (not on the
+    layers DSnoT skips), and appends the block's record (``index``, ``target``, ``achieved``, ``params``, ``zeros``,
+    per-layer ``layers``, ``pattern`` for N:M) to ``records``. Layers are anything
+    :func:`atprune.models.adapter.set_weight` takes (``weight`` ``[out, in]``)."""
+    def prune_block(i, block, linears, stats):
+        rate, pat = rates[i], (block_pattern(i) if block_pattern is not None else pattern)
+        layers, params, zeros = {}, 0, 0
+        for name, lin in linears.items():
+            dense = lin.weight.detach()
+            new = pruner.prune(dense, stats[name] if stats else None, rate, pat)
+            if refine is not None and not dsnot_skips(name):
+                new = dense.masked_fill(dsnot_refine(dense, new == 0, stats[name]), 0)
+            set_weight(lin, new)
+            n, z = lin.weight.numel(), int((lin.weight == 0).sum())
+            layers[name] = z / n
+            params, zeros = params + n, zeros + z
+        records.append({"index": i, "target": rate, "achieved": zeros / params, "params": params, "zeros": zeros,
+                        "layers": layers} | ({"pattern": str(pat)} if pat.structured else {}))
+
+    return prune_block
+
+
+def prune_result(spec: PruneSpec, blocks: list[dict], seconds: float, calib_info: dict,
+                 refine: str | None = None) -> PruneResult:
+    """The :class:`PruneResult` of a run that pruned ``blocks`` (the records of :func:`block_pruner`)."""
     params = sum(b["params"] for b in blocks)
     zeros = sum(b["zeros"] for b in blocks)
     described = spec.describe() | {"rates": list(spec.rates)} | ({"refine": refine} if refine else {})

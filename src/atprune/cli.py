@@ -16,6 +16,7 @@ from atprune.allocators import ALLOCATORS
 from atprune.errors import ConfigError
 from atprune.export import MaskViolation
 from atprune.pruners import PRUNERS
+from atprune.vision.cli import add_vision_args
 
 
 def _add_blocks_path(p: argparse.ArgumentParser) -> None:
@@ -105,6 +106,7 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the whole report as JSON instead of the table")
     _add_zero_shot_args(p, "the pruned model and, unless --no-eval-dense, the dense one")
     _add_export_args(p)
+    add_vision_args(p)
 
 
 def _add_zero_shot_args(p: argparse.ArgumentParser, scored: str) -> None:
@@ -161,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metric", default="ppl", help="ppl (selection perplexity, default) or kl (to the dense model)")
     s.add_argument("--resume", action="store_true", help="continue the search recorded in OUT/search.json")
     _add_zero_shot_args(s, "the dense and the final model")
+    add_vision_args(s)
     c = sub.add_parser("compare", help="allocations x pruners x sparsities on one model, as Markdown/CSV tables")
     c.add_argument("--model", required=True, help="alias (smollm2-135m), .gguf file, model folder or Hugging Face id")
     c.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"], help="pruners (default wanda sparsegpt)")
@@ -190,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--quiet", action="store_true", help="no progress lines")
     _add_blocks_path(c)
+    add_vision_args(c)
     a = sub.add_parser("analyze", help="local vs accumulated reconstruction error per block, per allocation")
     _add_common_args(a)
     a.add_argument("--allocations", nargs="+", default=["uniform"], help="e.g. uniform atp:0.01 atp:0.015")
@@ -402,6 +406,13 @@ def main(argv: list[str] | None = None) -> int:
     args.argv_tail = list(sys.argv[1:] if argv is None else argv)[1:]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.command in ("prune", "search", "compare"):  # an image classifier as --model: the vision jobs
+            from atprune.vision.cli import run_vision_command
+
+            args.allocation_options = _alloc_options(args.alloc_opt) if args.command == "prune" else None
+            code = run_vision_command(args)
+            if code is not None:
+                return code
         if args.command == "search":
             return _run_search(args)
         if args.command == "analyze":
