@@ -9,11 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from atprune.torchvision_compat import ensure_torchvision_importable
-
-# CI installs timm, which pulls PyPI's CUDA-built torchvision next to the CPU torch: without this, transformers'
-# image processors (AutoProcessor of the vision-language tests) fail to import it (atprune.torchvision_compat)
-ensure_torchvision_importable()
+import atprune  # noqa: F401 - first: it makes torchvision importable next to a CPU torch (atprune.torchvision_compat)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

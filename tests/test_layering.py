@@ -44,7 +44,7 @@ ALLOWED: dict[str, set[str]] = {
                       "jobs.strategies"},
     "cli": BASE | {"models", "pruners", "allocators", "eval", "export", "jobs", "sparse", "cli_bench", "vision"},
     "cli_bench": BASE | {"sparse", "models", "api"},
-    "__init__": BASE | {"api", "models", "sparse"},
+    "__init__": BASE | {"api", "models", "sparse", "torchvision_compat"},
 }
 
 

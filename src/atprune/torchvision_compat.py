@@ -15,7 +15,6 @@ kernel), which nothing atprune runs uses. Any other import error is left alone.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 
 _LIBRARY = None  # keeps the schema definitions alive
@@ -54,8 +53,21 @@ def import_torchvision():
     return importlib.import_module("torchvision")
 
 
+def _cpu_torch_beside_other_torchvision() -> bool:
+    """From the installed packages' metadata alone (nothing imported): a CPU build of torch (``+cpu``) next to a
+    torchvision that is not one."""
+    from importlib import metadata
+
+    try:
+        torch_version, vision_version = metadata.version("torch"), metadata.version("torchvision")
+    except metadata.PackageNotFoundError:
+        return False
+    return torch_version.endswith("+cpu") and not vision_version.endswith("+cpu")
+
+
 def ensure_torchvision_importable() -> None:
-    """Make a later ``import torchvision`` (by transformers or timm) work where :func:`import_torchvision` can; a
-    no-op when torchvision is not installed (transformers then does without it)."""
-    if importlib.util.find_spec("torchvision") is not None:
+    """Make a later ``import torchvision`` (by transformers, even ``from transformers import LlamaConfig``, or by
+    timm) work: when a CPU torch sits next to a torchvision of another build, import it now through
+    :func:`import_torchvision`. Otherwise (no torchvision, or matching builds) nothing is imported."""
+    if _cpu_torch_beside_other_torchvision():
         import_torchvision()
