@@ -29,12 +29,13 @@ ALLOWED: dict[str, set[str]] = {
     "engine": BASE | {"models"},
     "pruners": BASE | {"registry", "engine.stats"},  # the statistics they read, never the passes
     "allocators": BASE | {"registry"},  # pure: no model, no engine
+    "quant": BASE | {"engine.stats", "pruners"},  # tensor functions over one layer; never the passes
     "eval": BASE | {"data", "models"},
     "export": BASE | {"models", "eval"},
     "allocation": BASE | {"models", "engine", "allocators"},
-    "api": BASE | {"data", "models", "engine", "pruners", "allocators", "allocation", "eval"},
+    "api": BASE | {"data", "models", "engine", "pruners", "allocators", "allocation", "eval", "quant"},
     "jobs": BASE | {"plotting", "data", "models", "engine", "pruners", "allocators", "allocation", "eval", "export",
-                    "api"},
+                    "api", "quant"},
     "cli": BASE | {"models", "pruners", "allocators", "eval", "export", "jobs", "sparse", "cli_bench"},
     "cli_bench": BASE | {"sparse", "models", "api"},
     "__init__": BASE | {"api", "models", "sparse"},
@@ -139,7 +140,7 @@ def test_the_check_catches_an_import_back_up(tmp_path, monkeypatch):
     ]
 
 
-@pytest.mark.parametrize("module", ["atprune.sparse", "atprune.allocators", "atprune.pruners"])
+@pytest.mark.parametrize("module", ["atprune.sparse", "atprune.allocators", "atprune.pruners", "atprune.quant"])
 def test_rooms_that_must_stay_light_import_without_the_engine(module):
     """Importing an allocator or the inference room must not pull in the block-by-block engine (checked in a fresh
     interpreter, so modules other tests imported do not hide it)."""
