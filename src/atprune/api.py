@@ -27,6 +27,8 @@ from atprune.errors import ConfigError, check_positive_int, check_sparsity
 from atprune.eval.perplexity import perplexity
 from atprune.models.adapter import Adapter, set_weight
 from atprune.pruners import Pattern, get_pruner
+from atprune.quant.pass_ import LayerQuant
+from atprune.quant.spec import QuantSpec
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,7 @@ class PruneResult:
     pruned_params: int
     seconds: float
     calibration: dict = field(default_factory=dict)
+    quantization: dict = field(default_factory=dict)  # spec, bits per block (see atprune.quant.pass_)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -167,7 +170,7 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
           seqlen: int = 2048, seed: int = 0, batch_size: int | str = 1, data_dir: str | None = None,
           strict: bool = False, block_inputs: BlockInputs | None = None, allocation_options: dict | None = None,
           placement: Placement | None = None, progress: bool = True, blocks_path: str | None = None,
-          allocator_statistic: list[float] | None = None) -> PruneResult:
+          allocator_statistic: list[float] | None = None, quantize: QuantSpec | None = None) -> PruneResult:
     """Prune ``model`` in place, block by block, with per-block sparsity ratios from an allocator.
 
     Args:
@@ -188,6 +191,9 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
             (e.g. ``"model.decoder.layers"``); default: found automatically (see :meth:`Adapter.for_model`).
         allocator_statistic: the allocator's per-block statistic (:func:`atprune.allocation.block_statistic`)
             already computed on this very dense model, e.g. by an earlier trial; default: computed here.
+        quantize: also quantize every pruned layer in the same pass (:class:`atprune.quant.QuantSpec`, see
+            :mod:`atprune.quant.pass_`): GPTQ after the mask (SparseGPT: jointly), or round to nearest. The result's
+            ``quantization`` holds the bits per block and ``grids`` (an attribute, not serialised) each matrix's grid.
 
     Returns:
         :class:`PruneResult`.
@@ -204,7 +210,8 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
     check_widths(adapter, spec.pattern)
     pruner = get_pruner(method)
     placement = placement or Placement.default_for(model)
-    if needs_calibration(spec):
+    quant = LayerQuant(quantize, spec, adapter) if quantize is not None else None
+    if needs_calibration(spec) or (quant is not None and quant.needs_hessian):
         windows, calib_info = _as_windows(calib, tokenizer, nsamples, seqlen, seed, data_dir, strict)
         batch_size = resolve_batch_size(batch_size, model, windows, placement)
         calib_info = dict(calib_info) | {"batch_size": batch_size}
@@ -223,17 +230,23 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
         rate = spec.rates[i]
         layers, params, zeros = {}, 0, 0
         for name, lin in linears.items():
-            set_weight(lin, pruner.prune(lin.weight.detach(), stats[name] if stats else None, rate, spec.pattern))
+            stat = stats[name] if stats else None
+            if quant is not None and quant.joint:
+                set_weight(lin, quant(i, name, lin, lin.weight.detach(), stat, rate))
+            else:
+                weight = pruner.prune(lin.weight.detach(), stat, rate, spec.pattern)
+                set_weight(lin, weight if quant is None else quant(i, name, lin, weight, stat))
             n, z = lin.weight.numel(), int((lin.weight == 0).sum())
             layers[name] = z / n
             params, zeros = params + n, zeros + z
         blocks.append({"index": i, "target": rate, "achieved": zeros / params, "params": params, "zeros": zeros,
-                       "layers": layers})
+                       "layers": layers} | ({"bits": quant.bits[i]} if quant is not None else {}))
 
     bar = tqdm(total=adapter.num_blocks, desc=f"{method} {spec.allocation}", unit="block", disable=not progress)
     try:
-        if pruner.needs_stats:
-            sequential(adapter, windows, prune_block, needs_hessian=pruner.needs_hessian, batch_size=batch_size,
+        if pruner.needs_stats or (quant is not None and quant.needs_hessian):
+            hessian = pruner.needs_hessian or (quant is not None and quant.needs_hessian)
+            sequential(adapter, windows, prune_block, needs_hessian=hessian, batch_size=batch_size,
                        inputs=block_inputs, progress=lambda i: bar.update(1), placement=placement, last_outputs=False)
         else:  # data-free (magnitude): no forward pass at all
             for i, block in enumerate(adapter.blocks):
@@ -244,7 +257,10 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
     seconds = time.perf_counter() - start
     params = sum(b["params"] for b in blocks)
     zeros = sum(b["zeros"] for b in blocks)
-    return PruneResult(spec.describe() | {"rates": list(spec.rates)}, blocks, zeros / params, params, seconds, calib_info)
+    result = PruneResult(spec.describe() | {"rates": list(spec.rates)}, blocks, zeros / params, params, seconds,
+                         calib_info, quant.describe() if quant is not None else {})
+    result.grids = quant.named_grids(model) if quant is not None else {}
+    return result
 
 
 def evaluate_perplexity(model, tokenizer, data: str | data_mod.EvalSet = "wikitext2", *, split: str = "test", seqlen: int = 2048,
