@@ -118,5 +118,4 @@ def gptq_quantize(weight: torch.Tensor, upper: torch.Tensor, dead: torch.Tensor,
         w[:, i1:i2] = q1
         pruned[:, i1:i2] = mask1
         w[:, i2:] -= err1 @ upper[i1:i2, i2:]
-    w.masked_fill_(pruned, 0.0)
     return w.to(weight.dtype), Grid(bits, group_size, symmetric, torch.stack(scales, 1), torch.stack(zeros, 1))

@@ -1,7 +1,8 @@
 """Round-to-nearest (RTN): every weight goes to the nearest value of its group's min-max grid, no error feedback.
 
 The baseline GPTQ compares with (Frantar et al. 2022, Sec. 5, "RTN"); the grid is :mod:`atprune.quant.grid`.
-Pruned weights (exact zeros) stay exactly 0: 0 is on every grid (its code is the zero point).
+Pruned weights (exact zeros) stay exactly 0 with no mask to carry: 0 is on every grid (its code is the zero
+point, ``round(0 / scale) + zero``, and ``(zero - zero) * scale = 0``).
 """
 
 from __future__ import annotations
@@ -32,12 +33,10 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int | None, symmet
     width = group_size or cols
     if cols % width:
         raise ValueError(f"group size {width} does not divide the input width {cols}")
-    pruned = w == 0
     scales, zeros, out = [], [], torch.empty_like(w)
     for c in range(0, cols, width):
         scale, zero = find_params(w[:, c:c + width], bits, symmetric, scale_dtype or weight.dtype)
         out[:, c:c + width] = quantize(w[:, c:c + width], scale[:, None], zero[:, None], bits)
         scales.append(scale)
         zeros.append(zero)
-    out.masked_fill_(pruned, 0.0)
     return out.to(weight.dtype), Grid(bits, group_size, symmetric, torch.stack(scales, 1), torch.stack(zeros, 1))
