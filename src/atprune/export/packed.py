@@ -34,12 +34,13 @@ PACKED_DIR = "pack-quantized"
 
 
 def check_available() -> None:
-    """Raises ConfigError (with the pip command) if compressed-tensors is not installed."""
+    """Raises ConfigError (with the pip command) unless a compressed-tensors with the classmethod pack-quantized
+    compressor (0.20; tested with 0.20.1) is installed."""
     try:
-        import compressed_tensors  # noqa: F401
+        import compressed_tensors.compressors.pack_quantized.base  # noqa: F401
     except ImportError:
-        raise ConfigError("--format pack-quantized needs the compressed-tensors package: "
-                          "pip install 'atprune[compressed]'") from None
+        raise ConfigError("--format pack-quantized needs compressed-tensors 0.20: "
+                          "pip install 'compressed-tensors>=0.20,<0.21'") from None
 
 
 def weight_args(bits: int, group_size: int | None, symmetric: bool) -> dict:
