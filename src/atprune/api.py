@@ -27,7 +27,7 @@ from atprune.errors import ConfigError, check_positive_int, check_sparsity
 from atprune.eval.perplexity import perplexity
 from atprune.models.adapter import Adapter, set_weight
 from atprune.pruners import Pattern, get_pruner
-from atprune.quant.pass_ import LayerQuant
+from atprune.quant.step import LayerQuant
 from atprune.quant.spec import QuantSpec
 
 
@@ -125,7 +125,7 @@ class PruneResult:
     pruned_params: int
     seconds: float
     calibration: dict = field(default_factory=dict)
-    quantization: dict = field(default_factory=dict)  # spec, bits per block (see atprune.quant.pass_)
+    quantization: dict = field(default_factory=dict)  # spec, bits per block (see atprune.quant.step)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -192,7 +192,7 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
         allocator_statistic: the allocator's per-block statistic (:func:`atprune.allocation.block_statistic`)
             already computed on this very dense model, e.g. by an earlier trial; default: computed here.
         quantize: also quantize every pruned layer in the same pass (:class:`atprune.quant.QuantSpec`, see
-            :mod:`atprune.quant.pass_`): GPTQ after the mask (SparseGPT: jointly), or round to nearest. The result's
+            :mod:`atprune.quant.step`): GPTQ after the mask (SparseGPT: jointly), or round to nearest. The result's
             ``quantization`` holds the bits per block and ``grids`` (an attribute, not serialised) each matrix's grid.
 
     Returns:
