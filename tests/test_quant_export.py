@@ -186,6 +186,11 @@ def test_search_and_compare_quantize_every_trial(files, capsys):
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["quantization"]["spec"]["bits"] == 4 and report["quantization"]["block_bits"] == [4, 4, 4]
+    # a resumed search must not reuse trials quantized otherwise
+    capsys.readouterr()
+    assert main([("w8" if a == "w4" else a) for a in args] + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "options differ (quantize)" in err
     cmp_out = files / "compare"
     assert main(["compare", "--model", str(files / "model"), "--calib-data", str(files / "calib.txt"), "--eval-data",
                  str(files / "eval.txt"), "--nsamples", "4", "--nselect", "2", "--seqlen", "32", "--methods", "wanda",

@@ -34,6 +34,12 @@ SEARCH_SCHEMA = "atprune.search/1"
 # options that must match for a resumed search to reuse recorded trials
 RESUME_KEYS = ("model", "method", "sparsity", "calib_data", "select_data", "select_on_test", "data_dir", "nsamples",
                "nselect", "seqlen", "seed", "metric", "dtype", "device", "batch_size")
+QUANT_KEYS = ("quantize", "group_size", "quant_symmetric", "quant_method", "bits_allocation", "bits_mean", "bits_step",
+              "bits_choices")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 @dataclass(kw_only=True)
@@ -103,6 +109,9 @@ def _resumable_trials(path: Path, job: SearchJob, dtype: str, device: str) -> li
     saved = json.loads(path.read_text())
     now = _config(job, dtype, device)
     diff = [k for k in RESUME_KEYS if saved.get("config", {}).get(k) != now[k]]
+    # quantization options (a search.json written before they existed had none: the defaults)
+    defaults = QuantOptions(quantize=None)
+    diff += [k for k in QUANT_KEYS if _plain(saved.get("config", {}).get(k, getattr(defaults, k))) != _plain(now[k])]
     if diff:
         raise ConfigError(f"cannot resume {path}: options differ ({', '.join(diff)}); use another --out or the same options")
     trials = saved.get("trials", [])
