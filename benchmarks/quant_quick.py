@@ -1,7 +1,7 @@
 """Pruning + quantization on one model in one process: the cells of docs/quantization.md (quick protocol).
 
     python benchmarks/quant_quick.py --model smollm2-135m --calib-data wiki.valid.raw --eval-data wiki.test.raw \
-        --nsamples 16 --seqlen 256 --eval-windows 16 --group-size 64 --out docs/results/quant_quick_smollm2.json
+        --nsamples 16 --seqlen 256 --eval-windows 12 --group-size 64 --threads 1 --out docs/results/quant_quick_smollm2.json
 
 The model is loaded once; the calibration windows and the evaluation tokens are drawn once; each cell restores the
 dense weights, prunes (and quantizes) with :func:`atprune.prune` exactly as ``atprune prune`` does, and measures
@@ -47,8 +47,11 @@ def main() -> None:
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--cells", nargs="*", default=None, help="names of the cells to run (default: all)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: GPTQ's column loop is many small "
+                   "ops, which several threads waiting on each other slow down many times on a loaded CPU)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, tok = load_model(args.model, dtype=torch.float32, device="cpu", progress=False)
     adapter = Adapter.for_model(model)
