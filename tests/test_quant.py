@@ -181,3 +181,15 @@ def test_bad_options_are_one_line_errors():
         check_group_widths({"block 0 q_proj": 576}, spec)
     check_group_widths({"a": 576}, make_spec("w4", group_size=64))
     assert make_spec("w8", group_size=0).group_size is None
+
+
+def test_size_report_by_hand():
+    from atprune.quant.sizes import size_report
+
+    # 2 x 64, half non-zero, 4 bits, groups of 32 (4 scales of 16 bits): packed (512 + 64) / 128 = 4.5 bits per
+    # weight; bitmap + codes (128 + 64 * 4 + 64) / 128 = 3.5; asymmetric adds a 4-bit zero point per group
+    m = {"rows": 2, "cols": 64, "nonzeros": 64, "bits": 4, "group_size": 32, "symmetric": True}
+    per = size_report([m], 16)["bits_per_weight"]
+    assert per == {"dequantized": 16.0, "packed": 4.5, "sparse_packed": 3.5}
+    per = size_report([m | {"symmetric": False}], 32)["bits_per_weight"]
+    assert per["packed"] == (512 + 4 * 36) / 128

@@ -150,7 +150,8 @@ def test_pruned_and_quantized_model_saves_reloads_and_exports_exactly(files, cap
     q = report["quantization"]
     assert q["block_bits"] == [4, 4, 4] and q["joint"] == (method == "sparsegpt")
     per = q["sizes"]["bits_per_weight"]
-    assert per["packed"] == pytest.approx(4 + (16 + (4 if asym else 0)) / 32)  # codes + one scale (+ zero) per 32
+    # codes + one float32 scale (+ a 4-bit zero point) per 32 weights
+    assert per["packed"] == pytest.approx(4 + (32 + (4 if asym else 0)) / 32)
     assert per["sparse_packed"] < per["packed"]
     sizes = json.loads((out / "report.json").read_text())["export"]["sizes_bytes"]
     assert sizes["pack-quantized"] < sizes["dense"]

@@ -4,8 +4,8 @@ Three ways to store the same matrices, and who can run each (2026):
 
 - ``dequantized``: ``model.safetensors`` as saved, the grid values in the checkpoint dtype (16 or 32 bits per
   weight): any transformers user loads it; no memory is saved.
-- ``packed``: dense integer codes, ``bits`` per weight, plus one scale (16 bits) and, asymmetric, one zero point
-  (``bits`` bits) per group: compressed-tensors ``pack-quantized`` (``--format pack-quantized``), which vLLM's
+- ``packed``: dense integer codes, ``bits`` per weight, plus one scale (in the checkpoint dtype: 16 or 32 bits) and,
+  asymmetric, one zero point (``bits`` bits) per group: compressed-tensors ``pack-quantized`` (``--format pack-quantized``), which vLLM's
   W4A16 / W8A16 kernels run on GPUs. Zeros from pruning save nothing here.
 - ``sparse_packed``: the bitmap of :mod:`atprune.sparse.format` (1 bit per weight, plus its group offsets, ignored
   here) and ``bits`` per kept weight, plus the same scales: what a sparse + quantized kernel would read. No runtime
@@ -14,15 +14,14 @@ Three ways to store the same matrices, and who can run each (2026):
 
 from __future__ import annotations
 
-SCALE_BITS = 16
 
 
 def matrix_bits(numel: int, nonzeros: int, rows: int, cols: int, bits: int, group_size: int | None,
-                symmetric: bool) -> dict[str, float]:
-    """Storage bits of one ``[rows, cols]`` matrix with ``nonzeros`` non-zero weights: ``{"packed": .,
-    "sparse_packed": .}`` (totals in bits)."""
+                symmetric: bool, scale_bits: int = 16) -> dict[str, float]:
+    """Storage bits of one ``[rows, cols]`` matrix with ``nonzeros`` non-zero weights and ``scale_bits``-bit scales:
+    ``{"packed": ., "sparse_packed": .}`` (totals in bits)."""
     groups = rows * (-(-cols // group_size) if group_size else 1)
-    meta = groups * (SCALE_BITS + (0 if symmetric else bits))
+    meta = groups * (scale_bits + (0 if symmetric else bits))
     return {"packed": numel * bits + meta, "sparse_packed": numel + nonzeros * bits + meta}
 
 
@@ -32,7 +31,8 @@ def size_report(matrices: list[dict], dtype_bits: int) -> dict:
     Args:
         matrices: one dict per quantized matrix with ``rows``, ``cols``, ``nonzeros``, ``bits``, ``group_size``,
             ``symmetric``.
-        dtype_bits: bits of one weight in the dequantized checkpoint (16 or 32).
+        dtype_bits: bits of one weight in the dequantized checkpoint (16 or 32), also the bits of a stored scale
+            (the pack-quantized export keeps scales in the checkpoint dtype).
 
     Returns:
         ``{"weights": N, "bits_per_weight": {"dequantized": ., "packed": ., "sparse_packed": .}, "runtimes": {...}}``.
@@ -41,7 +41,7 @@ def size_report(matrices: list[dict], dtype_bits: int) -> dict:
     sums = {"packed": 0.0, "sparse_packed": 0.0}
     for m in matrices:
         got = matrix_bits(m["rows"] * m["cols"], m["nonzeros"], m["rows"], m["cols"], m["bits"], m["group_size"],
-                          m["symmetric"])
+                          m["symmetric"], dtype_bits)
         for k in sums:
             sums[k] += got[k]
     per = {"dequantized": float(dtype_bits)} | {k: v / max(total, 1) for k, v in sums.items()}
