@@ -30,18 +30,19 @@ ALLOWED: dict[str, set[str]] = {
     "engine": BASE | {"models"},
     "pruners": BASE | {"registry", "engine.stats"},  # the statistics they read, never the passes
     "allocators": BASE | {"registry"},  # pure: no model, no engine
+    "quant": BASE | {"engine.stats", "pruners"},  # tensor functions over one layer; never the passes
     "eval": BASE | {"data", "models"},
     "export": BASE | {"models", "eval"},
     "allocation": BASE | {"models", "engine", "allocators"},
     # vision-language models: layouts, image-text pairs, caption check; checksums of the dense parts
     "multimodal": BASE | {"models", "export.files", "torchvision_compat"},
-    "api": BASE | {"data", "models", "engine", "pruners", "allocators", "allocation", "eval", "multimodal.pairs"},
+    "api": BASE | {"data", "models", "engine", "pruners", "allocators", "allocation", "eval", "multimodal.pairs",
+                   "quant"},
     "jobs": BASE | {"plotting", "data", "models", "engine", "pruners", "allocators", "allocation", "eval", "export",
-                    "api", "multimodal"},
+                    "api", "multimodal", "quant"},
     # image classifiers: their adapter and data over the shared engine, pruners, allocators and search strategies
     "vision": BASE | {"torchvision_compat", "models.sources", "engine", "pruners", "allocators", "allocation", "api",
-                      "export",
-                      "jobs.strategies"},
+                      "export", "jobs.strategies"},
     "cli": BASE | {"models", "pruners", "allocators", "eval", "export", "jobs", "sparse", "cli_bench", "vision"},
     "cli_bench": BASE | {"sparse", "models", "api"},
     "__init__": BASE | {"api", "models", "sparse", "torchvision_compat"},
@@ -146,7 +147,7 @@ def test_the_check_catches_an_import_back_up(tmp_path, monkeypatch):
     ]
 
 
-@pytest.mark.parametrize("module", ["atprune.sparse", "atprune.allocators", "atprune.pruners"])
+@pytest.mark.parametrize("module", ["atprune.sparse", "atprune.allocators", "atprune.pruners", "atprune.quant"])
 def test_rooms_that_must_stay_light_import_without_the_engine(module):
     """Importing an allocator or the inference room must not pull in the block-by-block engine (checked in a fresh
     interpreter, so modules other tests imported do not hide it)."""

@@ -30,6 +30,8 @@ from atprune.models.adapter import Adapter, set_weight
 from atprune.multimodal.pairs import ImageTextCalibration
 from atprune.pruners import Pattern, get_pruner
 from atprune.pruners.dsnot import check_refine, dsnot_refine, dsnot_skips
+from atprune.quant.spec import QuantSpec
+from atprune.quant.step import LayerQuant
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,7 @@ class PruneResult:
     pruned_params: int
     seconds: float
     calibration: dict = field(default_factory=dict)
+    quantization: dict = field(default_factory=dict)  # spec, bits per block (see atprune.quant.step)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -183,7 +186,8 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
           seqlen: int = 2048, seed: int = 0, batch_size: int | str = 1, data_dir: str | None = None,
           strict: bool = False, block_inputs: BlockInputs | None = None, allocation_options: dict | None = None,
           placement: Placement | None = None, progress: bool = True, blocks_path: str | None = None,
-          allocator_statistic: list[float] | None = None, refine: str | None = None) -> PruneResult:
+          allocator_statistic: list[float] | None = None, refine: str | None = None,
+          quantize: QuantSpec | None = None) -> PruneResult:
     """Prune ``model`` in place, block by block, with per-block sparsity ratios from an allocator.
 
     Args:
@@ -207,6 +211,10 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
             already computed on this very dense model, e.g. by an earlier trial; default: computed here.
         refine: ``"dsnot"``: refine each layer's mask after the pruner (:mod:`atprune.pruners.dsnot`, official
             defaults; unstructured only; the layer becomes the dense weight times the refined mask).
+        quantize: also quantize every pruned layer in the same pass (:class:`atprune.quant.QuantSpec`, see
+            :mod:`atprune.quant.step`): GPTQ after the mask (SparseGPT: jointly), or round to nearest. The result's
+            ``quantization`` holds the bits per block and ``grids`` (an attribute, not serialised) each matrix's grid.
+            Not with ``refine`` (DSnoT would move weights off the quantization grid).
 
     Returns:
         :class:`PruneResult`.
@@ -222,10 +230,13 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
                 allocation_options=allocation_options, block_sizes=model_block_sizes(adapter))
     check_widths(adapter, spec.pattern)
     check_refine(refine, spec.pattern)
+    if refine is not None and quantize is not None:
+        raise ConfigError("--refine and --quantize cannot be combined yet (DSnoT's swaps would leave the grid)")
     pruner = get_pruner(method)
-    needs_stats = pruner.needs_stats or refine is not None
+    quant = LayerQuant(quantize, spec, adapter) if quantize is not None else None
+    needs_stats = pruner.needs_stats or refine is not None or (quant is not None and quant.needs_hessian)
     placement = placement or Placement.default_for(model)
-    if needs_calibration(spec, refine):
+    if needs_calibration(spec, refine) or (quant is not None and quant.needs_hessian):
         windows, calib_info = _as_windows(calib, tokenizer, nsamples, seqlen, seed, data_dir, strict)
         batch_size = resolve_batch_size(batch_size, model, windows, placement)
         calib_info = dict(calib_info) | {"batch_size": batch_size}
@@ -247,12 +258,13 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
                        statistic=spec.statistic | {"rates_before_nm_rounding": list(spec.rates)})
     blocks: list[dict] = []
     prune_block = block_pruner(pruner, spec.rates, spec.pattern, blocks, block_pattern=spec.block_pattern,
-                               refine=refine)
+                               refine=refine, quant=quant)
 
     bar = tqdm(total=adapter.num_blocks, desc=f"{method} {spec.allocation}", unit="block", disable=not progress)
     try:
         if needs_stats:
-            sequential(adapter, windows, prune_block, needs_hessian=pruner.needs_hessian, batch_size=batch_size,
+            hessian = pruner.needs_hessian or (quant is not None and quant.needs_hessian)
+            sequential(adapter, windows, prune_block, needs_hessian=hessian, batch_size=batch_size,
                        inputs=block_inputs, progress=lambda i: bar.update(1), placement=placement, last_outputs=False)
         else:  # data-free (magnitude): no forward pass at all
             for i, block in enumerate(adapter.blocks):
@@ -260,41 +272,53 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
                 bar.update(1)
     finally:
         bar.close()
-    return prune_result(spec, blocks, time.perf_counter() - start, calib_info, refine)
+    result = prune_result(spec, blocks, time.perf_counter() - start, calib_info, refine,
+                          quant.describe() if quant is not None else None)
+    result.grids = quant.named_grids(model) if quant is not None else {}
+    return result
 
 
-def block_pruner(pruner, rates, pattern: Pattern, records: list[dict], block_pattern=None, refine: str | None = None):
+def block_pruner(pruner, rates, pattern: Pattern, records: list[dict], block_pattern=None, refine: str | None = None,
+                 quant: LayerQuant | None = None):
     """The ``prune_block(i, block, linears, stats)`` callback of :func:`atprune.engine.passes.sequential`: prunes
     every layer of block i with ``pruner`` at ``rates[i]`` (and the pattern ``block_pattern(i)``, default
     ``pattern``: a mixed N:M run's N per block), refines the mask with DSnoT when ``refine == "dsnot"`` (not on the
-    layers DSnoT skips), and appends the block's record (``index``, ``target``, ``achieved``, ``params``, ``zeros``,
-    per-layer ``layers``, ``pattern`` for N:M) to ``records``. Layers are anything
+    layers DSnoT skips), quantizes each layer with ``quant`` (after the mask; with SparseGPT jointly, in the same
+    column walk), and appends the block's record (``index``, ``target``, ``achieved``, ``params``, ``zeros``,
+    per-layer ``layers``, ``pattern`` for N:M, ``bits`` when quantized) to ``records``. Layers are anything
     :func:`atprune.models.adapter.set_weight` takes (``weight`` ``[out, in]``)."""
     def prune_block(i, block, linears, stats):
         rate, pat = rates[i], (block_pattern(i) if block_pattern is not None else pattern)
         layers, params, zeros = {}, 0, 0
         for name, lin in linears.items():
             dense = lin.weight.detach()
-            new = pruner.prune(dense, stats[name] if stats else None, rate, pat)
-            if refine is not None and not dsnot_skips(name):
-                new = dense.masked_fill(dsnot_refine(dense, new == 0, stats[name]), 0)
+            stat = stats[name] if stats else None
+            if quant is not None and quant.joint:
+                new = quant(i, name, lin, dense, stat, rate)
+            else:
+                new = pruner.prune(dense, stat, rate, pat)
+                if refine is not None and not dsnot_skips(name):
+                    new = dense.masked_fill(dsnot_refine(dense, new == 0, stat), 0)
+                if quant is not None:
+                    new = quant(i, name, lin, new, stat)
             set_weight(lin, new)
             n, z = lin.weight.numel(), int((lin.weight == 0).sum())
             layers[name] = z / n
             params, zeros = params + n, zeros + z
         records.append({"index": i, "target": rate, "achieved": zeros / params, "params": params, "zeros": zeros,
-                        "layers": layers} | ({"pattern": str(pat)} if pat.structured else {}))
+                        "layers": layers} | ({"pattern": str(pat)} if pat.structured else {})
+                       | ({"bits": quant.bits[i]} if quant is not None else {}))
 
     return prune_block
 
 
 def prune_result(spec: PruneSpec, blocks: list[dict], seconds: float, calib_info: dict,
-                 refine: str | None = None) -> PruneResult:
+                 refine: str | None = None, quantization: dict | None = None) -> PruneResult:
     """The :class:`PruneResult` of a run that pruned ``blocks`` (the records of :func:`block_pruner`)."""
     params = sum(b["params"] for b in blocks)
     zeros = sum(b["zeros"] for b in blocks)
     described = spec.describe() | {"rates": list(spec.rates)} | ({"refine": refine} if refine else {})
-    return PruneResult(described, blocks, zeros / params, params, seconds, calib_info)
+    return PruneResult(described, blocks, zeros / params, params, seconds, calib_info, quantization or {})
 
 
 def evaluate_perplexity(model, tokenizer, data: str | data_mod.EvalSet = "wikitext2", *, split: str = "test", seqlen: int = 2048,

@@ -107,6 +107,7 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     _add_zero_shot_args(p, "the pruned model and, unless --no-eval-dense, the dense one")
     _add_export_args(p)
     add_vision_args(p)
+    _add_quant_args(p)
 
 
 def _add_zero_shot_args(p: argparse.ArgumentParser, scored: str) -> None:
@@ -117,12 +118,43 @@ def _add_zero_shot_args(p: argparse.ArgumentParser, scored: str) -> None:
     p.add_argument("--zero-shot-limit", type=int, default=None, help="first N examples per zero-shot task")
 
 
+def _add_quant_args(p: argparse.ArgumentParser) -> None:
+    """Quantization of the pruned weights in the same pass (prune, search, compare; see atprune.quant)."""
+    p.add_argument("--quantize", default=None, metavar="wN", help="also quantize the pruned weights: w4, w8 (wN, N in "
+                   "2..8; 16-bit activations); pruned weights stay exactly 0")
+    p.add_argument("--group-size", type=int, default=128, help="columns per scale (default 128; 0: per channel)")
+    p.add_argument("--asym", action="store_true", help="asymmetric grid (a zero point per group; default symmetric)")
+    p.add_argument("--quant-method", default="gptq", help="gptq (default: Hessian error feedback, jointly with "
+                   "sparsegpt) or rtn (round to nearest)")
+    p.add_argument("--bits-allocation", default="uniform", help="uniform (default) or atp: more bits for the "
+                   "input-side blocks, parameter-weighted mean --bits-mean")
+    p.add_argument("--bits-mean", type=float, default=None, help="mean bits of --bits-allocation atp (default: wN)")
+    p.add_argument("--bits-step", type=float, default=0.0, help="bits per block of the atp schedule (default 0)")
+    p.add_argument("--bits-choices", default="2,3,4,8", help="bit widths a block may get (default 2,3,4,8)")
+
+
+def _quant_options(args) -> dict:
+    """The :class:`atprune.jobs.quantize.QuantOptions` fields from the parsed arguments.
+
+    Raises:
+        ConfigError: ``--bits-choices`` that is not a comma list of integers.
+    """
+    try:
+        choices = tuple(int(c) for c in args.bits_choices.split(",") if c.strip())
+    except ValueError:
+        raise ConfigError(f"--bits-choices takes a comma list of bit widths (e.g. 2,3,4,8), got {args.bits_choices!r}") from None
+    return {"quantize": args.quantize, "group_size": args.group_size, "quant_symmetric": not args.asym,
+            "quant_method": args.quant_method, "bits_allocation": args.bits_allocation, "bits_mean": args.bits_mean,
+            "bits_step": args.bits_step, "bits_choices": choices}
+
+
 def _add_export_args(p: argparse.ArgumentParser) -> None:
     """Checkpoint options of ``--out`` (prune, search)."""
     p.add_argument("--save-dtype", default=None, help="dtype of the saved checkpoint: float32, float16, bfloat16 "
                    "(default: --dtype); pruned weights stay exactly 0, underflow zeros are reported")
-    p.add_argument("--format", default="dense", help="dense (default: safetensors) or compressed (also writes "
-                   "OUT/compressed/, the compressed-tensors sparse-bitmask format)")
+    p.add_argument("--format", default="dense", help="dense (default: safetensors), compressed (also writes "
+                   "OUT/compressed/, the compressed-tensors sparse-bitmask format) or pack-quantized (with --quantize: "
+                   "also OUT/pack-quantized/, compressed-tensors' dense W4A16/W8A16 format)")
 
 
 def _add_verify_args(p: argparse.ArgumentParser) -> None:
@@ -164,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue the search recorded in OUT/search.json")
     _add_zero_shot_args(s, "the dense and the final model")
     add_vision_args(s)
+    _add_quant_args(s)
     c = sub.add_parser("compare", help="allocations x pruners x sparsities on one model, as Markdown/CSV tables")
     c.add_argument("--model", required=True, help="alias (smollm2-135m), .gguf file, model folder or Hugging Face id")
     c.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"], help="pruners (default wanda sparsegpt)")
@@ -194,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress lines")
     _add_blocks_path(c)
     add_vision_args(c)
+    _add_quant_args(c)
     a = sub.add_parser("analyze", help="local vs accumulated reconstruction error per block, per allocation")
     _add_common_args(a)
     a.add_argument("--allocations", nargs="+", default=["uniform"], help="e.g. uniform atp:0.01 atp:0.015")
@@ -306,7 +340,7 @@ def _run_search(args) -> int:
                     select_on_test=args.select_on_test, nselect=args.nselect, strategy=args.strategy,
                     max_trials=args.max_trials, step=args.step, metric=args.metric, resume=args.resume,
                     save_dtype=args.save_dtype, formats=(args.format,), zero_shot=args.zero_shot,
-                    task_data=args.task_data, zero_shot_limit=args.zero_shot_limit)
+                    task_data=args.task_data, zero_shot_limit=args.zero_shot_limit, **_quant_options(args))
     state = run_search_job(job)
     mark = "  [SELECTED ON TEST]" if state["selected_on_test"] else ""
     print(f"{'beta':>8} {'metric':>12} {'seconds':>8}{mark}")
@@ -332,7 +366,8 @@ def _run_compare(args) -> int:
 
     job = CompareJob(**_run_options(args), methods=args.methods, sparsities=args.sparsities,
                      allocations=args.allocations, nselect=args.nselect, select_data=args.select_data,
-                     max_trials=args.max_trials, tune_peers=args.tune_peers, atp_on_test=args.atp_on_test)
+                     max_trials=args.max_trials, tune_peers=args.tune_peers, atp_on_test=args.atp_on_test,
+                     **_quant_options(args))
     run_compare_job(job)
     print((Path(args.out) / "results.md").read_text())
     print(f"saved: {os.path.abspath(args.out)} (compare.json, results.csv, results.md, rates.png)")
@@ -397,7 +432,8 @@ def _job_from_args(args):
                     eval_seqlen=args.eval_seqlen, eval_dense=not args.no_eval_dense, offload=args.offload,
                     offload_activations=args.offload_activations, strict=args.strict, save_dtype=args.save_dtype,
                     formats=(args.format,), zero_shot=args.zero_shot, task_data=args.task_data,
-                    zero_shot_limit=args.zero_shot_limit, caption_data=args.caption_data, refine=args.refine)
+                    zero_shot_limit=args.zero_shot_limit, caption_data=args.caption_data, refine=args.refine,
+                    **_quant_options(args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -465,6 +501,10 @@ def _run_prune(args) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(format_table(report))
+        if report.get("quantization"):
+            from atprune.jobs.quantize import format_quant
+
+            print(format_quant(report["quantization"]))
         if args.out:
             print(f"saved: {os.path.abspath(args.out)} (model.safetensors, tokenizer, report.json)")
     return 0

@@ -35,7 +35,7 @@ from atprune.export.masks import check_masks, check_saveable, mask_digest, matri
 log = logging.getLogger(__name__)
 
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-FORMATS = ("dense", "compressed")
+FORMATS = ("dense", "compressed", "pack-quantized")
 COMPRESSED_DIR = "compressed"
 
 def _cast_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -87,6 +87,10 @@ def check_export_options(save_dtype: str | None, formats) -> tuple[torch.dtype |
         from atprune.export.compressed import check_available
 
         check_available()
+    if "pack-quantized" in formats:
+        from atprune.export.packed import check_available
+
+        check_available()
     return (SAVE_DTYPES[save_dtype] if save_dtype else None), tuple(dict.fromkeys(("dense", *formats)))
 
 
@@ -94,7 +98,7 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
                 extra: dict[str, dict] | None = None, files: dict[str, Path] | None = None, *,
                 masks: Mapping[str, torch.Tensor] | None = None, save_dtype: str | None = None,
                 formats=("dense",), blocks_path: str | None = None,
-                untouched: Mapping[str, dict] | None = None) -> Path:
+                untouched: Mapping[str, dict] | None = None, grids: Mapping[str, dict] | None = None) -> Path:
     """Save ``model`` (safetensors, tied weights kept tied), ``tokenizer``, ``report.json``, the JSON documents
     in ``extra`` (file name -> content) and copies of ``files`` (file name -> source path) into ``out``, all
     in one atomic swap.
@@ -106,12 +110,16 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
         save_dtype: ``float32``, ``float16`` or ``bfloat16``; None saves in the model's dtype. The in-memory
             model is not changed.
         formats: ``("dense",)`` (default) or with ``"compressed"``: the compressed-tensors sparse-bitmask
-            checkpoint is written in addition, to ``out/compressed/`` (see :mod:`atprune.export.compressed`).
+            checkpoint is written in addition, to ``out/compressed/`` (see :mod:`atprune.export.compressed`);
+            with ``"pack-quantized"``: the compressed-tensors pack-quantized checkpoint of the quantized matrices, to
+            ``out/pack-quantized/`` (see :mod:`atprune.export.packed`; needs ``grids``).
         untouched: parts that pruning must not change (e.g. a vision tower): part -> ``{"names": [parameter
             names], "sha256": tensors_digest of them before pruning, in the save dtype}``. The digest of those
             tensors as written is recorded next to it (``export.untouched``) and :func:`verify_checkpoint`
             recomputes it from the files. Matrices and parts are recorded under their keys in the files
             (:func:`atprune.export.files.saved_names`).
+        grids: name -> quantization grid of each quantized matrix (``bits``, ``group_size``, ``symmetric``,
+            ``scale``, ``zero``), for ``pack-quantized``.
 
     The report gets an ``export`` section (dtype, formats, sizes in bytes, per-matrix zeros, sparsity,
     mask checksums, underflow zeros); the caller's dict is not modified.
@@ -177,6 +185,13 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
                 export["sizes_bytes"]["compressed"] = write_compressed(
                     tmp, tmp / COMPRESSED_DIR, saved, tokenizer,
                     structure=_structure((report.get("pruning") or {}).get("spec") or {}))
+            if "pack-quantized" in formats:
+                from atprune.export.packed import PACKED_DIR, write_pack_quantized
+
+                if not grids:
+                    raise ConfigError("--format pack-quantized needs quantized weights (--quantize)")
+                export["sizes_bytes"]["pack-quantized"] = write_pack_quantized(
+                    tmp, tmp / PACKED_DIR, read_tensors(tmp, grids), grids, tokenizer)
             del saved
             if untouched:
                 export["untouched"] = {}

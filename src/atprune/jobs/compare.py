@@ -22,6 +22,8 @@ from atprune.api import evaluate_perplexity, plan
 from atprune.errors import ConfigError
 from atprune.export import check_output_dir, write_json
 from atprune.jobs.options import RunOptions, SelectionOptions, check_run_options, check_selection
+from atprune.jobs.quantize import QuantOptions, check_quant, check_quant_widths
+from atprune.models.adapter import Adapter
 from atprune.export.report import versions
 from atprune.jobs.search import selection_windows
 from atprune.jobs.trials import TrialRunner
@@ -30,7 +32,7 @@ from atprune.models.sources import load_model
 
 
 @dataclass(kw_only=True)
-class CompareJob(SelectionOptions, RunOptions):
+class CompareJob(QuantOptions, SelectionOptions, RunOptions):
     """Options of one comparison (the CLI flags, one to one); the shared ones are in :class:`RunOptions`, the
     held-out selection data of ATP's beta search in :class:`SelectionOptions`."""
 
@@ -68,6 +70,7 @@ def check_compare(job: CompareJob):
             for s in job.sparsities:
                 for a in job.allocations:
                     plan(method, s, 2, allocation=a, beta=0.0 if a == "atp" else None)
+        check_quant(job)
 
     checked = check_run_options(job, own_checks=own_checks)
     check_output_dir(job.out, job.overwrite, inputs=checked.inputs())
@@ -87,7 +90,10 @@ def run_compare_job(job: CompareJob) -> dict:
                                   allow_tokenizer_mismatch=job.allow_tokenizer_mismatch)
     tokenizer_check, tokenizer_notes = tokenizer_record(tokenizer)
     calib, select, select_info = selection_windows(job, tokenizer)
-    runner = TrialRunner(model, calib, select, batch_size=job.batch_size, blocks_path=job.blocks_path)
+    qspec = check_quant(job)
+    check_quant_widths(Adapter.for_model(model, job.blocks_path), qspec)
+    runner = TrialRunner(model, calib, select, batch_size=job.batch_size, blocks_path=job.blocks_path,
+                         quantize=qspec)
     evalset = data_mod.eval_set(tokenizer, job.eval_data, data_mod.eval_split(job.eval_data), job.data_dir)
 
     def ppl() -> dict:
@@ -127,6 +133,7 @@ def run_compare_job(job: CompareJob) -> dict:
         ev = ppl()
         row |= {"ppl": ev["ppl"], "eval_windows": ev["windows"], "overall_sparsity": result.overall_sparsity,
                 "prune_seconds": result.seconds, "rates": result.spec["rates"],
+                "quantization": result.quantization or None,
                 "statistic": {k: v for k, v in result.spec.items() if k.startswith("allocator_")}}
         state["rows"].append(row)
         write_json(out / "compare.json", state)

@@ -24,6 +24,7 @@ from atprune.export.checkpoint import SAVE_DTYPES
 from atprune.export.report import build_report
 from atprune.jobs.multimodal import VisionLanguageRun, check_vision_language, with_offload
 from atprune.jobs.options import RunOptions, check_run_options, check_window_length
+from atprune.jobs.quantize import QuantOptions, check_quant, check_quant_widths, grid_tensors, quant_section
 from atprune.models.gguf_tokenizer import tokenizer_record
 from atprune.models.sources import load_model, resolve_device
 
@@ -31,8 +32,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
-class PruneJob(RunOptions):
-    """Options of one prune run (the CLI flags, one to one); the shared ones are in :class:`RunOptions`."""
+class PruneJob(QuantOptions, RunOptions):
+    """Options of one prune run (the CLI flags, one to one); the shared ones are in :class:`RunOptions`, the
+    quantization ones in :class:`atprune.jobs.quantize.QuantOptions`."""
 
     method: str = "wanda"
     sparsity: float | None = 0.5
@@ -77,6 +79,7 @@ def check_job(job: PruneJob):
             raise ConfigError("--offload / --offload-activations move weights or activations off a GPU; they need "
                               "--device cuda")
         check_export_options(job.save_dtype, job.formats)
+        check_quant(job, job.formats)
         if job.zero_shot:
             from atprune.eval.zeroshot import check_zero_shot
 
@@ -103,6 +106,7 @@ def run_prune_job(job: PruneJob) -> dict:
         ConfigError: bad options or data (before the model is loaded whenever possible).
     """
     source, spec, device, dtype, vl = check_job(job)
+    qspec = check_quant(job, job.formats, job.save_dtype, str(dtype).removeprefix("torch."))
     timings: dict[str, float] = {}
     run_warnings: list[str] = []
     t0 = time.perf_counter()
@@ -119,6 +123,7 @@ def run_prune_job(job: PruneJob) -> dict:
     placement.prepare(model, adapter.blocks)
     timings["load"] = time.perf_counter() - t0
     check_widths(adapter, spec.pattern)  # before any data or evaluation work
+    check_quant_widths(adapter, qspec)
     if job.out:
         check_saveable(model, job.blocks_path)
     if device.type == "cuda":
@@ -128,9 +133,10 @@ def run_prune_job(job: PruneJob) -> dict:
     calib = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if needs_calibration(spec, job.refine) and vlm is not None and vl.calib_pairs:
+        needs_calib = needs_calibration(spec, job.refine) or (qspec is not None and qspec.needs_hessian)
+        if needs_calib and vlm is not None and vl.calib_pairs:
             calib = vlm.calibration(job.seqlen)
-        elif needs_calibration(spec, job.refine):
+        elif needs_calib:
             calib_source = data_mod.load_text(job.calib_data, "train", job.data_dir)
             calib = data_mod.calibration_windows(tokenizer, calib_source, job.nsamples, job.seqlen, job.seed,
                                                  job.strict)
@@ -179,7 +185,7 @@ def run_prune_job(job: PruneJob) -> dict:
     result = prune(model, tokenizer, method=spec.method, sparsity=spec.sparsity, allocation=spec.allocation,
                    beta=spec.beta, pattern=spec.pattern, calib=calib, batch_size=job.batch_size,
                    allocation_options=job.allocation_options, placement=placement, blocks_path=job.blocks_path,
-                   progress=job.progress, refine=job.refine)
+                   progress=job.progress, refine=job.refine, quantize=qspec)
     timings["prune"] = result.seconds
     masks = record_masks(model, job.blocks_path) if job.out else None  # checked again at every step of the save
     if job.eval_data:
@@ -210,6 +216,8 @@ def run_prune_job(job: PruneJob) -> dict:
     report = build_report(config=config, prune_result=result.to_dict(), evaluation=evaluation, timings=timings,
                           model=model_info, warnings=run_warnings)
     report["peak_gpu_memory_gib"] = peak_memory_gib(device)
+    if qspec is not None:
+        report["quantization"] = quant_section(result, model, dtype)
     if job.zero_shot:
         report["zero_shot"] = zero_shot
     if vlm is not None:
@@ -218,6 +226,6 @@ def run_prune_job(job: PruneJob) -> dict:
         t = time.perf_counter()
         save_pruned(model, tokenizer if vlm is None else vlm.processor, job.out, report, overwrite=job.overwrite,
                     masks=masks, save_dtype=job.save_dtype, formats=job.formats,
-                    untouched=vlm.dense.untouched() if vlm is not None else None)
+                    untouched=vlm.dense.untouched() if vlm is not None else None, grids=grid_tensors(result))
         timings["save"] = time.perf_counter() - t
     return report

@@ -23,6 +23,7 @@ from atprune.api import plan
 from atprune.errors import ConfigError
 from atprune.export import check_export_options, check_output_dir, save_pruned, write_json
 from atprune.jobs.options import RunOptions, SelectionOptions, check_run_options, check_selection
+from atprune.jobs.quantize import QuantOptions, check_quant, check_quant_widths, grid_tensors, quant_section
 from atprune.export.report import build_report
 from atprune.jobs.strategies import STRATEGIES, grid_betas
 from atprune.jobs.trials import TrialRunner
@@ -33,10 +34,16 @@ SEARCH_SCHEMA = "atprune.search/1"
 # options that must match for a resumed search to reuse recorded trials
 RESUME_KEYS = ("model", "method", "sparsity", "calib_data", "select_data", "select_on_test", "data_dir", "nsamples",
                "nselect", "seqlen", "seed", "metric", "dtype", "device", "batch_size")
+QUANT_KEYS = ("quantize", "group_size", "quant_symmetric", "quant_method", "bits_allocation", "bits_mean", "bits_step",
+              "bits_choices")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 @dataclass(kw_only=True)
-class SearchJob(SelectionOptions, RunOptions):
+class SearchJob(QuantOptions, SelectionOptions, RunOptions):
     """Options of one beta search (the CLI flags, one to one); the shared ones are in :class:`RunOptions`."""
 
     method: str = "wanda"
@@ -76,6 +83,7 @@ def check_search(job: SearchJob):
 
             check_zero_shot(job.zero_shot, job.task_data, job.zero_shot_limit)
         plan(job.method, job.sparsity, 2, allocation="atp", beta=0.0)  # method and sparsity, before the source
+        check_quant(job, job.formats)
 
     checked = check_run_options(job, own_checks=own_checks)
     source, device, dtype = checked.source, checked.device, checked.dtype
@@ -101,6 +109,9 @@ def _resumable_trials(path: Path, job: SearchJob, dtype: str, device: str) -> li
     saved = json.loads(path.read_text())
     now = _config(job, dtype, device)
     diff = [k for k in RESUME_KEYS if saved.get("config", {}).get(k) != now[k]]
+    # quantization options (a search.json written before they existed had none: the defaults)
+    defaults = QuantOptions(quantize=None)
+    diff += [k for k in QUANT_KEYS if _plain(saved.get("config", {}).get(k, getattr(defaults, k))) != _plain(now[k])]
     if diff:
         raise ConfigError(f"cannot resume {path}: options differ ({', '.join(diff)}); use another --out or the same options")
     trials = saved.get("trials", [])
@@ -164,6 +175,7 @@ def run_search_job(job: SearchJob) -> dict:
         ConfigError: bad options or data, before the model is loaded whenever possible.
     """
     source, num_blocks, device, dtype, previous = check_search(job)
+    qspec = check_quant(job, job.formats, job.save_dtype, str(dtype).removeprefix("torch."))
     config = _config(job, str(dtype).removeprefix("torch."), str(device))
     out = Path(job.out).expanduser() if job.out else None
     t_start = time.perf_counter()
@@ -174,6 +186,9 @@ def run_search_job(job: SearchJob) -> dict:
         from atprune.export import check_saveable
 
         check_saveable(model, job.blocks_path)
+    from atprune.models.adapter import Adapter
+
+    check_quant_widths(Adapter.for_model(model, job.blocks_path), qspec)
     zero_shot = None
     if job.zero_shot:  # the dense model, before any trial touches the weights
         from atprune.eval.zeroshot import evaluate_zero_shot, sanity_gate
@@ -184,7 +199,7 @@ def run_search_job(job: SearchJob) -> dict:
         zero_shot = {"dense": score()}
     calib, select, select_info = selection_windows(job, tokenizer)
     runner = TrialRunner(model, calib, select, metric=job.metric, batch_size=job.batch_size,
-                         blocks_path=job.blocks_path)
+                         blocks_path=job.blocks_path, quantize=qspec)
     hi = beta_max(job.sparsity, runner.block_sizes)
     state = {"schema": SEARCH_SCHEMA, "config": config, "selected_on_test": job.select_on_test,
              "selection_data": select_info, "num_blocks": num_blocks, "beta_max": hi,
@@ -231,6 +246,8 @@ def run_search_job(job: SearchJob) -> dict:
                                      "class": type(model).__name__, "blocks": num_blocks,
                                      "tokenizer_check": tokenizer_check}, warnings=notes)
         report["selected_on_test"] = job.select_on_test
+        if qspec is not None:
+            report["quantization"] = quant_section(final, model, dtype)
         if zero_shot is not None:
             report["zero_shot"] = zero_shot
         title = (f"{job.model} {job.method} S={job.sparsity:g} ({job.strategy}, {len(state['trials'])} trials)"
@@ -240,5 +257,5 @@ def run_search_job(job: SearchJob) -> dict:
             # out was checked before loading (it holds at most this search's own search.json)
             save_pruned(model, tokenizer, out, report, overwrite=True, extra={"search.json": state},
                         files={"search.png": Path(tmp) / "search.png"}, save_dtype=job.save_dtype, formats=job.formats,
-                        blocks_path=job.blocks_path)
+                        blocks_path=job.blocks_path, grids=grid_tensors(final))
     return state

@@ -37,11 +37,13 @@ class TrialRunner:
         metric: ``"ppl"`` (selection perplexity) or ``"kl"`` (mean KL(dense || pruned), nats per token).
         batch_size: windows per forward pass, or ``"auto"``.
         blocks_path: the decoder-block list of an unrecognised layout.
+        quantize: an :class:`atprune.quant.QuantSpec`: every trial also quantizes in its pruning pass (None: none).
     """
 
     def __init__(self, model, calib: torch.Tensor, select: torch.Tensor, *, metric: str = "ppl", batch_size: int = 1,
-                 blocks_path: str | None = None):
+                 blocks_path: str | None = None, quantize=None):
         self.model, self.calib, self.select = model, calib, select
+        self.quantize = quantize  # an atprune.quant.QuantSpec: every trial quantizes in its pruning pass
         self.metric = metric
         self.blocks_path = blocks_path
         self.batch_size = resolve_batch_size(batch_size, model, calib, Placement.default_for(model))
@@ -81,7 +83,8 @@ class TrialRunner:
             statistic = self.statistics[key]
         return prune(self.model, method=method, sparsity=sparsity, allocation=allocation, beta=beta, calib=self.calib,
                      block_inputs=self.inputs, batch_size=self.batch_size, progress=progress,
-                     blocks_path=self.blocks_path, allocation_options=options, allocator_statistic=statistic)
+                     blocks_path=self.blocks_path, allocation_options=options, allocator_statistic=statistic,
+                     quantize=self.quantize)
 
     def score(self, select: torch.Tensor | None = None) -> float:
         """The selection metric of the model as it is now (on ``select`` windows if given: perplexity only)."""

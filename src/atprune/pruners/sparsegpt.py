@@ -147,6 +147,25 @@ def _block_solve(w1: torch.Tensor, hinv1: torch.Tensor, sparsity: float,
     return q1, err1, mask1
 
 
+def cached_inverse_factor(stats: InputStats, percdamp: float,
+                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(U, dead columns, damping)`` for a layer's statistics: ``U`` ``[n, n]`` float32 upper Cholesky factor of
+    ``(H + lambda I)^-1`` (:func:`inverse_hessian_cholesky`, with ``H[dead, dead] = 1`` for inputs that are always
+    0, as SparseGPT and GPTQ do), ``dead`` ``[n]`` bool. Computed once per :class:`InputStats` and ``percdamp``
+    (layers that read the same input, e.g. q/k/v, share it; SparseGPT and GPTQ share it too) and kept in
+    ``stats.cache``. The accumulator ``stats.xtx`` becomes the work space of the factorisation and is released
+    (peak two ``[n, n]`` float32 matrices per layer)."""
+    key = ("sparsegpt_upper", percdamp)
+    if key not in stats.cache:
+        h = stats.hessian(release=True).to(device)
+        dead = torch.diag(h) == 0
+        h[dead, dead] = 1.0
+        upper, damp = inverse_hessian_cholesky(h, percdamp, overwrite=True)
+        del h
+        stats.cache[key] = (upper, dead, damp)
+    return stats.cache[key]
+
+
 @register_pruner("sparsegpt")
 class SparseGPTPruner:
     """OBS pruning with weight reconstruction.
@@ -173,19 +192,8 @@ class SparseGPTPruner:
         self.last_damping: float | None = None
 
     def _factor(self, stats: InputStats, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """``(U, dead columns, damping)`` for a layer's statistics, computed once per :class:`InputStats` (layers
-        that read the same input, e.g. q/k/v, share it) and kept in ``stats.cache``. The accumulator
-        ``stats.xtx`` becomes the work space of the factorisation and is released (peak two ``[n, n]`` float32
-        matrices per layer)."""
-        key = ("sparsegpt_upper", self.percdamp)
-        if key not in stats.cache:
-            h = stats.hessian(release=True).to(device)
-            dead = torch.diag(h) == 0
-            h[dead, dead] = 1.0
-            upper, damp = inverse_hessian_cholesky(h, self.percdamp, overwrite=True)
-            del h
-            stats.cache[key] = (upper, dead, damp)
-        return stats.cache[key]
+        """See :func:`cached_inverse_factor`."""
+        return cached_inverse_factor(stats, self.percdamp, device)
 
     def prune(self, weight: torch.Tensor, stats: InputStats | None, sparsity: float, pattern: Pattern) -> torch.Tensor:
         """See :meth:`atprune.pruners.base.Pruner.prune`. Computation in float32 on ``weight``'s device.
