@@ -193,3 +193,19 @@ def test_size_report_by_hand():
     assert per == {"dequantized": 16.0, "packed": 4.5, "sparse_packed": 3.5}
     per = size_report([m | {"symmetric": False}], 32)["bits_per_weight"]
     assert per["packed"] == (512 + 4 * 36) / 128
+
+
+def test_joint_sparsegpt_quantization_keeps_each_blocks_n_m():
+    """Mixed N:M with SparseGPT + GPTQ in one pass: every block reaches its own N (not the run's 4:8)."""
+    import atprune
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama", layers=4)
+    calib = torch.randint(3, 100, (4, 32), generator=torch.Generator().manual_seed(0))
+    spec = make_spec("w8", group_size=0)
+    result = atprune.prune(model, None, method="sparsegpt", sparsity=None, pattern="4:8", allocation="atp", beta=0.1,
+                           calib=calib, progress=False, quantize=spec)
+    assert result.spec["block_n"] == [5, 4, 4, 3]
+    for n, block in zip(result.spec["block_n"], model.model.layers):
+        groups = (block.mlp.up_proj.weight != 0).reshape(block.mlp.up_proj.weight.shape[0], -1, 8).sum(-1)
+        assert bool((groups <= n).all()) and float(groups.float().mean()) > n - 0.5, n

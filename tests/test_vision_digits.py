@@ -43,6 +43,7 @@ def test_trained_model_learns_and_prunes_to_target(data, build, epochs):
         assert zeros == sum(l.out_features * int(l.in_features * r) for l, r in layers)
         weights = [l.weight.numel() for l, _ in layers]
         assert abs(sum(r * w for (_, r), w in zip(layers, weights)) / sum(weights) - target) < 1e-9
-        assert abs(row["achieved"] - target) < 0.01
+        # the floor loses less than one weight per row: achieved in (target - max 1/in, target]
+        assert target - max(1 / l.in_features for l, _ in layers) < row["achieved"] <= target + 1e-12
     rates = rows[1]["rates"]  # ATP: one step of beta from block to block
     assert all(abs(b - a - rows[1]["beta"]) < 1e-9 for a, b in zip(rates, rates[1:]))

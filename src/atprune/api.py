@@ -294,7 +294,7 @@ def block_pruner(pruner, rates, pattern: Pattern, records: list[dict], block_pat
             dense = lin.weight.detach()
             stat = stats[name] if stats else None
             if quant is not None and quant.joint:
-                new = quant(i, name, lin, dense, stat, rate)
+                new = quant(i, name, lin, dense, stat, rate, pat)
             else:
                 new = pruner.prune(dense, stat, rate, pat)
                 if refine is not None and not dsnot_skips(name):

@@ -45,6 +45,8 @@ def check_quant(opts, formats=(), save_dtype: str | None = None, run_dtype: str 
     spec = make_spec(opts.quantize, group_size=opts.group_size, symmetric=opts.quant_symmetric,
                      method=opts.quant_method, bits_allocation=opts.bits_allocation, bits_mean=opts.bits_mean,
                      bits_step=opts.bits_step, bits_choices=opts.bits_choices)
+    if spec is not None and getattr(opts, "refine", None):
+        raise ConfigError("--refine and --quantize cannot be combined yet (DSnoT's swaps would leave the grid)")
     if "pack-quantized" in tuple(formats or ()) and spec is None:
         raise ConfigError("--format pack-quantized stores quantized weights; add --quantize w4 (or w8)")
     if spec is not None and save_dtype and run_dtype and save_dtype != run_dtype:

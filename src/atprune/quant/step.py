@@ -77,10 +77,11 @@ class LayerQuant:
         self.grids: dict[tuple[int, str], tuple[object, Grid]] = {}
 
     def __call__(self, block: int, name: str, layer, weight: torch.Tensor, stats: InputStats | None,
-                 joint_rate: float | None = None) -> torch.Tensor:
+                 joint_rate: float | None = None, pattern=None) -> torch.Tensor:
         """The quantized weight ``[out, in]`` (same dtype and device) of layer ``name`` of ``block``; with
-        ``joint_rate`` (joint mode) ``weight`` is dense and pruned at that rate (or the run's N:M pattern)."""
-        pattern = self.prune_spec.pattern
+        ``joint_rate`` (joint mode) ``weight`` is dense and pruned at that rate, or with the N:M ``pattern`` of the
+        block (default: the run's; a mixed N:M run passes each block's)."""
+        pattern = pattern if pattern is not None else self.prune_spec.pattern
         kwargs = {}
         if self.joint:
             kwargs = ({"joint_pattern": pattern} if pattern.structured else {"joint_sparsity": joint_rate})
