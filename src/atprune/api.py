@@ -173,7 +173,7 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
           seqlen: int = 2048, seed: int = 0, batch_size: int | str = 1, data_dir: str | None = None,
           strict: bool = False, block_inputs: BlockInputs | None = None, allocation_options: dict | None = None,
           placement: Placement | None = None, progress: bool = True, blocks_path: str | None = None,
-          allocator_statistic: list[float] | None = None) -> PruneResult:
+          allocator_statistic: list[float] | None = None, data_parallel=None) -> PruneResult:
     """Prune ``model`` in place, block by block, with per-block sparsity ratios from an allocator.
 
     Args:
@@ -195,6 +195,10 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
             (e.g. ``"model.decoder.layers"``); default: found automatically (see :meth:`Adapter.for_model`).
         allocator_statistic: the allocator's per-block statistic (:func:`atprune.allocation.block_statistic`)
             already computed on this very dense model, e.g. by an earlier trial; default: computed here.
+        data_parallel: this process's part of a data-parallel run (see
+            :class:`atprune.distributed.calibration.DataParallelCalibration`): its ``shard(windows, batch_size)`` gives
+            the windows this process runs, its ``collect`` sums every process's statistics before the pruner reads
+            them. Allocators that read calibration data are not supported with it.
 
     Returns:
         :class:`PruneResult`.
@@ -217,6 +221,13 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
         calib_info = dict(calib_info) | {"batch_size": batch_size}
     else:
         windows, calib_info = None, {}
+    if data_parallel is not None and windows is not None:
+        if allocator_needs_calibration(spec.allocator):
+            raise ConfigError(f"allocation {spec.allocation!r} reads calibration data itself; data-parallel runs "
+                              "support uniform, atp and alphapruning")
+        if block_inputs is not None:
+            raise ConfigError("block_inputs are captured on all windows; a data-parallel run captures its own share")
+        windows = data_parallel.shard(windows, batch_size)
     start = time.perf_counter()
     if allocator_needs_calibration(spec.allocator) and block_inputs is None and allocator_statistic is None:
         block_inputs = first_block_inputs(adapter, windows, batch_size, placement)
@@ -241,7 +252,8 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
     try:
         if pruner.needs_stats:
             sequential(adapter, windows, prune_block, needs_hessian=pruner.needs_hessian, batch_size=batch_size,
-                       inputs=block_inputs, progress=lambda i: bar.update(1), placement=placement, last_outputs=False)
+                       inputs=block_inputs, progress=lambda i: bar.update(1), placement=placement, last_outputs=False,
+                       collect=data_parallel.collect if data_parallel is not None else None)
         else:  # data-free (magnitude): no forward pass at all
             for i, block in enumerate(adapter.blocks):
                 prune_block(i, block, adapter.linears(block), None)

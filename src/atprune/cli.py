@@ -81,6 +81,8 @@ def _add_device_args(p: argparse.ArgumentParser, offload: bool = True) -> None:
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
     _add_common_args(p, sparsity_default=None, out_required=False, offload=True)
     p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4, 4:8")
+    p.add_argument("--dist-reduce", choices=("sum", "ordered"), default="sum", help="under torchrun: add the ranks' "
+                   "statistics with one all-reduce (sum) or rank after rank, bit for bit as one process (ordered)")
     p.add_argument("--allocation", default="uniform", help=f"per-block sparsity allocation: {', '.join(ALLOCATORS)}")
     p.add_argument("--beta", type=float, default=None, help="ATP step between consecutive blocks; legal range "
                    "[0, min(2S, 2(1-S))/(L-1)]")
@@ -396,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv_tail = list(sys.argv[1:] if argv is None else argv)[1:]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        _check_launch(args.command)
         if args.command == "search":
             return _run_search(args)
         if args.command == "analyze":
@@ -424,11 +427,28 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _check_launch(command: str) -> None:
+    """Under torchrun only ``prune`` runs (data-parallel calibration, :mod:`atprune.distributed`)."""
+    if command != "prune" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"`atprune {command}` does not run under torchrun yet; only `atprune prune` does")
+
+
 def _run_prune(args) -> int:
+    from atprune.distributed.context import launched
     from atprune.jobs.prune import run_prune_job
     from atprune.export.report import format_table
 
-    report = run_prune_job(_job_from_args(args))
+    if launched():
+        from atprune.distributed.prune import rank_failed, run_prune_distributed
+
+        try:
+            report = run_prune_distributed(_job_from_args(args), args.dist_reduce)
+        except Exception as err:  # one line naming the rank; torchrun stops the others
+            return rank_failed(err)
+        if report is None:  # not rank 0: nothing to print
+            return 0
+    else:
+        report = run_prune_job(_job_from_args(args))
     if args.json:
         print(json.dumps(report, indent=2))
     else:

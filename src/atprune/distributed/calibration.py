@@ -1,0 +1,161 @@
+"""Data-parallel calibration: each rank runs its share of the calibration windows through the block being pruned,
+and the input statistics of every Linear layer are summed over ranks before the pruner reads them, so every rank
+holds the same statistics, chooses the same mask and computes the same pruned weights; the outputs of the block
+(the next block's inputs) stay on the rank that computed them.
+
+The statistics are sums over tokens (:class:`atprune.engine.stats.InputStats`: token count, ``sum_t x_tj^2`` for
+Wanda's column norms, ``sum_t x_t x_t^T`` for SparseGPT's Hessian), so adding the ranks' sums gives the sums over
+all windows. Two ways to add them (``reduce``):
+
+- ``"sum"`` (default): every rank sums its own windows, then one ``all_reduce`` adds the ranks' sums (and a
+  broadcast from rank 0 makes every rank hold the very same bits whatever the backend's reduction order). The
+  additions happen in another order than in one process, so the statistics equal a one-process run's up to float32
+  rounding (and the masks up to near ties).
+- ``"ordered"``: rank r receives the sums of ranks 0..r-1, adds its own windows to them in order and passes them on;
+  the last rank broadcasts the total. Every addition then happens exactly as in one process, so the statistics,
+  masks and pruned weights equal a one-process run bit for bit; the statistics passes of the ranks run one after
+  another (the output passes still run at once).
+
+Ranks hold contiguous runs of whole calibration batches (``batch_size`` windows each, the last one possibly
+shorter, as in one process), so every batch is the very tensor a one-process run would feed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from atprune.engine.passes import BlockInputs, collect_stats
+from atprune.engine.placement import Placement
+from atprune.engine.stats import InputStats
+from atprune.errors import ConfigError
+from atprune.distributed.context import check_same
+
+REDUCTIONS = ("sum", "ordered")
+
+
+def shard_bounds(nwindows: int, batch_size: int, rank: int, size: int) -> tuple[int, int]:
+    """Windows ``[start, stop)`` of rank ``rank``: the ``ceil(nwindows / batch_size)`` batches are split into
+    ``size`` contiguous runs whose lengths differ by at most one batch (the first ranks get the longer runs).
+
+    Raises:
+        ConfigError: fewer batches than ranks (some rank would have no window).
+    """
+    nbatches = -(-nwindows // batch_size)
+    if nbatches < size:
+        raise ConfigError(f"{size} ranks but only {nbatches} calibration batch(es) ({nwindows} windows, batch size "
+                          f"{batch_size}): every rank needs at least one; start at most {nbatches} processes, or "
+                          "raise --nsamples or lower --batch-size")
+    base, extra = divmod(nbatches, size)
+    first = rank * base + min(rank, extra)
+    last = first + base + (rank < extra)
+    return first * batch_size, min(last * batch_size, nwindows)
+
+
+def _leaders(stats: dict[str, InputStats], names: list[str]) -> list[int]:
+    """For every name, the index of the first name holding the same :class:`InputStats` object."""
+    return [next(j for j in range(k + 1) if stats[names[j]] is stats[name]) for k, name in enumerate(names)]
+
+
+def _transfer(stats: dict[str, InputStats] | None, linears: dict, hessian: bool, device: torch.device,
+              move: Callable[[torch.Tensor], None]) -> dict[str, InputStats]:
+    """Send (``stats`` given) or receive (``stats`` None) one block's statistics with ``move`` (a send, receive or
+    broadcast of one tensor in place), sharing kept: a header ``[layers, 3]`` int64 (leader index, present, token
+    count), then per leader the column sums ``[in]`` and, with ``hessian``, ``X X^T`` ``[in, in]`` (float32)."""
+    names = list(linears)
+    header = torch.zeros(len(names), 3, dtype=torch.int64, device=device)
+    if stats is not None:
+        header[:, 0] = torch.tensor(_leaders(stats, names))
+        header[:, 1] = torch.tensor([stats[n].sq_norm is not None for n in names])
+        header[:, 2] = torch.tensor([stats[n].ntokens for n in names])
+    move(header)
+    out: dict[str, InputStats] = {}
+    for k, (lead, present, ntokens) in enumerate(header.tolist()):
+        name = names[k]
+        if lead != k:
+            out[name] = out[names[lead]]
+            continue
+        s = stats[name] if stats is not None else InputStats(linears[name].in_features, hessian=hessian)
+        if present:
+            if stats is None:
+                n = s.in_features
+                s.ntokens = ntokens
+                s.sq_norm = torch.empty(n, dtype=torch.float32, device=device)
+                s.xtx = torch.empty(n, n, dtype=torch.float32, device=device) if hessian else None
+            move(s.sq_norm)
+            if s.xtx is not None:
+                move(s.xtx)
+        out[name] = s
+    return out
+
+
+class DataParallelCalibration:
+    """This rank's part of a data-parallel pruning run, handed to :func:`atprune.api.prune` (``data_parallel=``).
+
+    Args:
+        rank, size: this process's rank and the number of processes (of the default process group).
+        device: where the statistics live (the compute device: a CUDA device with NCCL, the CPU with gloo).
+        reduce: ``"sum"`` or ``"ordered"`` (see the module docstring).
+
+    Raises:
+        ConfigError: an unknown ``reduce``.
+    """
+
+    def __init__(self, rank: int, size: int, device: torch.device | str = "cpu", reduce: str = "sum"):
+        if reduce not in REDUCTIONS:
+            raise ConfigError(f"distributed statistics reduction must be one of {', '.join(REDUCTIONS)}, got "
+                              f"{reduce!r}")
+        self.rank, self.size, self.device, self.reduce = rank, size, torch.device(device), reduce
+
+    def shard(self, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """This rank's windows (see :func:`shard_bounds`), after checking that every rank holds the same
+        ``[nsamples, seqlen]`` int64 calibration tokens (all-gathered digest).
+
+        Raises:
+            ConfigError: image-text feeds (not supported yet), ranks holding different tokens, fewer batches than
+                ranks.
+        """
+        if not isinstance(windows, torch.Tensor):
+            raise ConfigError("data-parallel calibration takes token windows; image-text calibration is not "
+                              "supported across processes yet")
+        check_same("calibration tokens", windows)
+        start, stop = shard_bounds(windows.shape[0], batch_size, self.rank, self.size)
+        return windows[start:stop]
+
+    def collect(self, block: nn.Module, index: int, linears: dict, inputs: BlockInputs, hessian: bool,
+                placement: Placement | None = None) -> dict[str, InputStats]:
+        """:func:`atprune.engine.passes.collect_stats` over this rank's windows, summed over every rank; the same
+        statistics (bit for bit) on every rank."""
+        if self.reduce == "ordered":
+            return self._ordered(block, index, linears, inputs, hessian, placement)
+        stats = collect_stats(block, index, linears, inputs, hessian, placement)
+        names = list(linears)
+        leads = _leaders(stats, names)
+        for k, name in enumerate(names):
+            if leads[k] != k:
+                continue
+            s = stats[name]
+            n = s.in_features
+            counts = torch.tensor([s.ntokens, s.sq_norm is not None], dtype=torch.int64, device=self.device)
+            sq = s.sq_norm if s.sq_norm is not None else torch.zeros(n, dtype=torch.float32, device=self.device)
+            xtx = s.xtx if s.xtx is not None or not hessian else torch.zeros(n, n, device=self.device)
+            for t in (counts, sq) + ((xtx,) if hessian else ()):
+                dist.all_reduce(t)
+                dist.broadcast(t, 0)  # one set of bits on every rank, whatever order the backend added in
+            s.ntokens = int(counts[0])
+            s.sq_norm, s.xtx = (sq, xtx if hessian else None) if counts[1] else (None, None)
+        return stats
+
+    def _ordered(self, block, index, linears, inputs, hessian, placement) -> dict[str, InputStats]:
+        before = None
+        if self.rank > 0:
+            before = _transfer(None, linears, hessian, self.device, lambda t: dist.recv(t, self.rank - 1))
+        stats = collect_stats(block, index, linears, inputs, hessian, placement, stats=before)
+        last = self.size - 1
+        if self.rank < last:
+            _transfer(stats, linears, hessian, self.device, lambda t: dist.send(t, self.rank + 1))
+        return _transfer(stats if self.rank == last else None, linears, hessian, self.device,
+                         lambda t: dist.broadcast(t, last))
