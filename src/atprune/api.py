@@ -198,7 +198,8 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
         data_parallel: this process's part of a data-parallel run (see
             :class:`atprune.distributed.calibration.DataParallelCalibration`): its ``shard(windows, batch_size)`` gives
             the windows this process runs, its ``collect`` sums every process's statistics before the pruner reads
-            them. Allocators that read calibration data are not supported with it.
+            them, its ``finish(summary)`` waits for every process at the end. Allocators that read calibration data
+            are not supported with it.
 
     Returns:
         :class:`PruneResult`.
@@ -260,6 +261,8 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
                 bar.update(1)
     finally:
         bar.close()
+    if data_parallel is not None:  # every rank has finished, with the same zeros, before anything is written
+        data_parallel.finish([(b["index"], b["zeros"]) for b in blocks])
     seconds = time.perf_counter() - start
     params = sum(b["params"] for b in blocks)
     zeros = sum(b["zeros"] for b in blocks)

@@ -125,6 +125,15 @@ class DataParallelCalibration:
         start, stop = shard_bounds(windows.shape[0], batch_size, self.rank, self.size)
         return windows[start:stop]
 
+    def finish(self, summary) -> None:
+        """Wait until every rank has pruned every block, and check that they all hold ``summary`` (e.g. the zeros
+        of every block): rank 0 writes nothing for a run that another rank has not finished.
+
+        Raises:
+            ConfigError: ranks that pruned differently; a backend error if another rank has died.
+        """
+        check_same("pruning results", summary)
+
     def collect(self, block: nn.Module, index: int, linears: dict, inputs: BlockInputs, hessian: bool,
                 placement: Placement | None = None) -> dict[str, InputStats]:
         """:func:`atprune.engine.passes.collect_stats` over this rank's windows, summed over every rank; the same
