@@ -325,7 +325,9 @@ def sequential(
         placement.enter(block)
         try:
             linears = adapter.linears(block)
-            stats = (collect or collect_stats)(block, i, linears, current, needs_hessian, placement) if needs_stats else None
+            stats = None
+            if needs_stats:
+                stats = (collect or collect_stats)(block, i, linears, current, needs_hessian, placement)
             prune_block(i, block, linears, stats)
             del stats
             last = i == adapter.num_blocks - 1
