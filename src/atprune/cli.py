@@ -439,12 +439,15 @@ def _run_prune(args) -> int:
     from atprune.export.report import format_table
 
     if launched():
+        from atprune.distributed.context import leave
         from atprune.distributed.prune import rank_failed, run_prune_distributed
 
         try:
             report = run_prune_distributed(_job_from_args(args), args.dist_reduce)
         except Exception as err:  # one line naming the rank; torchrun stops the others
             return rank_failed(err)
+        finally:
+            leave()
         if report is None:  # not rank 0: nothing to print
             return 0
     else:

@@ -95,3 +95,10 @@ def check_same(what: str, payload) -> None:
         raise ConfigError(f"ranks disagree on the {what}: rank(s) {', '.join(map(str, differ))} differ from rank 0 "
                           f"(digests {every[0][:12]} vs {every[differ[0]][:12]}); start every rank with the same "
                           "command and data")
+
+
+def leave() -> None:
+    """Leave the default process group if this process joined one (a process exiting with the group still up
+    aborts in the backend's threads: ``terminate called without an active exception``)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
