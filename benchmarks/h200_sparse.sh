@@ -4,6 +4,7 @@
 #   usage: bash benchmarks/h200_sparse.sh   (writes under $OUT)
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 ATPRUNE_CACHE_DIR=/tmp/atprune-cache
+export ATPRUNE_SOURCE_COMMIT=$(cat .dev/commit 2>/dev/null)  # recorded as atprune_commit_declared (the copy's git lags its files)
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 echo "commit $(cat .dev/commit 2>/dev/null || echo unknown)"; nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"

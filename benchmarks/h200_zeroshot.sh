@@ -8,6 +8,7 @@ set -u
 limit=${LIMIT:-1000}
 [ -d /tmp/site2/lm_eval ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 .dev/lmeval/*.whl
 export PYTHONPATH=/tmp/site:/tmp/site2:$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export ATPRUNE_SOURCE_COMMIT=$(cat .dev/commit 2>/dev/null)  # recorded as atprune_commit_declared (the copy's git lags its files)
 echo "commit $(cat .dev/commit 2>/dev/null || echo unknown)"
 model=/tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf
 common="--model $model --method wanda --sparsity 0.7 --calib-data /tmp/data/c4-sample.00000-of-00001.jsonl --nsamples 128 \

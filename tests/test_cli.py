@@ -67,8 +67,10 @@ BAD = {
     "unknown allocation": (["--allocation", "slope"], r"unknown allocation 'slope'.*atp.*owl"),
     "atp without beta": (["--allocation", "atp"], r"needs a beta"),
     "beta with uniform": (["--beta", "0.01"], r"--beta applies to allocation 'atp' only"),
-    "N:M with atp": (["--pattern", "2:4", "--allocation", "atp", "--beta", "0"], r"use allocation 'uniform'"),
+    "mixed N:M with M=2": (["--pattern", "1:2", "--allocation", "atp", "--beta", "0"], r"needs M >= 3.*1:2"),
     "N:M with other sparsity": (["--pattern", "2:4", "--sparsity", "0.6"], r"fixes the sparsity ratio at 0\.5"),
+    "refine with N:M": (["--pattern", "2:4", "--refine", "dsnot"], r"--refine dsnot refines unstructured masks only"),
+    "unknown refine": (["--refine", "obc"], r"unknown refinement 'obc'; known: dsnot"),
     "nsamples 0": (["--nsamples", "0"], r"nsamples must be a positive integer, got 0"),
     "seqlen -1": (["--seqlen", "-1"], r"seqlen must be a positive integer"),
 }

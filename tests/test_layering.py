@@ -37,9 +37,13 @@ ALLOWED: dict[str, set[str]] = {
     "api": BASE | {"data", "models", "engine", "pruners", "allocators", "allocation", "eval", "multimodal.pairs"},
     "jobs": BASE | {"plotting", "data", "models", "engine", "pruners", "allocators", "allocation", "eval", "export",
                     "api", "multimodal"},
+    # image classifiers: their adapter and data over the shared engine, pruners, allocators and search strategies
+    "vision": BASE | {"models.sources", "engine", "pruners", "allocators", "allocation", "api", "export",
+                      "jobs.strategies"},
     # several processes: data-parallel calibration through the engine's ``collect`` hook; prune jobs under torchrun
     "distributed": BASE | {"engine", "models.sources", "jobs.prune"},
-    "cli": BASE | {"models", "pruners", "allocators", "eval", "export", "jobs", "sparse", "cli_bench", "distributed"},
+    "cli": BASE | {"models", "pruners", "allocators", "eval", "export", "jobs", "sparse", "cli_bench", "vision",
+                   "distributed"},
     "__main__": {"cli"},
     "cli_bench": BASE | {"sparse", "models", "api"},
     "__init__": BASE | {"api", "models", "sparse"},

@@ -279,3 +279,19 @@ def test_bad_image_text_input_is_a_one_line_error_before_loading(pairs_file, tmp
         bad = tmp_path / "bad.jsonl"
         bad.write_text(json.dumps({"image": "im0.png"}) + "\n")
         read_pairs(str(bad))
+
+
+def test_offload_with_text_calibration_takes_the_language_model_path(pairs_file, tmp_path):
+    """A vision-language checkpoint pruned with text calibration and --offload (e.g. Gemma 3 27B on one GPU) is
+    pruned as a language model, as before vision-language support, instead of being refused; with image-text
+    calibration --offload is refused in one line."""
+    from atprune.jobs.multimodal import check_vision_language, with_offload
+    from atprune.models.sources import resolve_model
+
+    source = resolve_model(str(_save_tiny("llava", tmp_path / "vlm")))
+    text = check_vision_language(source, "c4", None, 2)
+    assert text.vision_language and not with_offload(text, True).vision_language
+    assert with_offload(text, False).vision_language
+    pairs = check_vision_language(source, str(pairs_file), None, 2)
+    with pytest.raises(ConfigError, match="--offload is not supported with image-text calibration"):
+        with_offload(pairs, True)

@@ -101,8 +101,11 @@ def _bound(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("rows,cols", [(1, 1), (33, 100), (64, 1024), (130, 2500), (257, 4097)])
-@pytest.mark.parametrize("split", [0, 1])
+# widths: one tile; a partial tile; several tiles with a partial last one, on the 128-bit x path (cols % 8 == 0)
+# and off it; 11008 as in LLaMA-7B. split 0: chosen; 1: one tile per block (workspace); 2: double buffer at batch 16
+@pytest.mark.parametrize("rows,cols", [(1, 1), (33, 100), (64, 1024), (130, 2500), (130, 2504), (257, 4097),
+                                       (64, 11008)])
+@pytest.mark.parametrize("split", [0, 1, 2])
 @on_gpu
 def test_kernel_matches_fp32_reference(dtype, rows, cols, split):
     w = _weight(rows, cols, 0.7, dtype, seed=rows).cuda()
@@ -115,9 +118,40 @@ def test_kernel_matches_fp32_reference(dtype, rows, cols, split):
             ref = F.linear(x.float(), w.float(), None if b is None else b.float())
             assert y.dtype == dtype and y.shape == (batch, rows)
             assert bool(((y.float() - ref).abs() <= _bound(x, w, ref)).all()), (batch, b is None)
-    # a 3-D input keeps its leading shape
+    # a 3-D input keeps its leading shape; an input not 16-byte aligned takes the scalar x path
     x3 = torch.randn(2, 3, cols, device="cuda").to(dtype)
     assert cuda.sparse_mm(x3, tiled).shape == (2, 3, rows)
+    wide = torch.randn(1, cols + 1, device="cuda").to(dtype)
+    x1 = wide[:, 1:]
+    ref = F.linear(x1.float(), w.float())
+    assert bool(((cuda.sparse_mm(x1, tiled).float() - ref).abs() <= _bound(x1, w, ref)).all())
+    with pytest.raises(ValueError, match="columns"):
+        cuda.sparse_mm(torch.zeros(1, cols + 1, device="cuda", dtype=dtype), tiled)
+
+
+@on_gpu
+def test_sparse_linear_moves_converts_and_reloads_on_gpu():
+    from atprune.sparse import SparseLinear
+
+    w = _weight(64, 3000, 0.7)
+    bias = torch.randn(64).to(torch.bfloat16)
+    layer = SparseLinear.from_dense(w, bias, kernel="torch")
+    g = layer.to("cuda", torch.float16)
+    assert g.tiles.values.dtype == torch.float16 and g.tiles.values.is_cuda
+    assert g.values.dtype == torch.float16 and g.values.device.type == "cpu" and g.bias.dtype == torch.float16
+    x = torch.randn(3, 3000, device="cuda").half()
+    w16 = w.half().cuda()
+    ref = F.linear(x.float(), w16.float(), bias.half().float().cuda())
+    assert bool(((g(x).float() - ref).abs() <= _bound(x, w16, ref)).all())
+    back = g.cpu()
+    assert back.tiles is None and back.values.dtype == torch.float16 and back.bias.device.type == "cpu"
+    assert torch.allclose(back(x.cpu()).float(), ref.cpu(), atol=0.05, rtol=0.01)
+    # a state dict with other values at the same positions, loaded on the GPU, is what the layer then computes
+    again = layer.to("cuda", torch.float16)
+    double = SparseLinear.from_dense(w * 2, bias * 0, kernel="torch")
+    again.load_state_dict(double.state_dict())
+    ref2 = F.linear(x.float(), (w16 * 2).float())
+    assert bool(((again(x).float() - ref2).abs() <= _bound(x, w16 * 2, ref2)).all())
 
 
 @pytest.mark.parametrize("rows,cols", [(7, 100), (130, 2500)])

@@ -33,7 +33,7 @@ def block_statistic(allocator, adapter: Adapter, windows: torch.Tensor | None = 
     Args:
         allocator: an :class:`~atprune.allocators.base.Allocator`.
         windows: ``[nsamples, seqlen]`` int64 calibration tokens (``NEEDS_DENSE_WANDA`` only).
-        inputs: their captured block-0 inputs (shared with the pruning pass).
+        inputs: their captured block-0 inputs (shared with the pruning pass); enough without ``windows``.
         placement: where blocks and activations live during the pass (offloading).
 
     Returns:
@@ -51,7 +51,7 @@ def block_statistic(allocator, adapter: Adapter, windows: torch.Tensor | None = 
                                                     None)) for b in adapter.blocks]
     if allocator.needs != NEEDS_DENSE_WANDA:
         raise ValueError(f"allocator {allocator.name!r} declares an unknown need {allocator.needs!r}")
-    if windows is None:
+    if windows is None and inputs is None:
         raise ConfigError(f"allocation {allocator.name!r} needs calibration data")
     values: list[float] = []
 

@@ -21,6 +21,7 @@ from atprune.allocation import allocate
 from atprune.allocation import block_sizes as model_block_sizes
 from atprune.allocation import needs_calibration as allocator_needs_calibration
 from atprune.allocators import NEEDS_NOTHING, get_allocator
+from atprune.allocators.nm import round_to_nm
 from atprune.engine.passes import BlockInputs, first_block_inputs, sequential
 from atprune.engine.placement import Placement, auto_batch_size
 from atprune.errors import ConfigError, check_positive_int, check_sparsity
@@ -28,6 +29,7 @@ from atprune.eval.perplexity import perplexity
 from atprune.models.adapter import Adapter, set_weight
 from atprune.multimodal.pairs import ImageTextCalibration
 from atprune.pruners import Pattern, get_pruner
+from atprune.pruners.dsnot import check_refine, dsnot_refine, dsnot_skips
 
 
 @dataclass(frozen=True)
@@ -42,12 +44,18 @@ class PruneSpec:
     rates: tuple[float, ...]  # for L equal blocks; empty for allocators that need the model (see prune())
     allocator: object = None
     statistic: dict = field(default_factory=dict)  # what the allocator derived the rates from (after prune())
+    block_n: tuple[int, ...] = ()  # mixed N:M: the N of every block (after prune(); see atprune.allocators.nm)
+
+    def block_pattern(self, i: int) -> Pattern:
+        """The pattern of block ``i``: ``N_i:M`` for a mixed N:M run, else the run's pattern."""
+        return Pattern(self.block_n[i], self.pattern.m) if self.block_n else self.pattern
 
     def describe(self) -> dict:
         extra = (self.allocator.describe() if self.allocator is not None else {}) | self.statistic
         return {"method": self.method, "sparsity": self.sparsity, "pattern": str(self.pattern),
                 "allocation": self.allocation, "beta": self.beta} | {f"allocator_{k}": v for k, v in extra.items()
-                                                                      if k != "name"}
+                                                                      if k != "name"} | (
+            {"mixed_nm": True, "block_n": list(self.block_n)} if self.block_n else {})
 
 
 def plan(method: str, sparsity: float | None, num_blocks: int, *, allocation: str = "uniform",
@@ -71,7 +79,8 @@ def plan(method: str, sparsity: float | None, num_blocks: int, *, allocation: st
     Raises:
         ConfigError: unknown method or allocation, sparsity outside [0, 1), illegal beta (the message gives the
             legal range for this S and L), malformed N:M, an N:M pattern with a different sparsity or with a
-            non-uniform allocation.
+            2:4-style M < 3 with a non-uniform allocation. An N:M pattern with a non-uniform allocation is
+            mixed N:M: :func:`prune` rounds each block's rate to one N (:func:`atprune.allocators.nm.round_to_nm`).
     """
     get_pruner(method)
     pattern = pattern if isinstance(pattern, Pattern) else Pattern.parse(pattern)
@@ -79,8 +88,9 @@ def plan(method: str, sparsity: float | None, num_blocks: int, *, allocation: st
         implied = pattern.sparsity
         if sparsity is not None and abs(sparsity - implied) > 1e-9:
             raise ConfigError(f"pattern {pattern} fixes the sparsity ratio at {implied:g}; got --sparsity {sparsity:g}")
-        if allocation != "uniform":
-            raise ConfigError(f"pattern {pattern} prunes every layer at {implied:g}; use allocation 'uniform', not {allocation!r}")
+        if allocation != "uniform" and pattern.m < 3:
+            raise ConfigError(f"mixed N:M with allocation {allocation!r} needs M >= 3 so that blocks can differ "
+                              f"(pattern {pattern} allows only N={pattern.n}); use e.g. 4:8, or allocation 'uniform'")
         sparsity = implied
     if sparsity is None:
         raise ConfigError("a sparsity ratio is required for unstructured pruning (e.g. 0.5)")
@@ -103,10 +113,10 @@ def check_widths(adapter: Adapter, pattern: Pattern) -> None:
             pattern.check_width(lin.in_features, f"block {i} {name}")
 
 
-def needs_calibration(spec: PruneSpec) -> bool:
+def needs_calibration(spec: PruneSpec, refine: str | None = None) -> bool:
     """Whether pruning as ``spec`` says reads calibration data (magnitude with uniform, atp or alphapruning does
-    not)."""
-    return get_pruner(spec.method).needs_stats or allocator_needs_calibration(spec.allocator)
+    not; any ``refine`` does)."""
+    return get_pruner(spec.method).needs_stats or refine is not None or allocator_needs_calibration(spec.allocator)
 
 
 @dataclass
@@ -173,7 +183,8 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
           seqlen: int = 2048, seed: int = 0, batch_size: int | str = 1, data_dir: str | None = None,
           strict: bool = False, block_inputs: BlockInputs | None = None, allocation_options: dict | None = None,
           placement: Placement | None = None, progress: bool = True, blocks_path: str | None = None,
-          allocator_statistic: list[float] | None = None, data_parallel=None) -> PruneResult:
+          allocator_statistic: list[float] | None = None, refine: str | None = None,
+          data_parallel=None) -> PruneResult:
     """Prune ``model`` in place, block by block, with per-block sparsity ratios from an allocator.
 
     Args:
@@ -195,6 +206,8 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
             (e.g. ``"model.decoder.layers"``); default: found automatically (see :meth:`Adapter.for_model`).
         allocator_statistic: the allocator's per-block statistic (:func:`atprune.allocation.block_statistic`)
             already computed on this very dense model, e.g. by an earlier trial; default: computed here.
+        refine: ``"dsnot"``: refine each layer's mask after the pruner (:mod:`atprune.pruners.dsnot`, official
+            defaults; unstructured only; the layer becomes the dense weight times the refined mask).
         data_parallel: this process's part of a data-parallel run (see
             :class:`atprune.distributed.calibration.DataParallelCalibration`): its ``shard(windows, batch_size)`` gives
             the windows this process runs, its ``collect`` sums every process's statistics before the pruner reads
@@ -214,9 +227,11 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
     spec = plan(method, sparsity, adapter.num_blocks, allocation=allocation, beta=beta, pattern=pattern,
                 allocation_options=allocation_options, block_sizes=model_block_sizes(adapter))
     check_widths(adapter, spec.pattern)
+    check_refine(refine, spec.pattern)
     pruner = get_pruner(method)
+    needs_stats = pruner.needs_stats or refine is not None
     placement = placement or Placement.default_for(model)
-    if needs_calibration(spec):
+    if needs_calibration(spec, refine):
         windows, calib_info = _as_windows(calib, tokenizer, nsamples, seqlen, seed, data_dir, strict)
         batch_size = resolve_batch_size(batch_size, model, windows, placement)
         calib_info = dict(calib_info) | {"batch_size": batch_size}
@@ -236,22 +251,17 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
     allocation = allocate(spec.allocator, spec.sparsity, adapter, windows, block_inputs, placement,
                           statistic=allocator_statistic)
     spec = replace(spec, rates=allocation.rates, statistic=allocation.statistic)
+    if spec.pattern.structured and spec.allocation != "uniform":
+        block_n = tuple(round_to_nm(spec.rates, model_block_sizes(adapter), spec.pattern.n, spec.pattern.m))
+        spec = replace(spec, block_n=block_n, rates=tuple(1.0 - k / spec.pattern.m for k in block_n),
+                       statistic=spec.statistic | {"rates_before_nm_rounding": list(spec.rates)})
     blocks: list[dict] = []
-
-    def prune_block(i, block, linears, stats):
-        rate = spec.rates[i]
-        layers, params, zeros = {}, 0, 0
-        for name, lin in linears.items():
-            set_weight(lin, pruner.prune(lin.weight.detach(), stats[name] if stats else None, rate, spec.pattern))
-            n, z = lin.weight.numel(), int((lin.weight == 0).sum())
-            layers[name] = z / n
-            params, zeros = params + n, zeros + z
-        blocks.append({"index": i, "target": rate, "achieved": zeros / params, "params": params, "zeros": zeros,
-                       "layers": layers})
+    prune_block = block_pruner(pruner, spec.rates, spec.pattern, blocks, block_pattern=spec.block_pattern,
+                               refine=refine)
 
     bar = tqdm(total=adapter.num_blocks, desc=f"{method} {spec.allocation}", unit="block", disable=not progress)
     try:
-        if pruner.needs_stats:
+        if needs_stats:
             sequential(adapter, windows, prune_block, needs_hessian=pruner.needs_hessian, batch_size=batch_size,
                        inputs=block_inputs, progress=lambda i: bar.update(1), placement=placement, last_outputs=False,
                        collect=data_parallel.collect if data_parallel is not None else None)
@@ -263,10 +273,41 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
         bar.close()
     if data_parallel is not None:  # every rank has finished, with the same zeros, before anything is written
         data_parallel.finish([(b["index"], b["zeros"]) for b in blocks])
-    seconds = time.perf_counter() - start
+    return prune_result(spec, blocks, time.perf_counter() - start, calib_info, refine)
+
+
+def block_pruner(pruner, rates, pattern: Pattern, records: list[dict], block_pattern=None, refine: str | None = None):
+    """The ``prune_block(i, block, linears, stats)`` callback of :func:`atprune.engine.passes.sequential`: prunes
+    every layer of block i with ``pruner`` at ``rates[i]`` (and the pattern ``block_pattern(i)``, default
+    ``pattern``: a mixed N:M run's N per block), refines the mask with DSnoT when ``refine == "dsnot"`` (not on the
+    layers DSnoT skips), and appends the block's record (``index``, ``target``, ``achieved``, ``params``, ``zeros``,
+    per-layer ``layers``, ``pattern`` for N:M) to ``records``. Layers are anything
+    :func:`atprune.models.adapter.set_weight` takes (``weight`` ``[out, in]``)."""
+    def prune_block(i, block, linears, stats):
+        rate, pat = rates[i], (block_pattern(i) if block_pattern is not None else pattern)
+        layers, params, zeros = {}, 0, 0
+        for name, lin in linears.items():
+            dense = lin.weight.detach()
+            new = pruner.prune(dense, stats[name] if stats else None, rate, pat)
+            if refine is not None and not dsnot_skips(name):
+                new = dense.masked_fill(dsnot_refine(dense, new == 0, stats[name]), 0)
+            set_weight(lin, new)
+            n, z = lin.weight.numel(), int((lin.weight == 0).sum())
+            layers[name] = z / n
+            params, zeros = params + n, zeros + z
+        records.append({"index": i, "target": rate, "achieved": zeros / params, "params": params, "zeros": zeros,
+                        "layers": layers} | ({"pattern": str(pat)} if pat.structured else {}))
+
+    return prune_block
+
+
+def prune_result(spec: PruneSpec, blocks: list[dict], seconds: float, calib_info: dict,
+                 refine: str | None = None) -> PruneResult:
+    """The :class:`PruneResult` of a run that pruned ``blocks`` (the records of :func:`block_pruner`)."""
     params = sum(b["params"] for b in blocks)
     zeros = sum(b["zeros"] for b in blocks)
-    return PruneResult(spec.describe() | {"rates": list(spec.rates)}, blocks, zeros / params, params, seconds, calib_info)
+    described = spec.describe() | {"rates": list(spec.rates)} | ({"refine": refine} if refine else {})
+    return PruneResult(described, blocks, zeros / params, params, seconds, calib_info)
 
 
 def evaluate_perplexity(model, tokenizer, data: str | data_mod.EvalSet = "wikitext2", *, split: str = "test", seqlen: int = 2048,

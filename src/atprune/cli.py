@@ -16,6 +16,7 @@ from atprune.allocators import ALLOCATORS
 from atprune.errors import ConfigError
 from atprune.export import MaskViolation
 from atprune.pruners import PRUNERS
+from atprune.vision.cli import add_vision_args
 
 
 def _add_blocks_path(p: argparse.ArgumentParser) -> None:
@@ -80,7 +81,8 @@ def _add_device_args(p: argparse.ArgumentParser, offload: bool = True) -> None:
 
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
     _add_common_args(p, sparsity_default=None, out_required=False, offload=True)
-    p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4, 4:8")
+    p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4, 4:8; with a "
+                   "non-uniform --allocation each block gets its own N, mean N:M (mixed N:M)")
     p.add_argument("--dist-reduce", choices=("sum", "ordered"), default="sum", help="under torchrun: add the ranks' "
                    "statistics with one all-reduce (sum) or rank after rank, bit for bit as one process (ordered)")
     p.add_argument("--allocation", default="uniform", help=f"per-block sparsity allocation: {', '.join(ALLOCATORS)}")
@@ -88,6 +90,11 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    "[0, min(2S, 2(1-S))/(L-1)]")
     p.add_argument("--alloc-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="allocator option, repeatable: owl M=5 lam=0.08; alphapruning eps=0.3; dlp alpha=0.15")
+    p.add_argument("--structure", default=None, metavar="channels|heads|both", help="structured width pruning with "
+                   "--method wanda-sp or flap: remove whole MLP channels and/or KV groups with their query heads; "
+                   "--sparsity is the mean fraction removed; saves a smaller transformers model")
+    p.add_argument("--refine", default=None, metavar="dsnot", help="refine every layer's mask after "
+                   "the pruner: dsnot (DSnoT, Zhang et al. 2024, official defaults; unstructured only)")
     p.add_argument("--eval-data", default="wikitext2", help="perplexity text: wikitext2 (test), c4 (validation), a file or a "
                    "data folder (default wikitext2)")
     p.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
@@ -101,6 +108,7 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the whole report as JSON instead of the table")
     _add_zero_shot_args(p, "the pruned model and, unless --no-eval-dense, the dense one")
     _add_export_args(p)
+    add_vision_args(p)
 
 
 def _add_zero_shot_args(p: argparse.ArgumentParser, scored: str) -> None:
@@ -157,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metric", default="ppl", help="ppl (selection perplexity, default) or kl (to the dense model)")
     s.add_argument("--resume", action="store_true", help="continue the search recorded in OUT/search.json")
     _add_zero_shot_args(s, "the dense and the final model")
+    add_vision_args(s)
     c = sub.add_parser("compare", help="allocations x pruners x sparsities on one model, as Markdown/CSV tables")
     c.add_argument("--model", required=True, help="alias (smollm2-135m), .gguf file, model folder or Hugging Face id")
     c.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"], help="pruners (default wanda sparsegpt)")
@@ -186,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--quiet", action="store_true", help="no progress lines")
     _add_blocks_path(c)
+    add_vision_args(c)
     a = sub.add_parser("analyze", help="local vs accumulated reconstruction error per block, per allocation")
     _add_common_args(a)
     a.add_argument("--allocations", nargs="+", default=["uniform"], help="e.g. uniform atp:0.01 atp:0.015")
@@ -389,7 +399,7 @@ def _job_from_args(args):
                     eval_seqlen=args.eval_seqlen, eval_dense=not args.no_eval_dense, offload=args.offload,
                     offload_activations=args.offload_activations, strict=args.strict, save_dtype=args.save_dtype,
                     formats=(args.format,), zero_shot=args.zero_shot, task_data=args.task_data,
-                    zero_shot_limit=args.zero_shot_limit, caption_data=args.caption_data)
+                    zero_shot_limit=args.zero_shot_limit, caption_data=args.caption_data, refine=args.refine)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -399,6 +409,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         _check_launch(args.command)
+        if args.command in ("prune", "search", "compare") and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            # an image classifier as --model: the vision jobs (one process only; not under torchrun yet)
+            from atprune.vision.cli import run_vision_command
+
+            args.allocation_options = _alloc_options(args.alloc_opt) if args.command == "prune" else None
+            code = run_vision_command(args)
+            if code is not None:
+                return code
         if args.command == "search":
             return _run_search(args)
         if args.command == "analyze":
@@ -433,11 +451,28 @@ def _check_launch(command: str) -> None:
         raise ConfigError(f"`atprune {command}` does not run under torchrun yet; only `atprune prune` does")
 
 
+def _run_structured(args) -> int:
+    from atprune.jobs.structured import StructuredJob, format_structured, run_structured_job
+
+    if args.pattern.strip().lower() not in ("unstructured", "none", "") or args.refine or args.format != "dense":
+        raise ConfigError("--structure removes whole channels/heads; it takes no --pattern, --refine or --format")
+    report = run_structured_job(StructuredJob(
+        **_run_options(args), method=args.method, structure=args.structure,
+        sparsity=0.2 if args.sparsity is None else args.sparsity, allocation=args.allocation, beta=args.beta,
+        allocation_options=_alloc_options(args.alloc_opt), eval_dense=not args.no_eval_dense))
+    print(json.dumps(report, indent=2) if args.json else format_structured(report))
+    return 0
+
+
 def _run_prune(args) -> int:
     from atprune.distributed.context import launched
     from atprune.jobs.prune import run_prune_job
     from atprune.export.report import format_table
 
+    if args.structure is not None and launched():
+        raise ConfigError("--structure does not run under torchrun yet; run it in one process")
+    if args.structure is not None:
+        return _run_structured(args)
     if launched():
         from atprune.distributed.context import leave
         from atprune.distributed.prune import rank_failed, run_prune_distributed

@@ -47,6 +47,8 @@ def _check(args) -> None:
         kernels.resolve_kernel(args.kernel)  # a kernel this CPU cannot run: one line, before any work
     elif args.torch_dtype not in (torch.bfloat16, torch.float16):
         raise ConfigError("--device cuda: the CUDA kernel takes --dtype bfloat16 or float16")
+    elif max(args.batches) > 16:
+        raise ConfigError(f"--device cuda: the CUDA kernel takes 1 to 16 tokens per call, got --batch {args.batch}")
     if args.json:
         folder = Path(args.json).resolve().parent
         if not folder.is_dir():

@@ -26,6 +26,9 @@ class InputStats:
         xtx: ``[in_features, in_features]`` float32, ``sum_t x_t x_t^T`` (unnormalised
             Hessian ``X X^T`` of the layer-wise least-squares problem, Frantar & Alistarh 2023,
             "SparseGPT", Sec. 3), or ``None`` when ``hessian=False``.
+        total: ``[in_features]`` float32, ``sum_t x_tj`` (first moment: DSnoT's mean input, and the variance).
+        windows: number of calibration windows seen (the leading dimension of a ``[batch, seqlen, in]`` input; 1
+            per call for 2-D inputs); DSnoT's official code scales the mean input by tokens per window.
         cache: dict where consumers keep what they derive from these numbers once (layers reading the same
             input share one InputStats, so e.g. SparseGPT factors their common Hessian once).
     """
@@ -35,7 +38,9 @@ class InputStats:
         self.want_hessian = hessian
         self.device = device
         self.ntokens = 0
+        self.windows = 0
         self.sq_norm: torch.Tensor | None = None
+        self.total: torch.Tensor | None = None
         self.xtx: torch.Tensor | None = None
         self.cache: dict = {}  # what consumers derive once per statistics (e.g. SparseGPT's inverse factor)
 
@@ -50,19 +55,23 @@ class InputStats:
         """
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs with last dim {self.in_features}, got shape {tuple(x.shape)}")
+        self.windows += x.shape[0] if x.dim() >= 3 else 1
         x = x.detach().reshape(-1, self.in_features)
         if self.device is not None:
             x = x.to(self.device)
         if self.sq_norm is None:
             self.sq_norm = torch.zeros(self.in_features, dtype=torch.float32, device=x.device)
+            self.total = torch.zeros(self.in_features, dtype=torch.float32, device=x.device)
             if self.want_hessian:
                 self.xtx = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=x.device)
         if self.xtx is None and x.dtype in (torch.bfloat16, torch.float16):
             # one float32-accumulating reduction over the 16-bit input, no float32 copy of it
             self.sq_norm += torch.linalg.vector_norm(x, dim=0, dtype=torch.float32).square_()
+            self.total += x.sum(dim=0, dtype=torch.float32)
         else:
             x = x.float()
             self.sq_norm += x.square().sum(dim=0)
+            self.total += x.sum(dim=0)
             if self.xtx is not None:
                 self.xtx.addmm_(x.t(), x)
         self.ntokens += x.shape[0]
@@ -76,6 +85,17 @@ class InputStats:
         if self.sq_norm is None:
             raise RuntimeError("no calibration input reached this layer")
         return self.sq_norm.sqrt()
+
+    def mean(self) -> torch.Tensor:
+        """``E_t[x_tj]``: ``[in_features]`` float32 (RuntimeError if no input was added)."""
+        if self.total is None:
+            raise RuntimeError("no calibration input reached this layer")
+        return self.total / self.ntokens
+
+    def var(self) -> torch.Tensor:
+        """Population variance ``E_t[x_tj^2] - E_t[x_tj]^2`` over all tokens: ``[in_features]`` float32, >= 0."""
+        mean = self.mean()
+        return (self.sq_norm / self.ntokens - mean.square()).clamp_min_(0.0)
 
     def hessian(self, release: bool = False) -> torch.Tensor:
         """``X X^T / ntokens``: ``[in_features, in_features]`` float32.

@@ -29,6 +29,7 @@ import torch
 from atprune.errors import ConfigError
 from atprune.export.files import (check_output_dir, public_permissions, read_tensors, safetensors_files, saved_names,
                                   tensors_digest, write_json)
+from atprune.export.nm import matrix_patterns, nm_violations
 from atprune.export.masks import check_masks, check_saveable, mask_digest, matrix_entries, record_masks
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,10 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
                       "matrices": {keys[n]: e for n, e in matrix_entries(saved, masks).items()}}
             saved = {keys[n]: t for n, t in saved.items()}  # by file key from here on
             export["underflow_zeros"] = sum(m["underflow_zeros"] for m in export["matrices"].values())
+            if isinstance(model, torch.nn.Module):  # N:M runs: each matrix's N:M (mixed: per block), checked by verify
+                for name, rec in matrix_patterns(model, report.get("pruning"), blocks_path).items():
+                    if name in export["matrices"]:
+                        export["matrices"][name] |= {"pattern": rec["pattern"], "pattern_axis": rec["axis"]}
             warnings = list(report.get("warnings") or [])
             if export["underflow_zeros"]:
                 warnings.append(f"the cast to {export['dtype']} turned {export['underflow_zeros']} small non-zero "
@@ -170,7 +175,7 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
 
                 export["sizes_bytes"]["compressed"] = write_compressed(
                     tmp, tmp / COMPRESSED_DIR, saved, tokenizer,
-                    structure=str(((report.get("pruning") or {}).get("spec") or {}).get("pattern") or "unstructured"))
+                    structure=_structure((report.get("pruning") or {}).get("spec") or {}))
             del saved
             if untouched:
                 export["untouched"] = {}
@@ -201,6 +206,12 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
     return out
 
 
+def _structure(spec: dict) -> str:
+    """compressed-tensors' ``sparsity_structure`` of a run: its N:M, or ``unstructured`` for unstructured and for
+    mixed N:M (blocks of different N; the bitmask stores any pattern, the report gives each block's N)."""
+    return "unstructured" if spec.get("mixed_nm") else str(spec.get("pattern") or "unstructured")
+
+
 def verify_checkpoint(folder: str | os.PathLike) -> list[dict]:
     """Recompute the zeros of every pruned matrix from a saved checkpoint and compare with its report.
 
@@ -211,9 +222,11 @@ def verify_checkpoint(folder: str | os.PathLike) -> list[dict]:
         One row per (format, matrix): ``format`` (``dense``/``compressed``), ``name``, ``expected`` (saved
         sparsity in the report), ``found`` (recomputed; None if the matrix is missing), ``pruned`` (sparsity
         of the pruning mask), ``underflow`` (extra zeros from the cast), ``ok`` and ``problem`` (empty, or
-        comma-separated: corrupt (does not decompress), missing, shape, dtype, sparsity, checksum). Then one row
-        per part the report says pruning left untouched (``export.untouched``, e.g. a vision tower): ``expected``,
-        ``found`` and ``pruned`` None, ``ok`` when the saved tensors digest to the dense model's checksum.
+        comma-separated: corrupt (does not decompress), missing, shape, dtype, sparsity, checksum, ``not N:M``
+        (an N:M run's matrix with a group of M holding more than N non-zeros; mixed N:M: its block's N)). Then one
+        row per part the report says pruning left untouched (``export.untouched``, e.g. a vision tower):
+        ``expected``, ``found`` and ``pruned`` None, ``ok`` when the saved tensors digest to the dense model's
+        checksum.
 
     Raises:
         ConfigError: no report.json, or a report without an ``export`` section (nothing to compare with).
@@ -255,6 +268,8 @@ def verify_checkpoint(folder: str | os.PathLike) -> list[dict]:
                     problems.append("sparsity")
                 if mask_digest(zeros) != rec["saved_sha256"]:
                     problems.append("checksum")
+                if rec.get("pattern") and nm_violations(t, rec["pattern"], rec.get("pattern_axis", 1)):
+                    problems.append(f"not {rec['pattern']}")
             rows.append({"format": fmt, "name": name, "expected": rec["saved_sparsity"], "found": found,
                          "pruned": rec["sparsity"], "underflow": rec["underflow_zeros"], "ok": not problems,
                          "problem": ", ".join(problems)})

@@ -33,7 +33,7 @@ def recipe_from_report(report: dict, modifier: str | None = None, blocks_path: s
         "0:0" or "N:M", "targets": [regex], "ignore": ["re:.*lm_head"]}}}}``.
 
     Raises:
-        ConfigError: the report has no per-block rates, or the method has no llm-compressor one-shot modifier
+        ConfigError: the report has no per-block rates, is a mixed N:M run, or the method has no llm-compressor one-shot modifier
             (magnitude) and none was given.
     """
     pruning = report.get("pruning") or {}
@@ -47,6 +47,9 @@ def recipe_from_report(report: dict, modifier: str | None = None, blocks_path: s
     if cls is None:
         raise ConfigError(f"llm-compressor has no one-shot modifier for method {name!r}; pass --modifier wanda or "
                           "--modifier sparsegpt")
+    if spec.get("mixed_nm"):
+        raise ConfigError("a mixed N:M run (one N per block) has no single llm-compressor mask_structure; its "
+                          "per-block N are in pruning.spec.block_n")
     pattern = str(spec.get("pattern") or "unstructured")
     mask = pattern if re.fullmatch(r"\d+:\d+", pattern) else "0:0"
     path = blocks_path or (report.get("export") or {}).get("blocks_path") or "model.layers"

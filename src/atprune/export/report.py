@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import platform
 import sys
 from datetime import datetime, timezone
@@ -40,7 +41,10 @@ def versions() -> dict:
     return {"atprune": __version__, "atprune_commit": _source_commit(), "python": sys.version.split()[0],
             "torch": torch.__version__,
             "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
-            "gguf": getattr(gguf, "__version__", None) or _dist_version("gguf"), "platform": platform.platform()}
+            "gguf": getattr(gguf, "__version__", None) or _dist_version("gguf"), "platform": platform.platform()} | (
+        # a copy of a checkout whose git metadata lags its files (the GPU machine's) can name the commit it holds
+        {"atprune_commit_declared": os.environ["ATPRUNE_SOURCE_COMMIT"]} if os.environ.get("ATPRUNE_SOURCE_COMMIT")
+        else {})
 
 
 def _dist_version(name: str) -> str | None:
@@ -84,9 +88,11 @@ def format_table(report: dict) -> str:
         beta = f" beta={spec['beta']:g}" if spec.get("beta") is not None else ""
         lines.append(f"method={spec['method']} pattern={spec['pattern']} allocation={spec['allocation']}{beta} "
                      f"target={spec['sparsity']:g}")
-        lines.append(f"{'block':>5} {'target':>8} {'achieved':>9}")
+        nm = any("pattern" in b for b in pr["blocks"])  # N:M: the N:M of each block (mixed N:M: one N per block)
+        lines.append(f"{'block':>5} {'target':>8} {'achieved':>9}" + (f" {'N:M':>5}" if nm else ""))
         for b in pr["blocks"]:
-            lines.append(f"{b['index']:>5} {b['target']:>8.4f} {b['achieved']:>9.4f}")
+            lines.append(f"{b['index']:>5} {b['target']:>8.4f} {b['achieved']:>9.4f}"
+                         + (f" {b.get('pattern', '-'):>5}" if nm else ""))
         cal = pr.get("calibration") or {}
         if cal:
             lines.append(f"calibration: {cal.get('dataset')} {cal.get('nsamples')} samples x {cal.get('seqlen')} tokens "

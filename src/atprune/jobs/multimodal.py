@@ -4,7 +4,7 @@ calibration, the caption check and the report's ``multimodal`` section (what sta
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from atprune.errors import ConfigError
 from atprune.models.sources import ModelSource
@@ -41,12 +41,27 @@ def check_vision_language(source: ModelSource, calib_data: str | None, caption_d
     for spec in (calib_data if pairs_calib else None, caption_data):
         if spec:
             check_image_text_calibration(source, spec)
-    plan = VisionLanguagePlan(pairs_calib or bool(caption_data) or is_vision_language_source(source))
+    plan = VisionLanguagePlan(pairs_calib or bool(caption_data) or is_vision_language_source(source, strict=False))
     if pairs_calib:
         plan.calib_pairs = read_pairs(calib_data, limit=nsamples)
     if caption_data:
         plan.caption_pairs = read_pairs(caption_data)
     return plan
+
+
+def with_offload(plan: VisionLanguagePlan, offload: bool) -> VisionLanguagePlan:
+    """The plan for a run with ``--offload``: with text calibration (e.g. Gemma 3 27B on one GPU) a vision-language
+    checkpoint takes the language-model path, as before vision-language support (loaded through
+    ``AutoModelForCausalLM``; the processor is not saved); image-text calibration or captions are refused.
+
+    Raises:
+        ConfigError: ``offload`` with image-text calibration or caption data.
+    """
+    if not (plan.vision_language and offload):
+        return plan
+    if plan.calib_pairs or plan.caption_pairs:
+        raise ConfigError("--offload is not supported with image-text calibration or --caption-data yet")
+    return replace(plan, vision_language=False)
 
 
 class VisionLanguageRun:

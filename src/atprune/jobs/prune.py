@@ -15,13 +15,14 @@ import torch
 
 from atprune import data as data_mod
 from atprune.models.adapter import Adapter
+from atprune.pruners.dsnot import check_refine
 from atprune.api import OFFLOAD_BATCH_CAP, check_widths, evaluate_perplexity, needs_calibration, plan, prune
 from atprune.errors import ConfigError, check_positive_int
 from atprune.export import check_export_options, check_output_dir, check_saveable, record_masks, save_pruned
 from atprune.engine.placement import Placement, auto_batch_size, peak_memory_gib
 from atprune.export.checkpoint import SAVE_DTYPES
 from atprune.export.report import build_report
-from atprune.jobs.multimodal import VisionLanguageRun, check_vision_language
+from atprune.jobs.multimodal import VisionLanguageRun, check_vision_language, with_offload
 from atprune.jobs.options import RunOptions, check_run_options, check_window_length
 from atprune.models.gguf_tokenizer import tokenizer_record
 from atprune.models.sources import load_model, resolve_device
@@ -51,6 +52,7 @@ class PruneJob(RunOptions):
     zero_shot_limit: int | None = None
     zero_shot_batch_size: int = 16
     caption_data: str | None = None  # image-text .jsonl: caption log-likelihood, dense vs pruned (vision-language)
+    refine: str | None = None  # "dsnot": DSnoT mask refinement after the pruner (atprune.pruners.dsnot)
 
 
 def check_job(job: PruneJob):
@@ -79,18 +81,18 @@ def check_job(job: PruneJob):
             from atprune.eval.zeroshot import check_zero_shot
 
             check_zero_shot(job.zero_shot, job.task_data, job.zero_shot_limit, job.zero_shot_batch_size)
-        plan(job.method, job.sparsity, 2, allocation=job.allocation, beta=0.0 if job.beta is not None else None,
-             pattern=job.pattern)  # names, sparsity and pattern, before the model source is touched
+        first = plan(job.method, job.sparsity, 2, allocation=job.allocation,
+                     beta=0.0 if job.beta is not None else None, pattern=job.pattern)  # before the model is touched
+        check_refine(job.refine, first.pattern)
 
     checked = check_run_options(job, own_checks=own_checks)
     if job.out:
         check_output_dir(job.out, job.overwrite, inputs=checked.inputs())
     spec = plan(job.method, job.sparsity, checked.num_blocks, allocation=job.allocation, beta=job.beta,
                 pattern=job.pattern, allocation_options=job.allocation_options)
-    vl = check_vision_language(checked.source, job.calib_data if needs_calibration(spec) else None,
+    vl = check_vision_language(checked.source, job.calib_data if needs_calibration(spec, job.refine) else None,
                                job.caption_data, job.nsamples)
-    if vl.vision_language and job.offload:
-        raise ConfigError("--offload is not supported for vision-language models yet")
+    vl = with_offload(vl, job.offload)
     return checked.source, spec, checked.device, checked.dtype, vl
 
 
@@ -129,9 +131,9 @@ def run_prune_job(job: PruneJob, data_parallel=None) -> dict:
     calib = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if needs_calibration(spec) and vlm is not None and vl.calib_pairs:
+        if needs_calibration(spec, job.refine) and vlm is not None and vl.calib_pairs:
             calib = vlm.calibration(job.seqlen)
-        elif needs_calibration(spec):
+        elif needs_calibration(spec, job.refine):
             calib_source = data_mod.load_text(job.calib_data, "train", job.data_dir)
             calib = data_mod.calibration_windows(tokenizer, calib_source, job.nsamples, job.seqlen, job.seed,
                                                  job.strict)
@@ -180,7 +182,8 @@ def run_prune_job(job: PruneJob, data_parallel=None) -> dict:
     result = prune(model, tokenizer, method=spec.method, sparsity=spec.sparsity, allocation=spec.allocation,
                    beta=spec.beta, pattern=spec.pattern, calib=calib, batch_size=job.batch_size,
                    allocation_options=job.allocation_options, placement=placement, blocks_path=job.blocks_path,
-                   progress=job.progress, data_parallel=data_parallel)
+                   progress=job.progress, refine=job.refine,
+                   data_parallel=data_parallel)
     timings["prune"] = result.seconds
     masks = record_masks(model, job.blocks_path) if job.out else None  # checked again at every step of the save
     if job.eval_data:

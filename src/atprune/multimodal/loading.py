@@ -18,22 +18,26 @@ def source_config(source: ModelSource):
     where, kwargs = source.from_pretrained_args()
     try:
         return AutoConfig.from_pretrained(where, **kwargs)
-    except OSError as err:
+    except (OSError, ValueError, KeyError) as err:
         raise ConfigError(f"cannot read the config of model {source.spec!r}: {err}") from None
 
 
-def is_vision_language_source(source: ModelSource) -> bool:
-    """Whether ``source`` is a vision-language model (its config has a ``vision_config``; no weights are read).
+def is_vision_language_source(source: ModelSource, strict: bool = True) -> bool:
+    """Whether ``source`` is a vision-language model of a supported class (its config has a ``vision_config``; no
+    weights are read). With ``strict=False`` an unsupported vision-language class gives False (the caller then
+    treats it as a language model, as atprune did before it knew vision-language classes).
 
     Raises:
-        ConfigError: the config cannot be read, or it is vision-language but of a class atprune does not support
-            (from the config's ``architectures``).
+        ConfigError: the config cannot be read, or (``strict``) it is vision-language but of a class atprune does
+            not support (from the config's ``architectures``).
     """
     config = source_config(source)
     if config is None or not is_vision_language_config(config):
         return False
     archs = getattr(config, "architectures", None) or []
     if archs and not any(a in LAYOUTS for a in archs):
+        if not strict:
+            return False
         raise ConfigError(f"vision-language model {source.spec!r} ({', '.join(archs)}) is not supported yet; "
                           f"supported: {', '.join(SUPPORTED)}")
     return True
@@ -70,6 +74,9 @@ def load_vision_language(source: ModelSource | str, dtype: torch.dtype = torch.f
     try:
         processor = AutoProcessor.from_pretrained(where, **kwargs)
         model = AutoModelForImageTextToText.from_pretrained(where, dtype=dtype, **kwargs)
+    except (OSError, ValueError, ImportError, KeyError) as err:  # e.g. a processor that needs torchvision
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"cannot load {where} as a vision-language model with its processor: {first}") from None
     finally:
         if was and not progress:
             hf_logging.enable_progress_bar()

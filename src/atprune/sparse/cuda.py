@@ -198,8 +198,19 @@ def sparse_mm(x: torch.Tensor, tiled: TiledWeight, bias: torch.Tensor | None = N
     :data:`MAX_TOKENS` rows (``x.numel() // cols``); returns ``[..., rows]`` in that dtype (float32 accumulation).
     ``tiles_per_split`` (0: chosen from :data:`X_SMEM_BYTES`) sets how many tiles of a row one block takes.
     Captured by CUDA graphs like any torch op (current stream, no host synchronisation)."""
+    if x.shape[-1] != tiled.cols:
+        raise ValueError(f"sparse_mm: x has {x.shape[-1]} columns, the weight {tiled.cols}")
     return extension().sparse_mm(x.contiguous(), tiled.bitmap, tiled.values, tiled.tile_off, tiled.rows, bias,
                                  tiles_per_split, X_SMEM_BYTES)
+
+
+def max_tokens(device) -> int:
+    """Tokens per call the decode kernel can take on ``device``: :data:`MAX_TOKENS` (16), fewer on GPUs whose
+    opt-in shared memory per block cannot hold the 64 KB staging buffers plus one tile of x (``1024 * B * 4`` bytes
+    for the kernel's batch size ``B`` in {1, 2, 4, 8, 16})."""
+    smem = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    fits = [b for b in (1, 2, 4, 8, 16) if 16 * 2 * 128 * 16 + TILE * b * 4 <= smem]
+    return min(MAX_TOKENS, fits[-1]) if fits else 0
 
 
 def dense_from_tiles(tiled: TiledWeight) -> torch.Tensor:

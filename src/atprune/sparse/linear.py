@@ -74,7 +74,7 @@ class SparseLinear(nn.Module):
         self.__dict__["_op"] = kernels.extension().sparse_mm if self._kernel_id is not None else None
         self.__dict__["_dtype"] = packed.dtype
         self.__dict__["_tiles"] = None  # the GPU layout while the layer lives on a GPU
-        self.max_cuda_tokens = cuda.MAX_TOKENS
+        self.max_cuda_tokens = cuda.MAX_TOKENS  # lowered when moved to a GPU with less shared memory
 
     @classmethod
     def from_dense(cls, layer: nn.Linear | torch.Tensor, bias: torch.Tensor | None = None, **kwargs) -> "SparseLinear":
@@ -144,24 +144,34 @@ class SparseLinear(nn.Module):
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
     def _apply(self, fn, *args, **kwargs):
-        # To a GPU: repack into the tile layout there and leave the CPU-layout buffers on the CPU (one GPU copy).
+        # The CPU-layout values follow every dtype change, so the two layouts always hold the same weight. To a
+        # GPU: repack into the tile layout there and leave the CPU-layout buffers on the CPU (one GPU copy).
         tiles = self.__dict__["_tiles"]
-        here = tiles.values.device if tiles is not None else self._buffers["values"].device
-        probe = fn(torch.zeros(1, dtype=self._buffers["values"].dtype, device=here))
+        values = self._buffers["values"]
+        probe = fn(torch.zeros(1, dtype=values.dtype, device=tiles.values.device if tiles is not None else
+                               values.device))
+        if probe.dtype != values.dtype:
+            self._buffers["values"] = values.to(probe.dtype)
         if probe.device.type == "cuda" and probe.dtype in cuda.DTYPES:
-            packed = _to_device(self.packed, probe.device)
-            self.__dict__["_tiles"] = cuda.pack_tiles(unpack(packed).to(probe.dtype))
+            self.__dict__["_tiles"] = cuda.pack_tiles(unpack(_to_device(self.packed, probe.device)))
+            self.max_cuda_tokens = min(self.max_cuda_tokens, cuda.max_tokens(probe.device))
             for name in ("bitmap", "values", "group_offsets"):
                 self._buffers[name] = self._buffers[name].cpu()
             if self._parameters["bias"] is not None:
                 self._parameters["bias"] = nn.Parameter(fn(self._parameters["bias"].data), requires_grad=False)
+            self.__dict__["_dtype"] = probe.dtype
             return self
-        if probe.device.type != "cuda":
-            self.__dict__["_tiles"] = None
-        # .to() / .float() may change the values' dtype: keep the fast path's cached dtype in step.
+        self.__dict__["_tiles"] = None
         out = super()._apply(fn, *args, **kwargs)
-        self.__dict__["_dtype"] = self._buffers["values"].dtype
+        self.__dict__["_dtype"] = self._buffers["values"].dtype  # the CPU fast path's cached dtype
         return out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # new CPU-layout buffers: on a GPU, the tiles must be rebuilt from them (else the old weight would stay)
+        super()._load_from_state_dict(*args, **kwargs)
+        tiles = self.__dict__["_tiles"]
+        if tiles is not None:
+            self.__dict__["_tiles"] = cuda.pack_tiles(unpack(_to_device(self.packed, tiles.values.device)))
 
     def extra_repr(self) -> str:
         nnz = int(self.group_offsets[-1])

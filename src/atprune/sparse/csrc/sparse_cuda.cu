@@ -53,10 +53,11 @@ __device__ __forceinline__ uint32_t issue_tile(const uint32_t* __restrict__ bitm
 }
 
 // x[:, c0 : c0 + span] as float32 into xs [span][B] (rows >= M and columns >= cols as zeros). With 16-byte aligned
-// rows (cols % 8 == 0, every real model) each thread loads 8 values per 128-bit load, all loads independent.
+// rows (x 16-byte aligned and cols % 8 == 0, every real model) each thread loads 8 values per 128-bit load, all
+// loads independent; otherwise one value per load.
 template <typename T, int B>
 __device__ __forceinline__ void stage_x(const T* __restrict__ x, int M, int cols, int c0, int span, float* xs) {
-  if ((cols & 7) == 0) {
+  if ((cols & 7) == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0) {
     const int chunks = span / 8;
 #pragma unroll 4
     for (int c = threadIdx.x; c < chunks * B; c += blockDim.x) {
@@ -143,7 +144,7 @@ __global__ void __launch_bounds__(kWarps * 32) decode_kernel(
         for (int b = 0; b < B; ++b) acc[b] += w * xp[b];
       }
     }
-    __syncwarp();  // the buffer is refilled two tiles later
+    __syncwarp();  // every lane is done with this buffer before the next iteration's copies refill it
   }
 
 #pragma unroll
@@ -221,10 +222,10 @@ void launch(const torch::Tensor& x2, int M, int cols, const torch::Tensor& bitma
   const int splits = (tiles + tiles_per_split - 1) / tiles_per_split;
   const size_t smem = sizeof(uint4) * kWarps * 2 * kStageChunks + sizeof(float) * (size_t)tiles_per_split * kTile * B;
   auto kernel = decode_kernel<T, B>;
-  static int raised = 48 * 1024;  // per instantiation: raise the dynamic shared-memory limit once, when needed
-  if ((int)smem > raised) {
+  TORCH_CHECK((int64_t)smem <= max_smem(), "sparse_mm: ", M, " tokens need ", smem, " bytes of shared memory per "
+              "block, this GPU allows ", max_smem(), " (use fewer tokens per call)");
+  if (smem > 48 * 1024) {  // the limit is per device: set it on every call (cheap), not once per process
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    raised = (int)smem;
   }
   const T* bias_ptr = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
   torch::Tensor ws;
@@ -271,6 +272,12 @@ torch::Tensor sparse_mm(torch::Tensor x, torch::Tensor bitmap, torch::Tensor val
   TORCH_CHECK(x.scalar_type() == values.scalar_type(), "sparse_mm: x and values must have one dtype");
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kHalf, "sparse_mm: bf16 or fp16");
   TORCH_CHECK(tile_off.scalar_type() == torch::kInt32 && bitmap.scalar_type() == torch::kInt32, "sparse_mm: int32");
+  TORCH_CHECK(values.device() == x.device() && bitmap.device() == x.device() && tile_off.device() == x.device(),
+              "sparse_mm: x and the weight must be on one GPU");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device() == x.device() && bias->scalar_type() == x.scalar_type() && bias->numel() == rows &&
+                bias->is_contiguous(), "sparse_mm: bias must be a contiguous [rows] tensor of x's dtype and device");
+  }
   const c10::cuda::CUDAGuard guard(x.device());
   const int cols = (int)x.size(-1);
   const int64_t M64 = x.numel() / std::max<int64_t>(cols, 1);
