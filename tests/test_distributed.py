@@ -18,13 +18,17 @@ import pytest
 import torch
 
 from atprune.distributed.calibration import shard_bounds
+from atprune.engine.stats import InputStats
 from atprune.errors import ConfigError
 from tests.conftest import random_text, save_tiny_model, tiny_model
 
-# (name, method, dtype, reduce, batch size, windows): exact cases use the ordered reduction
-CASES = [("wanda64", "wanda", torch.float64, "ordered", 1, 7),
-         ("sparsegpt64", "sparsegpt", torch.float64, "ordered", 2, 7),
-         ("wanda32", "wanda", torch.float32, "sum", 1, 6), ("sparsegpt32", "sparsegpt", torch.float32, "sum", 1, 6)]
+# (name, method, dtype, reduce, batch size, windows, refine): exact cases use the ordered reduction
+CASES = [("wanda64", "wanda", torch.float64, "ordered", 1, 7, None),
+         ("sparsegpt64", "sparsegpt", torch.float64, "ordered", 2, 7, None),
+         ("dsnot64", "wanda", torch.float64, "ordered", 1, 7, "dsnot"),  # reads the first moment and window count
+         ("wanda32", "wanda", torch.float32, "sum", 1, 6, None),
+         ("sparsegpt32", "sparsegpt", torch.float32, "sum", 1, 6, None),
+         ("dsnot32", "wanda", torch.float32, "sum", 1, 6, "dsnot")]
 SEQLEN = 16
 
 
@@ -32,12 +36,12 @@ def _windows(n: int, seed: int = 5) -> torch.Tensor:
     return torch.randint(3, 128, (n, SEQLEN), generator=torch.Generator().manual_seed(seed))
 
 
-def _pruned(method, dtype, reduce, batch_size, n, data_parallel=None) -> dict[str, torch.Tensor]:
+def _pruned(method, dtype, reduce, batch_size, n, refine, data_parallel=None) -> dict[str, torch.Tensor]:
     from atprune.api import prune
 
     model = tiny_model("llama", layers=2, seed=0).to(dtype)
     prune(model, method=method, sparsity=0.5, allocation="atp", beta=0.2, calib=_windows(n), batch_size=batch_size,
-          progress=False, data_parallel=data_parallel)
+          progress=False, refine=refine, data_parallel=data_parallel)
     return {k: v.clone() for k, v in model.state_dict().items() if k.endswith("proj.weight")}
 
 
@@ -49,8 +53,8 @@ def _worker(rank: int, size: int, folder: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=size)
     out = {}
-    for name, method, dtype, reduce, bs, n in CASES:
-        out[name] = _pruned(method, dtype, reduce, bs, n, DataParallelCalibration(rank, size, "cpu", reduce))
+    for name, method, dtype, reduce, bs, n, refine in CASES:
+        out[name] = _pruned(method, dtype, reduce, bs, n, refine, DataParallelCalibration(rank, size, "cpu", reduce))
     errors = {}
     for case, windows in (("too_few", _windows(size - 1)), ("disagree", _windows(4, seed=rank))):
         try:
@@ -68,7 +72,7 @@ def references():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return {name: _pruned(method, dtype, reduce, bs, n) for name, method, dtype, reduce, bs, n in CASES}
+        return {case[0]: _pruned(*case[1:]) for case in CASES}
     finally:
         torch.set_num_threads(threads)
 
@@ -82,6 +86,14 @@ def ranks(request, tmp_path_factory):
     return [torch.load(folder / f"rank{r}.pt") for r in range(request.param)]
 
 
+def test_every_running_sum_of_input_stats_is_listed_for_the_reduction():
+    s = InputStats(8, hessian=True)
+    s.add(torch.randn(2, 3, 8))
+    tensors = {k for k, v in vars(s).items() if isinstance(v, torch.Tensor)}
+    counts = {k for k, v in vars(s).items() if type(v) is int and k != "in_features"}
+    assert tensors == set(InputStats.SUMS) and counts == set(InputStats.COUNTS)
+
+
 def test_shard_bounds_cover_whole_batches_once():
     # 7 windows in batches of 2 -> batches [0,2) [2,4) [4,6) [6,7); 3 ranks: 2 + 1 + 1 batches
     assert [shard_bounds(7, 2, r, 3) for r in range(3)] == [(0, 4), (4, 6), (6, 7)]
@@ -90,7 +102,7 @@ def test_shard_bounds_cover_whole_batches_once():
         shard_bounds(4, 2, 0, 3)
 
 
-@pytest.mark.parametrize("name", ["wanda64", "sparsegpt64"])
+@pytest.mark.parametrize("name", ["wanda64", "sparsegpt64", "dsnot64"])
 def test_ordered_reduction_equals_one_process_bit_for_bit(ranks, references, name):
     ref = references[name]
     for r, out in enumerate(ranks):
@@ -99,7 +111,7 @@ def test_ordered_reduction_equals_one_process_bit_for_bit(ranks, references, nam
             assert torch.equal(out[name][key], w), (r, key)  # the pruned weights
 
 
-@pytest.mark.parametrize("name", ["wanda32", "sparsegpt32"])
+@pytest.mark.parametrize("name", ["wanda32", "sparsegpt32", "dsnot32"])
 def test_sum_reduction_equals_one_process_within_float32_rounding(ranks, references, name):
     ref = references[name]
     for key, w in ref.items():

@@ -3,9 +3,10 @@ and the input statistics of every Linear layer are summed over ranks before the 
 holds the same statistics, chooses the same mask and computes the same pruned weights; the outputs of the block
 (the next block's inputs) stay on the rank that computed them.
 
-The statistics are sums over tokens (:class:`atprune.engine.stats.InputStats`: token count, ``sum_t x_tj^2`` for
-Wanda's column norms, ``sum_t x_t x_t^T`` for SparseGPT's Hessian), so adding the ranks' sums gives the sums over
-all windows. Two ways to add them (``reduce``):
+The statistics are sums over tokens (:class:`atprune.engine.stats.InputStats`: token and window counts,
+``sum_t x_tj^2`` for Wanda's column norms, ``sum_t x_tj`` for the mean, ``sum_t x_t x_t^T`` for SparseGPT's Hessian;
+the fields listed in ``InputStats.SUMS`` and ``COUNTS``), so adding the ranks' sums gives the sums over all windows.
+Two ways to add them (``reduce``):
 
 - ``"sum"`` (default): every rank sums its own windows, then one ``all_reduce`` adds the ranks' sums (and a
   broadcast from rank 0 makes every rank hold the very same bits whatever the backend's reduction order). The
@@ -60,20 +61,35 @@ def _leaders(stats: dict[str, InputStats], names: list[str]) -> list[int]:
     return [next(j for j in range(k + 1) if stats[names[j]] is stats[name]) for k, name in enumerate(names)]
 
 
+def _present(s: InputStats) -> bool:
+    return any(getattr(s, f) is not None for f in InputStats.SUMS)
+
+
+def _allocate(s: InputStats, device: torch.device) -> None:
+    """Give ``s`` its zero sums (every field of ``InputStats.SUMS`` it collects, in their shapes) by adding an empty
+    ``[0, 0, in]`` input: no token and no window is counted."""
+    s.add(torch.zeros(0, 0, s.in_features, dtype=torch.float32, device=device))
+
+
+def _sums(s: InputStats) -> list[torch.Tensor]:
+    return [t for t in (getattr(s, f) for f in InputStats.SUMS) if t is not None]
+
+
 def _transfer(stats: dict[str, InputStats] | None, linears: dict, hessian: bool, device: torch.device,
               move: Callable[[torch.Tensor], None]) -> dict[str, InputStats]:
     """Send (``stats`` given) or receive (``stats`` None) one block's statistics with ``move`` (a send, receive or
-    broadcast of one tensor in place), sharing kept: a header ``[layers, 3]`` int64 (leader index, present, token
-    count), then per leader the column sums ``[in]`` and, with ``hessian``, ``X X^T`` ``[in, in]`` (float32)."""
+    broadcast of one tensor in place), sharing kept: a header ``[layers, 2 + counts]`` int64 (leader index, present,
+    ``InputStats.COUNTS``), then per present leader its ``InputStats.SUMS`` tensors (float32)."""
     names = list(linears)
-    header = torch.zeros(len(names), 3, dtype=torch.int64, device=device)
+    header = torch.zeros(len(names), 2 + len(InputStats.COUNTS), dtype=torch.int64, device=device)
     if stats is not None:
         header[:, 0] = torch.tensor(_leaders(stats, names))
-        header[:, 1] = torch.tensor([stats[n].sq_norm is not None for n in names])
-        header[:, 2] = torch.tensor([stats[n].ntokens for n in names])
+        header[:, 1] = torch.tensor([_present(stats[n]) for n in names])
+        for c, field in enumerate(InputStats.COUNTS):
+            header[:, 2 + c] = torch.tensor([getattr(stats[n], field) for n in names])
     move(header)
     out: dict[str, InputStats] = {}
-    for k, (lead, present, ntokens) in enumerate(header.tolist()):
+    for k, (lead, present, *counts) in enumerate(header.tolist()):
         name = names[k]
         if lead != k:
             out[name] = out[names[lead]]
@@ -81,13 +97,11 @@ def _transfer(stats: dict[str, InputStats] | None, linears: dict, hessian: bool,
         s = stats[name] if stats is not None else InputStats(linears[name].in_features, hessian=hessian)
         if present:
             if stats is None:
-                n = s.in_features
-                s.ntokens = ntokens
-                s.sq_norm = torch.empty(n, dtype=torch.float32, device=device)
-                s.xtx = torch.empty(n, n, dtype=torch.float32, device=device) if hessian else None
-            move(s.sq_norm)
-            if s.xtx is not None:
-                move(s.xtx)
+                _allocate(s, device)
+                for field, value in zip(InputStats.COUNTS, counts):
+                    setattr(s, field, value)
+            for t in _sums(s):
+                move(t)
         out[name] = s
     return out
 
@@ -147,15 +161,18 @@ class DataParallelCalibration:
             if leads[k] != k:
                 continue
             s = stats[name]
-            n = s.in_features
-            counts = torch.tensor([s.ntokens, s.sq_norm is not None], dtype=torch.int64, device=self.device)
-            sq = s.sq_norm if s.sq_norm is not None else torch.zeros(n, dtype=torch.float32, device=self.device)
-            xtx = s.xtx if s.xtx is not None or not hessian else torch.zeros(n, n, device=self.device)
-            for t in (counts, sq) + ((xtx,) if hessian else ()):
+            counts = torch.tensor([getattr(s, f) for f in InputStats.COUNTS] + [_present(s)], dtype=torch.int64,
+                                  device=self.device)
+            dist.all_reduce(counts)
+            if not counts[-1]:  # no rank saw an input of this layer
+                continue
+            if not _present(s):
+                _allocate(s, self.device)
+            for t in _sums(s):
                 dist.all_reduce(t)
                 dist.broadcast(t, 0)  # one set of bits on every rank, whatever order the backend added in
-            s.ntokens = int(counts[0])
-            s.sq_norm, s.xtx = (sq, xtx if hessian else None) if counts[1] else (None, None)
+            for field, value in zip(InputStats.COUNTS, counts.tolist()):
+                setattr(s, field, value)
         return stats
 
     def _ordered(self, block, index, linears, inputs, hessian, placement) -> dict[str, InputStats]:
