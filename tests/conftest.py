@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import atprune  # noqa: F401 - first: it makes torchvision importable next to a CPU torch (atprune.torchvision_compat)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 

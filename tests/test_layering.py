@@ -20,6 +20,7 @@ BASE = {"errors", "atomic"}
 # room -> rooms (or dotted modules) it may import; lower rooms first
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
+    "torchvision_compat": set(),
     "atomic": {"errors"},
     "plotting": BASE,
     "registry": BASE,
@@ -33,12 +34,13 @@ ALLOWED: dict[str, set[str]] = {
     "export": BASE | {"models", "eval"},
     "allocation": BASE | {"models", "engine", "allocators"},
     # vision-language models: layouts, image-text pairs, caption check; checksums of the dense parts
-    "multimodal": BASE | {"models", "export.files"},
+    "multimodal": BASE | {"models", "export.files", "torchvision_compat"},
     "api": BASE | {"data", "models", "engine", "pruners", "allocators", "allocation", "eval", "multimodal.pairs"},
     "jobs": BASE | {"plotting", "data", "models", "engine", "pruners", "allocators", "allocation", "eval", "export",
                     "api", "multimodal"},
     # image classifiers: their adapter and data over the shared engine, pruners, allocators and search strategies
-    "vision": BASE | {"models.sources", "engine", "pruners", "allocators", "allocation", "api", "export",
+    "vision": BASE | {"torchvision_compat", "models.sources", "engine", "pruners", "allocators", "allocation", "api",
+                      "export",
                       "jobs.strategies"},
     # several processes: data-parallel calibration through the engine's ``collect`` hook; prune jobs under torchrun
     "distributed": BASE | {"engine", "models.sources", "jobs.prune"},
@@ -46,7 +48,7 @@ ALLOWED: dict[str, set[str]] = {
                    "distributed"},
     "__main__": {"cli"},
     "cli_bench": BASE | {"sparse", "models", "api"},
-    "__init__": BASE | {"api", "models", "sparse"},
+    "__init__": BASE | {"api", "models", "sparse", "torchvision_compat"},
 }
 
 

@@ -124,3 +124,13 @@ def test_recipe_refuses_a_mixed_run():
                            beta=0.1, progress=False)
     with pytest.raises(ConfigError, match="no single llm-compressor mask_structure"):
         recipe_from_report({"pruning": result.to_dict()}, modifier="wanda")
+
+
+def test_atp_with_beta_zero_on_n_m_is_not_a_mixed_run():
+    """Every block gets the run's N (4:8) at beta 0: the run is plain 4:8, so the compressed export and the recipe
+    take it as such."""
+    model = tiny_model("llama", layers=3)
+    result = atprune.prune(model, None, method="magnitude", sparsity=None, pattern="4:8", allocation="atp",
+                           beta=0.0, progress=False)
+    assert "mixed_nm" not in result.spec and "block_n" not in result.spec
+    assert result.spec["rates"] == [0.5, 0.5, 0.5] and result.overall_sparsity == pytest.approx(0.5, abs=1e-12)

@@ -198,3 +198,36 @@ def test_missing_timm_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # import timm -> ModuleNotFoundError
     with pytest.raises(ConfigError, match=r"pip install 'atprune\[vision\]'"):
         import_timm()
+
+
+def test_a_folder_with_split_folders_but_not_the_one_asked_is_refused(tmp_path):
+    from atprune.errors import ConfigError
+    from atprune.vision.data import open_images
+
+    _image_folder(tmp_path / "root" / "train")
+    _image_folder(tmp_path / "root" / "test")
+    assert len(open_images(str(tmp_path / "root"), "train")) == 18  # the train/ split, 3 classes x 6 images
+    with pytest.raises(ConfigError, match=r"has split folders \(test, train\) but no val/validation/valid/"):
+        open_images(str(tmp_path / "root"), "validation")  # else train/ and test/ would be read as two classes
+
+
+def test_n_m_with_a_non_uniform_allocation_is_refused_on_image_models():
+    from atprune.errors import ConfigError
+
+    model = _timm("deit_tiny_patch16_224")
+    with pytest.raises(ConfigError, match="mixed N:M per block is for language models"):
+        prune_classifier(model, torch.randn(2, 3, 224, 224), method="wanda", sparsity=None, pattern="2:4",
+                         allocation="atp", beta=0.05)
+
+
+def test_eval_images_limit_takes_a_seeded_subset_across_classes(tmp_path):
+    from atprune.vision.data import open_images
+
+    images = open_images(str(_image_folder(tmp_path / "f", n_per_class=10, classes=5)), "validation")
+    import torchvision.transforms.functional as TF
+
+    labels = [int(x) for _, y in images.batches(TF.to_tensor, 4, limit=15) for x in y]
+    again = [int(x) for _, y in images.batches(TF.to_tensor, 4, limit=15) for x in y]
+    assert len(labels) == 15 and labels == again  # seeded
+    assert len(set(labels)) > 2  # the first 15 in class order would hold only classes 0 and 1
+    assert sorted(labels) == labels  # index order (a class-sorted folder)

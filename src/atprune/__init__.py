@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import importlib
 
+from atprune.torchvision_compat import ensure_torchvision_importable
+
 __version__ = "0.1.0"
+
+# A CPU torch next to PyPI's CUDA-built torchvision (which timm pulls in) breaks even `from transformers import
+# LlamaConfig`; this imports torchvision through the narrow workaround in that case only (no import otherwise).
+ensure_torchvision_importable()
 
 _PUBLIC = {  # name -> module that defines it
     "Adapter": "atprune.models.adapter",

@@ -253,7 +253,10 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
     spec = replace(spec, rates=allocation.rates, statistic=allocation.statistic)
     if spec.pattern.structured and spec.allocation != "uniform":
         block_n = tuple(round_to_nm(spec.rates, model_block_sizes(adapter), spec.pattern.n, spec.pattern.m))
-        spec = replace(spec, block_n=block_n, rates=tuple(1.0 - k / spec.pattern.m for k in block_n),
+        rates = tuple(1.0 - k / spec.pattern.m for k in block_n)
+        if len(set(block_n)) == 1:  # e.g. atp with beta 0: every block has the run's N:M, not a mixed run
+            block_n = ()
+        spec = replace(spec, block_n=block_n, rates=rates,
                        statistic=spec.statistic | {"rates_before_nm_rounding": list(spec.rates)})
     blocks: list[dict] = []
     prune_block = block_pruner(pruner, spec.rates, spec.pattern, blocks, block_pattern=spec.block_pattern,

@@ -163,8 +163,9 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
             export["underflow_zeros"] = sum(m["underflow_zeros"] for m in export["matrices"].values())
             if isinstance(model, torch.nn.Module):  # N:M runs: each matrix's N:M (mixed: per block), checked by verify
                 for name, rec in matrix_patterns(model, report.get("pruning"), blocks_path).items():
-                    if name in export["matrices"]:
-                        export["matrices"][name] |= {"pattern": rec["pattern"], "pattern_axis": rec["axis"]}
+                    key = keys.get(name, name)  # the name in the files (older key names for some classes)
+                    if key in export["matrices"]:
+                        export["matrices"][key] |= {"pattern": rec["pattern"], "pattern_axis": rec["axis"]}
             warnings = list(report.get("warnings") or [])
             if export["underflow_zeros"]:
                 warnings.append(f"the cast to {export['dtype']} turned {export['underflow_zeros']} small non-zero "

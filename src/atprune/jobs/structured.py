@@ -153,10 +153,13 @@ def run_structured_job(job: StructuredJob) -> dict:
                                               max_windows=job.eval_windows, progress=job.progress)
         timings[f"eval_{tag}"] = time.perf_counter() - t
 
+    t0 = time.perf_counter()
+    alloc = allocate(allocator, job.sparsity, adapter, calib.windows)
+    check_rates(adapter, alloc.rates, job.structure)  # a rate that removes every head: refused before evaluating
+    timings["allocate"] = time.perf_counter() - t0
     if evalset is not None and job.eval_dense:
         evaluate("dense")
     t0 = time.perf_counter()
-    alloc = allocate(allocator, job.sparsity, adapter, calib.windows)
     blocks = shrink(model, calib.windows, job.method, job.structure, alloc.rates, batch)
     timings["prune"] = time.perf_counter() - t0
     if evalset is not None:

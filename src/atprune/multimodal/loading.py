@@ -62,6 +62,9 @@ def load_vision_language(source: ModelSource | str, dtype: torch.dtype = torch.f
     Raises:
         ConfigError: the spec does not resolve, or the model is not a supported vision-language class.
     """
+    from atprune.torchvision_compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()  # transformers' processors import torchvision when it is installed
     from transformers import AutoModelForImageTextToText, AutoProcessor
     import transformers.utils.logging as hf_logging
 

@@ -44,12 +44,17 @@ class ImageSet:
         items = [self.get(int(i)) for i in indices]
         return torch.stack([transform(x) if transform is not None else x for x in items])
 
-    def batches(self, transform: Callable | None, batch_size: int, limit: int | None = None
+    def batches(self, transform: Callable | None, batch_size: int, limit: int | None = None, seed: int = 0
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(images [b, C, H, W], labels [b] int64)`` over the first ``limit`` images (default all), in order."""
-        n = len(self) if limit is None else min(limit, len(self))
-        for start in range(0, n, batch_size):
-            idx = range(start, min(start + batch_size, n))
+        """``(images [b, C, H, W], labels [b] int64)`` over all images in order, or with ``limit`` over a seeded
+        random subset of ``limit`` images (in index order), so that a class-sorted folder is not cut to its first
+        classes."""
+        order = list(range(len(self)))
+        if limit is not None and limit < len(self):
+            pick = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:limit]
+            order = sorted(int(i) for i in pick)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
             yield self.load(idx, transform), torch.tensor([self.labels[i] for i in idx], dtype=torch.long)
 
 
@@ -94,9 +99,20 @@ def looks_like_images(spec: str | None) -> bool:
 
 
 def _split_folder(path: Path, split: str) -> Path:
+    """``path/<split>`` when it holds class folders; ``path`` itself when it has no split folders.
+
+    Raises:
+        ConfigError: ``path`` holds split folders (train/, val/...) but not the one asked for (its split folders
+            would otherwise be read as classes).
+    """
     for name in SPLIT_FOLDERS.get(split, (split,)):
         if (path / name).is_dir() and _class_dirs(path / name):
             return path / name
+    splits = sorted(n for names in SPLIT_FOLDERS.values() for n in names if (path / n).is_dir())
+    if splits:
+        wanted = "/".join(SPLIT_FOLDERS.get(split, (split,)))
+        raise ConfigError(f"image folder {path} has split folders ({', '.join(splits)}) but no {wanted}/ with class "
+                          "folders for this use; give the split folder itself or add it")
     return path
 
 

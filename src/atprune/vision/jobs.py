@@ -3,7 +3,7 @@
 Every check that can fail on user input runs in :func:`check_vision_job` before the model is loaded. Calibration
 images are drawn seeded from the training split of ``calib_data``; selection images for ATP's beta search are
 drawn from the same split, disjoint from them (or from ``select_data``'s validation split); evaluation uses the
-first ``eval_images`` images of ``eval_data``'s validation split (all by default).
+a seeded random subset of ``eval_images`` images of ``eval_data``'s validation split (all by default).
 """
 
 from __future__ import annotations
@@ -160,7 +160,9 @@ class _Run:
         batches = self.eval_set.batches(self.transform, self.job.batch_size, self.job.eval_images)
         return accuracy(self.logits, batches) | {"dataset": self.eval_set.info["dataset"],
                                                  "split": self.eval_set.info.get("split"),
-                                                 "images_total": len(self.eval_set)}
+                                                 "images_total": len(self.eval_set),
+                                                 "subset": None if self.job.eval_images is None else
+                                                 "seeded random subset (seed 0)"}
 
     def selection_loss(self) -> float:
         """Mean cross-entropy (nats per image) of the current model on the selection images."""

@@ -100,6 +100,9 @@ def prune_classifier(model, images: torch.Tensor | None = None, *, method: str =
     """
     model.eval()
     adapter = VisionAdapter.for_model(model)
+    if pattern not in ("unstructured", None) and allocation != "uniform":
+        raise ConfigError(f"N:M pattern {pattern} with allocation {allocation!r}: mixed N:M per block is for language "
+                          "models so far; use --allocation uniform with a pattern on image models")
     spec = plan(method, sparsity, adapter.num_blocks, allocation=allocation, beta=beta, pattern=pattern,
                 allocation_options=allocation_options, block_sizes=block_sizes(adapter))
     check_widths(adapter, spec.pattern)
