@@ -43,7 +43,11 @@ ALLOWED: dict[str, set[str]] = {
     # image classifiers: their adapter and data over the shared engine, pruners, allocators and search strategies
     "vision": BASE | {"torchvision_compat", "models.sources", "engine", "pruners", "allocators", "allocation", "api",
                       "export", "jobs.strategies"},
-    "cli": BASE | {"models", "pruners", "allocators", "eval", "export", "jobs", "sparse", "cli_bench", "vision"},
+    # several processes: data-parallel calibration through the engine's ``collect`` hook; prune jobs under torchrun
+    "distributed": BASE | {"engine", "models.sources", "jobs.prune"},
+    "cli": BASE | {"models", "pruners", "allocators", "eval", "export", "jobs", "sparse", "cli_bench", "vision",
+                   "distributed"},
+    "__main__": {"cli"},
     "cli_bench": BASE | {"sparse", "models", "api"},
     "__init__": BASE | {"api", "models", "sparse", "torchvision_compat"},
 }

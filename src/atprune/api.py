@@ -187,7 +187,7 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
           strict: bool = False, block_inputs: BlockInputs | None = None, allocation_options: dict | None = None,
           placement: Placement | None = None, progress: bool = True, blocks_path: str | None = None,
           allocator_statistic: list[float] | None = None, refine: str | None = None,
-          quantize: QuantSpec | None = None) -> PruneResult:
+          quantize: QuantSpec | None = None, data_parallel=None) -> PruneResult:
     """Prune ``model`` in place, block by block, with per-block sparsity ratios from an allocator.
 
     Args:
@@ -215,6 +215,11 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
             :mod:`atprune.quant.step`): GPTQ after the mask (SparseGPT: jointly), or round to nearest. The result's
             ``quantization`` holds the bits per block and ``grids`` (an attribute, not serialised) each matrix's grid.
             Not with ``refine`` (DSnoT would move weights off the quantization grid).
+        data_parallel: this process's part of a data-parallel run (see
+            :class:`atprune.distributed.calibration.DataParallelCalibration`): its ``shard(windows, batch_size)`` gives
+            the windows this process runs, its ``collect`` sums every process's statistics before the pruner reads
+            them, its ``finish(summary)`` waits for every process at the end. Allocators that read calibration data
+            are not supported with it.
 
     Returns:
         :class:`PruneResult`.
@@ -242,6 +247,13 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
         calib_info = dict(calib_info) | {"batch_size": batch_size}
     else:
         windows, calib_info = None, {}
+    if data_parallel is not None and windows is not None:
+        if allocator_needs_calibration(spec.allocator):
+            raise ConfigError(f"allocation {spec.allocation!r} reads calibration data itself; data-parallel runs "
+                              "support uniform, atp and alphapruning")
+        if block_inputs is not None:
+            raise ConfigError("block_inputs are captured on all windows; a data-parallel run captures its own share")
+        windows = data_parallel.shard(windows, batch_size)
     start = time.perf_counter()
     if allocator_needs_calibration(spec.allocator) and block_inputs is None and allocator_statistic is None:
         block_inputs = first_block_inputs(adapter, windows, batch_size, placement)
@@ -265,13 +277,16 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
         if needs_stats:
             hessian = pruner.needs_hessian or (quant is not None and quant.needs_hessian)
             sequential(adapter, windows, prune_block, needs_hessian=hessian, batch_size=batch_size,
-                       inputs=block_inputs, progress=lambda i: bar.update(1), placement=placement, last_outputs=False)
+                       inputs=block_inputs, progress=lambda i: bar.update(1), placement=placement, last_outputs=False,
+                       collect=data_parallel.collect if data_parallel is not None else None)
         else:  # data-free (magnitude): no forward pass at all
             for i, block in enumerate(adapter.blocks):
                 prune_block(i, block, adapter.linears(block), None)
                 bar.update(1)
     finally:
         bar.close()
+    if data_parallel is not None:  # every rank has finished, with the same zeros, before anything is written
+        data_parallel.finish([(b["index"], b["zeros"]) for b in blocks])
     result = prune_result(spec, blocks, time.perf_counter() - start, calib_info, refine,
                           quant.describe() if quant is not None else None)
     result.grids = quant.named_grids(model) if quant is not None else {}

@@ -83,6 +83,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     _add_common_args(p, sparsity_default=None, out_required=False, offload=True)
     p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4, 4:8; with a "
                    "non-uniform --allocation each block gets its own N, mean N:M (mixed N:M)")
+    p.add_argument("--dist-reduce", choices=("sum", "ordered"), default="sum", help="under torchrun: add the ranks' "
+                   "statistics with one all-reduce (sum) or rank after rank, bit for bit as one process (ordered)")
     p.add_argument("--allocation", default="uniform", help=f"per-block sparsity allocation: {', '.join(ALLOCATORS)}")
     p.add_argument("--beta", type=float, default=None, help="ATP step between consecutive blocks; legal range "
                    "[0, min(2S, 2(1-S))/(L-1)]")
@@ -442,7 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     args.argv_tail = list(sys.argv[1:] if argv is None else argv)[1:]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.command in ("prune", "search", "compare"):  # an image classifier as --model: the vision jobs
+        _check_launch(args.command)
+        if args.command in ("prune", "search", "compare") and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            # an image classifier as --model: the vision jobs (one process only; not under torchrun yet)
             from atprune.vision.cli import run_vision_command
 
             args.allocation_options = _alloc_options(args.alloc_opt) if args.command == "prune" else None
@@ -477,6 +481,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _check_launch(command: str) -> None:
+    """Under torchrun only ``prune`` runs (data-parallel calibration, :mod:`atprune.distributed`)."""
+    if command != "prune" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"`atprune {command}` does not run under torchrun yet; only `atprune prune` does")
+
+
 def _run_structured(args) -> int:
     from atprune.jobs.structured import StructuredJob, format_structured, run_structured_job
 
@@ -491,12 +501,28 @@ def _run_structured(args) -> int:
 
 
 def _run_prune(args) -> int:
+    from atprune.distributed.context import launched
     from atprune.jobs.prune import run_prune_job
     from atprune.export.report import format_table
 
+    if args.structure is not None and launched():
+        raise ConfigError("--structure does not run under torchrun yet; run it in one process")
     if args.structure is not None:
         return _run_structured(args)
-    report = run_prune_job(_job_from_args(args))
+    if launched():
+        from atprune.distributed.context import leave
+        from atprune.distributed.prune import rank_failed, run_prune_distributed
+
+        try:
+            report = run_prune_distributed(_job_from_args(args), args.dist_reduce)
+        except Exception as err:  # one line naming the rank; torchrun stops the others
+            return rank_failed(err)
+        finally:
+            leave()
+        if report is None:  # not rank 0: nothing to print
+            return 0
+    else:
+        report = run_prune_job(_job_from_args(args))
     if args.json:
         print(json.dumps(report, indent=2))
     else:

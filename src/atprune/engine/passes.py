@@ -220,9 +220,14 @@ def _watch_inputs(layer, fn: Callable[[torch.Tensor], None]):
 
 
 def collect_stats(block: nn.Module, index: int, linears: dict[str, nn.Linear], inputs: BlockInputs,
-                  hessian: bool, placement: Placement | None = None) -> dict[str, InputStats]:
+                  hessian: bool, placement: Placement | None = None,
+                  stats: dict[str, InputStats] | None = None) -> dict[str, InputStats]:
     """One forward pass of ``block`` (number ``index``) over ``inputs`` with hooks that accumulate
     :class:`InputStats` (float32) for every layer in ``linears``.
+
+    ``stats``, when given, are sums to continue (one per name of ``linears``, layers that read one input sharing one
+    object as this function would share them): the batches of ``inputs`` are added to them in order, exactly as if
+    they had come after the batches those sums saw (a data-parallel caller passes on the sums of the ranks before).
 
     Layers that receive the very same input tensor (q/k/v projections, gate/up projections) share one
     :class:`InputStats` object: their statistics are identical, so they are computed and stored once.
@@ -232,7 +237,10 @@ def collect_stats(block: nn.Module, index: int, linears: dict[str, nn.Linear], i
     are never computed. This assumes the same calls for every batch of equal-length windows, true of the decoders
     atprune supports (MoE expert views are called once per forward whatever the routing).
     """
-    stats: dict[str, InputStats] = {name: InputStats(lin.in_features, hessian=hessian) for name, lin in linears.items()}
+    if stats is None:
+        stats = {name: InputStats(lin.in_features, hessian=hessian) for name, lin in linears.items()}
+    else:
+        stats = dict(stats)
     seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input kept alive, first layer that read it)
     calls: dict[str, int] = {}  # calls of each layer in the current batch
     expected: dict[str, int] | None = None  # calls per batch, counted in the first batch
@@ -270,6 +278,8 @@ def collect_stats(block: nn.Module, index: int, linears: dict[str, nn.Linear], i
 
 
 PruneBlockFn = Callable[[int, nn.Module, dict[str, nn.Linear], dict[str, InputStats] | None], None]
+CollectFn = Callable[[nn.Module, int, dict[str, nn.Linear], BlockInputs, bool, Placement | None],
+                     dict[str, InputStats]]
 
 
 def sequential(
@@ -284,6 +294,7 @@ def sequential(
     progress: Callable[[int], None] | None = None,
     placement: Placement | None = None,
     last_outputs: bool = True,
+    collect: CollectFn | None = None,
 ) -> list[torch.Tensor]:
     """Prune the model block by block.
 
@@ -314,7 +325,9 @@ def sequential(
         placement.enter(block)
         try:
             linears = adapter.linears(block)
-            stats = collect_stats(block, i, linears, current, needs_hessian, placement) if needs_stats else None
+            stats = None
+            if needs_stats:
+                stats = (collect or collect_stats)(block, i, linears, current, needs_hessian, placement)
             prune_block(i, block, linears, stats)
             del stats
             last = i == adapter.num_blocks - 1

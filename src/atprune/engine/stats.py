@@ -33,6 +33,12 @@ class InputStats:
             input share one InputStats, so e.g. SparseGPT factors their common Hessian once).
     """
 
+    #: the additive state: the tensors (None until the first input) and the counts whose field-wise sums over two
+    #: objects are the statistics of both inputs together (what a data-parallel caller adds over processes); a new
+    #: running sum must be listed here
+    SUMS = ("sq_norm", "total", "xtx")
+    COUNTS = ("ntokens", "windows")
+
     def __init__(self, in_features: int, hessian: bool = False, device: torch.device | None = None):
         self.in_features = in_features
         self.want_hessian = hessian

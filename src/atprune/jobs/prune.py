@@ -99,8 +99,11 @@ def check_job(job: PruneJob):
     return checked.source, spec, checked.device, checked.dtype, vl
 
 
-def run_prune_job(job: PruneJob) -> dict:
+def run_prune_job(job: PruneJob, data_parallel=None) -> dict:
     """Run the job and return its report (also written to ``job.out/report.json`` with the model).
+
+    ``data_parallel``: this process's part of a data-parallel run, passed to :func:`atprune.api.prune` (see
+    :mod:`atprune.distributed.prune`, which also keeps evaluation and writing to rank 0).
 
     Raises:
         ConfigError: bad options or data (before the model is loaded whenever possible).
@@ -185,7 +188,7 @@ def run_prune_job(job: PruneJob) -> dict:
     result = prune(model, tokenizer, method=spec.method, sparsity=spec.sparsity, allocation=spec.allocation,
                    beta=spec.beta, pattern=spec.pattern, calib=calib, batch_size=job.batch_size,
                    allocation_options=job.allocation_options, placement=placement, blocks_path=job.blocks_path,
-                   progress=job.progress, refine=job.refine, quantize=qspec)
+                   progress=job.progress, refine=job.refine, quantize=qspec, data_parallel=data_parallel)
     timings["prune"] = result.seconds
     masks = record_masks(model, job.blocks_path) if job.out else None  # checked again at every step of the save
     if job.eval_data:
