@@ -190,8 +190,14 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
 
                 if not grids:
                     raise ConfigError("--format pack-quantized needs quantized weights (--quantize)")
+                file_grids = {keys.get(n, n): g for n, g in grids.items()}  # by the files' key names
+                quantized = read_tensors(tmp, file_grids)
+                absent = [k for k in file_grids if k not in quantized]
+                if absent:
+                    raise ConfigError(f"pack-quantized: {len(absent)} quantized matrices are not in the saved files "
+                                      f"(e.g. {absent[0]})")
                 export["sizes_bytes"]["pack-quantized"] = write_pack_quantized(
-                    tmp, tmp / PACKED_DIR, read_tensors(tmp, grids), grids, tokenizer)
+                    tmp, tmp / PACKED_DIR, quantized, file_grids, tokenizer)
             del saved
             if untouched:
                 export["untouched"] = {}
