@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from atprune.errors import ConfigError
-from atprune.export.files import (check_output_dir, public_permissions, read_tensors, safetensors_files, saved_names,
-                                  tensors_digest, write_json)
+from atprune.export.files import (check_output_dir, public_permissions, read_tensors, replace_folder,
+                                  safetensors_files, saved_names, tensors_digest, write_json)
 from atprune.export.nm import matrix_patterns, nm_violations
 from atprune.export.masks import check_masks, check_saveable, mask_digest, matrix_entries, record_masks
 
@@ -215,13 +215,7 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
         for name, src in (files or {}).items():
             shutil.copyfile(src, tmp / name)
         public_permissions(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -122,3 +124,16 @@ def public_permissions(path: Path) -> None:
     mask = umask()
     for p in [path, *path.rglob("*")]:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Move the finished folder ``tmp`` to ``out`` (same file system), replacing an existing ``out`` whole: the old
+    one is moved aside first and removed only after the swap, so ``out`` is at every moment either the old folder or
+    the new one."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

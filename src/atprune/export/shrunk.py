@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from atprune.export.files import check_output_dir, public_permissions, write_json
+from atprune.export.files import check_output_dir, public_permissions, replace_folder, write_json
 
 
 def save_shrunk(model, tokenizer, out: str | os.PathLike, report: dict, overwrite: bool = False) -> Path:
@@ -32,13 +32,7 @@ def save_shrunk(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
             tokenizer.save_pretrained(tmp)
         write_json(tmp / "report.json", report)
         public_permissions(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
