@@ -274,3 +274,45 @@ def test_compare_tunes_every_peer_with_the_same_budget_and_marks_selection_on_te
     assert "owl (tuned)" in header and "atp (selected on test)" in header
     best = md.splitlines()[2].rsplit("|", 2)[1].strip()
     assert best != "atp (selected on test)"
+
+
+def test_compare_prunes_a_configuration_once_and_its_cells_equal_fresh_prunes(tmp_path):
+    """With --tune-peers and --atp-on-test, 9 cells and 5 searches of 3 trials ask for 24 prunes; uniform (the first
+    trial of every search) and the configuration the test-split search chose (its cell) are met again and not
+    pruned again: at most 24 - 6 = 18 passes. Every cell's perplexity equals a fresh prune of the saved model with
+    the cell's options, evaluated by evaluate_perplexity (the path of ``atprune prune``), and the search on the test
+    split scores its trial at 0 with the uniform cell's very number."""
+    import json
+
+    import atprune
+    from atprune.api import evaluate_perplexity
+    from atprune.cli import main
+    from atprune.models.sources import load_model
+    from atprune.data import TokenWindows  # noqa: F401  (the calibration windows come from the same loader)
+    from atprune.jobs.search import selection_windows
+
+    model, calib, evalf = _compare_inputs(tmp_path)
+    out = tmp_path / "cmp"
+    args = ["--methods", "wanda", "--sparsities", "0.6", "--allocations", "uniform", "atp", "owl", "alphapruning",
+            "dlp", "--calib-data", str(calib), "--eval-data", str(evalf), "--nsamples", "4", "--nselect", "2",
+            "--seqlen", "32", "--max-trials", "3", "--tune-peers", "--atp-on-test"]
+    assert main(["compare", "--model", str(model), *args, "--out", str(out), "--quiet"]) == 0
+    state = json.loads((out / "compare.json").read_text())
+    rows = {r["column"]: r for r in state["rows"]}
+    assert len(rows) == 9 and state["prune_passes"] <= 18
+    on_test = rows["atp (selected on test)"]
+    assert on_test["trials"][0] == [0.0, rows["uniform"]["ppl"]]
+    assert on_test["ppl"] == min(t[1] for t in on_test["trials"])
+    from atprune.jobs.compare import CompareJob
+
+    job = CompareJob(model=str(model), calib_data=str(calib), eval_data=str(evalf), nsamples=4, nselect=2, seqlen=32,
+                     out=str(tmp_path / "unused"))
+    for column, r in rows.items():
+        if r.get("refused"):
+            continue
+        fresh, tokenizer = load_model(str(model))
+        windows, _, _ = selection_windows(job, tokenizer)
+        atprune.prune(fresh, method="wanda", sparsity=0.6, allocation=r["allocation"], beta=r["beta"], calib=windows,
+                      allocation_options=r["options"], progress=False)
+        ev = evaluate_perplexity(fresh, tokenizer, str(evalf), seqlen=32, progress=False)
+        assert ev["ppl"] == pytest.approx(r["ppl"], rel=1e-12), column

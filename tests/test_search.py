@@ -96,8 +96,10 @@ def test_search_then_resume_skips_finished_trials(tiny, monkeypatch):
     real = trials_mod.prune
     monkeypatch.setattr(trials_mod, "prune", lambda *a, **k: calls.append(k["beta"]) or real(*a, **k))
     again = run_search_job(_job(tiny, out, resume=True))
-    # 2 trials redone + the final prune; the 2 recorded ones are not
-    assert len(calls) == 3 and calls[:2] == pytest.approx([t["beta"] for t in state["trials"][2:]])
+    # 2 trials redone, the 2 recorded ones not; then the final prune, unless the model still holds the chosen beta
+    # (the last trial's)
+    last_chosen = again["chosen"]["beta"] == again["trials"][-1]["beta"]
+    assert len(calls) == 3 - last_chosen and calls[:2] == pytest.approx([t["beta"] for t in state["trials"][2:]])
     assert [t["metric"] for t in again["trials"]] == pytest.approx([t["metric"] for t in state["trials"]])
 
 
@@ -213,9 +215,11 @@ def test_a_trial_on_cached_inputs_gives_the_weights_of_a_fresh_prune(method, all
     kw = {"beta": value} if allocation == "atp" else {"allocation_options": {knob: value}}
     atprune.prune(fresh, method=method, sparsity=0.6, allocation=allocation, calib=calib, progress=False, **kw)
     runner = search_job.TrialRunner(copy.deepcopy(base), calib, select)
-    for v in (value, 0.0, value):  # the middle trial changes every weight; the last must undo it
+    for v in (value, 0.0):  # the second trial changes every weight; pruning ``value`` again must undo it
         record = runner.trial(method, 0.6, v, allocation)
         assert record[knob] == v and record["metric"] > 0
+    runner.prune(method, 0.6, allocation, **({"beta": value} if allocation == "atp" else {"options": {knob: value}}))
+    assert runner.prunes == 3
     for (name, got), (_, want) in zip(runner.model.named_parameters(), fresh.named_parameters()):
         assert torch.equal(got, want), name
 
@@ -236,3 +240,42 @@ def test_analysis_prunes_with_the_rates_of_prune(allocation):
     assert got["rates"] == pytest.approx(want.spec["rates"], abs=1e-12) and len(got["local"]) == 3
     for (name, a), (_, b) in zip(base.named_parameters(), fresh.named_parameters()):
         assert torch.equal(a, b), name
+
+
+def test_a_configuration_met_again_is_neither_pruned_nor_scored_again():
+    """Uniform is the first point of every search (ATP's beta 0, OWL's lam 0, DLP's alpha 0, AlphaPruning's eps 0
+    all give the mean rate in every block): the runner prunes it once, and every later trial at 0 returns the
+    remembered metric, which equals a fresh uniform prune of an untouched copy scored independently."""
+    import copy
+
+    import atprune
+    from atprune.eval.perplexity import perplexity
+
+    base = tiny_model("llama", layers=3, seed=2)
+    calib = torch.randint(3, 128, (6, 24), generator=torch.Generator().manual_seed(8))
+    select = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(9))
+    fresh = copy.deepcopy(base)
+    atprune.prune(fresh, method="wanda", sparsity=0.6, allocation="uniform", calib=calib, progress=False)
+    want = perplexity(fresh, select.flatten(), 24)["ppl"]
+    runner = search_job.TrialRunner(copy.deepcopy(base), calib, select)
+    first = runner.trial("wanda", 0.6, 0.0, "atp")
+    assert first["metric"] == want and "cached" not in first and runner.prunes == 1
+    for allocation in ("owl", "dlp", "alphapruning"):
+        again = runner.trial("wanda", 0.6, 0.0, allocation)
+        assert again["cached"] and again["metric"] == want and again["rates"] == [0.6] * 3
+    assert runner.prunes == 1
+    runner.trial("wanda", 0.6, 0.1, "atp")  # another configuration: pruned
+    assert runner.prunes == 2
+    # the one the model holds now is not pruned again: prune() returns its result, the weights stay as they are
+    result = runner.prune("wanda", 0.6, "atp", 0.1)
+    assert runner.prunes == 2 and result.spec["beta"] == 0.1
+    # uniform is no longer in the model: asking for it prunes it again, to the very weights of the fresh copy
+    runner.prune("wanda", 0.6, "uniform")
+    assert runner.prunes == 3
+    for (name, got), (_, ref) in zip(runner.model.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(got, ref), name
+    # another score of a remembered configuration needs its weights: other windows on uniform (held now) cost no prune
+    other = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(10))
+    rec = runner.trial("wanda", 0.6, 0.0, "atp", select=other)
+    assert "cached" not in rec and runner.prunes == 3
+    assert rec["metric"] == perplexity(fresh, other.flatten(), 24)["ppl"]

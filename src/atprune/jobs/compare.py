@@ -2,7 +2,9 @@
 
 Every cell starts from the same dense weights, uses the same calibration windows (block-0 inputs captured
 once), and is evaluated on the same tokens. ATP's beta is searched per (pruner, sparsity) with the golden
-strategy on held-out selection windows of the calibration source (never the evaluation data).
+strategy on held-out selection windows of the calibration source (never the evaluation data). A configuration met
+again (uniform is the first point of every search; a search on the test split may choose a value already evaluated)
+is neither pruned nor evaluated again (:class:`atprune.jobs.trials.TrialRunner`).
 Writes ``compare.json`` (after every cell), ``results.csv``, ``results.md`` and ``rates.png``.
 """
 
@@ -103,9 +105,7 @@ def run_compare_job(job: CompareJob) -> dict:
     state = {"schema": "atprune.compare/1", "config": asdict(job) | {"dtype": str(dtype), "device": str(device)},
              "versions": versions(), "selection_data": select_info, "tokenizer_check": tokenizer_check, "warnings": tokenizer_notes,
              "dense": ppl(), "rows": []}
-    on_test = None
-    if job.atp_on_test and "atp" in job.allocations:  # the reference protocol: beta chosen on the evaluation windows
-        on_test = data_mod.cut_windows(evalset.tokens, job.seqlen, evalset.info.get("bos_token_id"), job.eval_windows)
+    test = ("test", ppl)  # one name for the evaluation, so a configuration met again is not pruned or scored again
     cells = [(method, s, alloc, variant) for method in job.methods for s in job.sparsities for alloc in job.allocations
              for variant in _variants(job, alloc)]
     for method, s, alloc, variant in cells:
@@ -114,14 +114,14 @@ def run_compare_job(job: CompareJob) -> dict:
         row = {"method": method, "sparsity": s, "allocation": alloc, "variant": variant, "column": column,
                "beta": None, "options": None, "search_seconds": None}
         beta, options = None, None
-        if alloc == "atp" or variant != "default":
+        if alloc == "atp" or variant != "default":  # "selected on test": beta chosen on the evaluation windows
             trials, value, _ = runner.tune(method, s, alloc, max_trials=job.max_trials,
-                                           select=on_test if variant == "selected on test" else None)
+                                           scorer=test if variant == "selected on test" else None)
             knob = ALLOCATORS[alloc].tunable
             beta, options = (value, None) if alloc == "atp" else (None, {knob: value})
             row |= {"beta": beta, "options": options, "search_seconds": time.perf_counter() - t0, "trials": trials}
         try:
-            result = runner.prune(method, s, alloc, beta, options=options)
+            key = runner.configuration(method, s, alloc, beta, options)
         except ConfigError as err:  # e.g. a peer's default option gives a rate >= 1 at this sparsity: say so, go on
             row |= {"ppl": math.inf, "refused": str(err), "eval_windows": 0, "overall_sparsity": None,
                     "prune_seconds": None, "rates": None, "statistic": {}}
@@ -130,7 +130,9 @@ def run_compare_job(job: CompareJob) -> dict:
             if job.progress:
                 print(f"[{len(state['rows'])}/{len(cells)}] {method} S={s:g} {column}: refused: {err}", flush=True)
             continue
-        ev = ppl()
+        evaluated = (key, "test") in runner.scores  # e.g. the configuration a search on the test split chose
+        result = runner.results[key] if evaluated else runner.prune(method, s, alloc, beta, options=options)
+        ev = runner.measure(key, *test)
         row |= {"ppl": ev["ppl"], "eval_windows": ev["windows"], "overall_sparsity": result.overall_sparsity,
                 "prune_seconds": result.seconds, "rates": result.spec["rates"],
                 "quantization": result.quantization or None,
@@ -142,6 +144,8 @@ def run_compare_job(job: CompareJob) -> dict:
                 f" {k}={v:.4g}" for k, v in (options or {}).items())
             print(f"[{len(state['rows'])}/{len(cells)}] {method} S={s:g} {column}{chosen}: ppl {ev['ppl']:.3f}",
                   flush=True)
+    state["prune_passes"] = runner.prunes  # configurations met again (uniform, a chosen value) were not pruned again
+    write_json(out / "compare.json", state)
     for name, text in (("results.csv", to_csv(state["rows"])), ("results.md", to_markdown(state))):
         with atomic_file(out / name) as fh:
             fh.write(text)

@@ -4,18 +4,26 @@
 metric) and tunes one knob of an allocator with a search strategy (:mod:`atprune.jobs.strategies`): ATP's beta for
 ``atprune search``, and each peer's main option for ``atprune compare --tune-peers``, with the same selection data
 and the same trial budget.
+
+Nothing is pruned twice: a trial is identified by its *configuration* (pruner, mean sparsity and the exact per-block
+rates, which with the runner's fixed calibration windows determine every pruned weight), and the runner remembers,
+per configuration, the prune's result and every score measured on it. A configuration met again (e.g. uniform, the
+first point of every search, or the value a search chose) is answered from memory, and a prune of the configuration
+the model already holds is skipped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
+from collections.abc import Callable
 
 import torch
 
-from atprune.allocation import block_sizes, block_statistic
+from atprune.allocation import allocate, block_sizes, block_statistic
 from atprune.allocators import ALLOCATORS, NEEDS_NOTHING, get_allocator
-from atprune.api import prune, resolve_batch_size
+from atprune.api import plan, prune, resolve_batch_size
 from atprune.engine.passes import first_block_inputs
 from atprune.engine.placement import Placement, auto_batch_size
 from atprune.errors import ConfigError
@@ -38,6 +46,9 @@ class TrialRunner:
         batch_size: windows per forward pass, or ``"auto"``.
         blocks_path: the decoder-block list of an unrecognised layout.
         quantize: an :class:`atprune.quant.QuantSpec`: every trial also quantizes in its pruning pass (None: none).
+
+    The runner owns the model's Linear weights between its calls: it assumes nobody else changes them (it remembers
+    which configuration the model holds, see the module docstring).
     """
 
     def __init__(self, model, calib: torch.Tensor, select: torch.Tensor, *, metric: str = "ppl", batch_size: int = 1,
@@ -61,30 +72,72 @@ class TrialRunner:
         self.reference = next_token_logprobs(model, select, batch_size=self.eval_batch_size) if metric == "kl" else None
         self.seqlen = select.shape[1]
         self.dense_select_ppl = perplexity(model, select.flatten(), self.seqlen, batch_size=self.eval_batch_size)["ppl"]
+        self.results: dict[tuple, object] = {}  # configuration -> its PruneResult
+        self.scores: dict[tuple, object] = {}  # (configuration, score name) -> what that score measured on it
+        self.current: tuple | None = None  # the configuration the model holds now (None: dense)
+        self.prunes = 0  # prune passes actually run (for reports: how many a cache hit saved)
 
     def restore(self) -> None:
         """Put the dense weights back."""
         with torch.no_grad():
             for name, lin in self.linears.items():
                 lin.weight.copy_(self.dense[name])
+        self.current = None
+
+    def _statistic(self, allocator, allocation: str) -> list[float] | None:
+        """The allocator's dense statistic, computed once per allocator and fixed options (trials share it)."""
+        if allocator.needs == NEEDS_NOTHING:
+            return None
+        fixed = {k: v for k, v in allocator.describe().items() if k not in ("name", allocator.tunable)}
+        key = (allocation, tuple(sorted(fixed.items())))
+        if key not in self.statistics:
+            if self.current is not None:  # a dense statistic: measure it on the dense weights
+                self.restore()
+            self.statistics[key] = block_statistic(allocator, self.adapter, self.calib, self.inputs)
+        return self.statistics[key]
+
+    def configuration(self, method: str, sparsity: float, allocation: str, beta: float | None = None,
+                      options: dict | None = None) -> tuple:
+        """``(method, sparsity, rates)``: what determines the weights a prune with these options leaves (the runner's
+        calibration windows and quantization are fixed), ``rates`` the exact per-block floats the allocator gives.
+
+        Raises:
+            ConfigError: illegal options, e.g. a value that puts a rate outside [0, 1) (as :func:`atprune.api.prune`).
+        """
+        spec = plan(method, sparsity, self.adapter.num_blocks, allocation=allocation, beta=beta,
+                    allocation_options=options, block_sizes=self.block_sizes)
+        statistic = self._statistic(spec.allocator, allocation)
+        rates = allocate(spec.allocator, spec.sparsity, self.adapter, statistic=statistic).rates
+        return method, float(spec.sparsity), tuple(float(r) for r in rates)
 
     def prune(self, method: str, sparsity: float, allocation: str, beta: float | None = None, progress: bool = False,
               options: dict | None = None):
-        """Restore the dense weights and prune with one allocation (``options``: the allocator's, e.g.
-        ``{"lam": 0.05}``); returns :class:`atprune.api.PruneResult`."""
-        self.restore()
+        """Prune the dense weights with one allocation (``options``: the allocator's, e.g. ``{"lam": 0.05}``), unless
+        the model already holds that very configuration; returns :class:`atprune.api.PruneResult` (of the prune that
+        made these weights)."""
+        key = self.configuration(method, sparsity, allocation, beta, options)
+        if key == self.current:
+            return self.results[key]
         allocator = get_allocator(allocation, beta=beta, **(options or {}))
-        statistic = None
-        if allocator.needs != NEEDS_NOTHING:  # computed once per allocator and fixed options: trials share it
-            fixed = {k: v for k, v in allocator.describe().items() if k not in ("name", allocator.tunable)}
-            key = (allocation, tuple(sorted(fixed.items())))
-            if key not in self.statistics:
-                self.statistics[key] = block_statistic(allocator, self.adapter, self.calib, self.inputs)
-            statistic = self.statistics[key]
-        return prune(self.model, method=method, sparsity=sparsity, allocation=allocation, beta=beta, calib=self.calib,
-                     block_inputs=self.inputs, batch_size=self.batch_size, progress=progress,
-                     blocks_path=self.blocks_path, allocation_options=options, allocator_statistic=statistic,
-                     quantize=self.quantize)
+        statistic = self._statistic(allocator, allocation)
+        self.restore()
+        result = prune(self.model, method=method, sparsity=sparsity, allocation=allocation, beta=beta, calib=self.calib,
+                       block_inputs=self.inputs, batch_size=self.batch_size, progress=progress,
+                       blocks_path=self.blocks_path, allocation_options=options, allocator_statistic=statistic,
+                       quantize=self.quantize)
+        self.prunes += 1
+        self.current = key
+        self.results[key] = result
+        return result
+
+    def measure(self, key: tuple, name: str, fn: Callable[[], object]):
+        """``fn()`` (a score of the model as it is now, which must hold configuration ``key``), remembered under
+        ``(key, name)``: asked again, the remembered value is returned without calling ``fn``."""
+        if (key, name) not in self.scores:
+            if key != self.current:
+                raise RuntimeError(f"measure {name!r}: the model holds {self.current}, not {key}")
+            self.scores[key, name] = fn()
+        return self.scores[key, name]
 
     def score(self, select: torch.Tensor | None = None) -> float:
         """The selection metric of the model as it is now (on ``select`` windows if given: perplexity only)."""
@@ -95,29 +148,42 @@ class TrialRunner:
         return perplexity(self.model, self.select.flatten(), self.seqlen, batch_size=self.eval_batch_size)["ppl"]
 
     def trial(self, method: str, sparsity: float, beta: float, allocation: str = "atp",
-              select: torch.Tensor | None = None) -> dict:
+              select: torch.Tensor | None = None, scorer: tuple[str, Callable[[], object]] | None = None) -> dict:
         """One full prune with ``allocation`` at ``beta`` (the value of its tunable option: ATP's beta, OWL's lam, ...)
-        and its selection metric; an illegal value (rates leaving [0, 1)) scores inf."""
+        and its selection metric; an illegal value (rates leaving [0, 1)) scores inf. ``select``: score perplexity on
+        these windows instead; ``scorer``: ``(name, fn)``, score with ``fn()`` instead (a float, or a dict with
+        ``"ppl"``). A configuration scored before the same way is not pruned again (``"cached": True``)."""
         t0 = time.perf_counter()
         knob = ALLOCATORS.lookup(allocation).tunable
+        beta_arg, options = (beta, None) if allocation == "atp" else (None, {knob: beta})
         try:
-            if allocation == "atp":
-                result = self.prune(method, sparsity, "atp", beta)
-            else:
-                result = self.prune(method, sparsity, allocation, options={knob: beta})
+            key = self.configuration(method, sparsity, allocation, beta_arg, options)
         except ConfigError as err:
             return {knob: beta, "rates": None, "metric": math.inf, "refused": str(err),
                     "seconds": time.perf_counter() - t0}
-        return {knob: beta, "rates": result.spec["rates"], "metric": self.score(select),
-                "overall_sparsity": result.overall_sparsity, "seconds": time.perf_counter() - t0}
+        if scorer is not None:
+            name, fn = scorer
+        elif select is not None:
+            digest = hashlib.sha256(select.cpu().numpy().tobytes()).hexdigest()[:16]
+            name, fn = f"ppl on windows {digest}", lambda: self.score(select)
+        else:
+            name, fn = "selection " + self.metric, self.score
+        cached = (key, name) in self.scores
+        result = self.results[key] if cached else self.prune(method, sparsity, allocation, beta_arg, options=options)
+        value = self.measure(key, name, fn)
+        metric = value["ppl"] if isinstance(value, dict) else value
+        return {knob: beta, "rates": result.spec["rates"], "metric": metric,
+                "overall_sparsity": result.overall_sparsity, "seconds": time.perf_counter() - t0} | (
+                    {"cached": True} if cached else {})
 
     def tune(self, method: str, sparsity: float, allocation: str = "atp", *, strategy: str = "golden",
              max_trials: int = 6, step: float = 0.002, memo: dict | None = None, on_trial=None,
-             select: torch.Tensor | None = None) -> tuple[list, float, float]:
+             select: torch.Tensor | None = None,
+             scorer: tuple[str, Callable[[], object]] | None = None) -> tuple[list, float, float]:
         """Search ``allocation``'s tunable option over ``[0, tunable_max]`` (0 is uniform) with a strategy (``grid``:
         ATP only, the reference grid of step ``step``); ``memo`` maps values already measured to their metric
         (resume), ``on_trial(record)`` is called after each new trial; ``select`` scores on other windows (e.g. the
-        test split, for the reference protocol). Returns ``(trials, chosen value, its metric)``.
+        test split, for the reference protocol), ``scorer`` scores with a named function instead (see :meth:`trial`). Returns ``(trials, chosen value, its metric)``.
 
         Raises:
             ConfigError: for an allocation with no tunable option, or ``grid`` for another allocation than ATP.
@@ -130,7 +196,7 @@ class TrialRunner:
 
         def objective(value: float) -> float:
             if value not in memo:
-                record = self.trial(method, sparsity, value, allocation, select)
+                record = self.trial(method, sparsity, value, allocation, select, scorer)
                 memo[value] = record["metric"]
                 if on_trial is not None:
                     on_trial(record)
