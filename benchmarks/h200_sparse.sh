@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 echo "commit $(cat .dev/commit 2>/dev/null || echo unknown)"; nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 time python3 -c "from atprune.sparse import cuda; cuda.extension(); print('kernel built')" 2>&1 | tail -5
-python3 -m pytest -q -m gpu tests/test_sparse_cuda.py -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
+python3 -m pytest -q -m gpu tests/test_sparse_cuda.py tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
 python3 -m atprune.cli bench --device cuda --shapes 4096x4096 11008x4096 4096x11008 --sparsity 0.5 0.7 0.8 \
     --batch ${BATCHES:-1,4,16} --json "$OUT/sparse_cuda_layers.json" 2>&1 | tee "$OUT/sparse_cuda_layers.log"
 python3 -m atprune.cli bench --device cuda --config benchmarks/configs/llama2-7b.json --sparsity 0.7 --batch 1 \
