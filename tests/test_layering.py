@@ -43,8 +43,9 @@ ALLOWED: dict[str, set[str]] = {
     # image classifiers: their adapter and data over the shared engine, pruners, allocators and search strategies
     "vision": BASE | {"torchvision_compat", "models.sources", "engine", "pruners", "allocators", "allocation", "api",
                       "export", "jobs.strategies"},
-    # several processes: data-parallel calibration through the engine's ``collect`` hook; prune jobs under torchrun
-    "distributed": BASE | {"engine", "models.sources", "jobs.prune"},
+    # several processes: data-parallel calibration through the engine's ``collect`` hook and split layer solves
+    # through the block pruner's ``share`` hook; prune, search and compare jobs under torchrun
+    "distributed": BASE | {"engine", "models.sources", "jobs.prune", "jobs.search", "jobs.compare", "export.files"},
     "cli": BASE | {"models", "pruners", "allocators", "eval", "export", "jobs", "sparse", "cli_bench", "vision",
                    "distributed"},
     "__main__": {"cli"},

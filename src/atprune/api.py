@@ -218,8 +218,9 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
         data_parallel: this process's part of a data-parallel run (see
             :class:`atprune.distributed.calibration.DataParallelCalibration`): its ``shard(windows, batch_size)`` gives
             the windows this process runs, its ``collect`` sums every process's statistics before the pruner reads
-            them, its ``finish(summary)`` waits for every process at the end. Allocators that read calibration data
-            are not supported with it.
+            them, its ``solve(i, linears, solve)`` splits the solves that read a Hessian (SparseGPT, GPTQ) over the
+            processes (see :func:`block_pruner`'s ``share``), its ``finish(summary)`` waits for every process at the
+            end. Allocators that read calibration data are not supported with it.
 
     Returns:
         :class:`PruneResult`.
@@ -269,13 +270,16 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
         spec = replace(spec, block_n=block_n, rates=rates,
                        statistic=spec.statistic | {"rates_before_nm_rounding": list(spec.rates)})
     blocks: list[dict] = []
+    hessian = pruner.needs_hessian or (quant is not None and quant.needs_hessian)
+    # the solves that read a Hessian (SparseGPT, GPTQ) are split over the processes of a data-parallel run; the
+    # others (a sort of Wanda's scores, rounding) cost less than broadcasting their results
+    share = data_parallel.solve if data_parallel is not None and windows is not None and hessian else None
     prune_block = block_pruner(pruner, spec.rates, spec.pattern, blocks, block_pattern=spec.block_pattern,
-                               refine=refine, quant=quant)
+                               refine=refine, quant=quant, share=share)
 
     bar = tqdm(total=adapter.num_blocks, desc=f"{method} {spec.allocation}", unit="block", disable=not progress)
     try:
         if needs_stats:
-            hessian = pruner.needs_hessian or (quant is not None and quant.needs_hessian)
             sequential(adapter, windows, prune_block, needs_hessian=hessian, batch_size=batch_size,
                        inputs=block_inputs, progress=lambda i: bar.update(1), placement=placement, last_outputs=False,
                        collect=data_parallel.collect if data_parallel is not None else None)
@@ -294,18 +298,29 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
 
 
 def block_pruner(pruner, rates, pattern: Pattern, records: list[dict], block_pattern=None, refine: str | None = None,
-                 quant: LayerQuant | None = None):
+                 quant: LayerQuant | None = None, share=None):
     """The ``prune_block(i, block, linears, stats)`` callback of :func:`atprune.engine.passes.sequential`: prunes
     every layer of block i with ``pruner`` at ``rates[i]`` (and the pattern ``block_pattern(i)``, default
     ``pattern``: a mixed N:M run's N per block), refines the mask with DSnoT when ``refine == "dsnot"`` (not on the
     layers DSnoT skips), quantizes each layer with ``quant`` (after the mask; with SparseGPT jointly, in the same
     column walk), and appends the block's record (``index``, ``target``, ``achieved``, ``params``, ``zeros``,
     per-layer ``layers``, ``pattern`` for N:M, ``bits`` when quantized) to ``records``. Layers are anything
-    :func:`atprune.models.adapter.set_weight` takes (``weight`` ``[out, in]``)."""
+    :func:`atprune.models.adapter.set_weight` takes (``weight`` ``[out, in]``).
+
+    ``share``: ``share(i, linears, solve) -> {name: (weight, grid)}`` runs ``solve(name)`` (the layer's new
+    ``[out, in]`` weight, in its dtype and device, and its :class:`atprune.quant.grid.Grid` or None) for the layers
+    of block i somewhere and returns every layer's result; a data-parallel run's
+    (:meth:`atprune.distributed.calibration.DataParallelCalibration.solve`) splits the solves over the processes
+    and broadcasts each result from the one that computed it. One layer's solve reads only its own dense weight and
+    statistics, never another layer's new weight, so where and in which order the solves run changes no result.
+    Default (None): every solve here, each layer's weight replaced as soon as it is solved.
+    """
     def prune_block(i, block, linears, stats):
         rate, pat = rates[i], (block_pattern(i) if block_pattern is not None else pattern)
-        layers, params, zeros = {}, 0, 0
-        for name, lin in linears.items():
+        layers, totals = {}, [0, 0]
+
+        def solve(name: str):
+            lin = linears[name]
             dense = lin.weight.detach()
             stat = stats[name] if stats else None
             if quant is not None and quant.joint:
@@ -316,10 +331,25 @@ def block_pruner(pruner, rates, pattern: Pattern, records: list[dict], block_pat
                     new = dense.masked_fill(dsnot_refine(dense, new == 0, stat), 0)
                 if quant is not None:
                     new = quant(i, name, lin, new, stat)
+            return new, (quant.grids[(i, name)][1] if quant is not None else None)
+
+        def place(name: str, new: torch.Tensor, grid) -> None:
+            lin = linears[name]
             set_weight(lin, new)
+            if grid is not None:  # solved elsewhere: keep its grid here too
+                quant.grids[(i, name)] = (lin, grid)
             n, z = lin.weight.numel(), int((lin.weight == 0).sum())
             layers[name] = z / n
-            params, zeros = params + n, zeros + z
+            totals[0], totals[1] = totals[0] + n, totals[1] + z
+
+        if share is None:
+            for name in linears:
+                place(name, *solve(name))
+        else:
+            outcomes = share(i, linears, solve)
+            for name in linears:
+                place(name, *outcomes[name])
+        params, zeros = totals
         records.append({"index": i, "target": rate, "achieved": zeros / params, "params": params, "zeros": zeros,
                         "layers": layers} | ({"pattern": str(pat)} if pat.structured else {})
                        | ({"bits": quant.bits[i]} if quant is not None else {}))

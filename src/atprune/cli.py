@@ -343,7 +343,16 @@ def _run_search(args) -> int:
                     max_trials=args.max_trials, step=args.step, metric=args.metric, resume=args.resume,
                     save_dtype=args.save_dtype, formats=(args.format,), zero_shot=args.zero_shot,
                     task_data=args.task_data, zero_shot_limit=args.zero_shot_limit, **_quant_options(args))
-    state = run_search_job(job)
+    from atprune.distributed.context import launched
+
+    if launched():
+        from atprune.distributed.trials import run_search_distributed
+
+        state, code = _on_ranks(run_search_distributed, job)
+        if state is None:  # a failed rank, or not rank 0: nothing to print
+            return code
+    else:
+        state = run_search_job(job)
     mark = "  [SELECTED ON TEST]" if state["selected_on_test"] else ""
     print(f"{'beta':>8} {'metric':>12} {'seconds':>8}{mark}")
     for t in sorted(state["trials"], key=lambda t: t["beta"]):
@@ -370,7 +379,16 @@ def _run_compare(args) -> int:
                      allocations=args.allocations, nselect=args.nselect, select_data=args.select_data,
                      max_trials=args.max_trials, tune_peers=args.tune_peers, atp_on_test=args.atp_on_test,
                      **_quant_options(args))
-    run_compare_job(job)
+    from atprune.distributed.context import launched
+
+    if launched():
+        from atprune.distributed.cells import run_compare_distributed
+
+        state, code = _on_ranks(run_compare_distributed, job)
+        if state is None:  # a failed rank, or not rank 0: nothing to print
+            return code
+    else:
+        run_compare_job(job)
     print((Path(args.out) / "results.md").read_text())
     print(f"saved: {os.path.abspath(args.out)} (compare.json, results.csv, results.md, rates.png)")
     return 0
@@ -444,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv_tail = list(sys.argv[1:] if argv is None else argv)[1:]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        _check_launch(args.command)
+        _check_launch(args)
         if args.command in ("prune", "search", "compare") and int(os.environ.get("WORLD_SIZE", "1")) == 1:
             # an image classifier as --model: the vision jobs (one process only; not under torchrun yet)
             from atprune.vision.cli import run_vision_command
@@ -481,10 +499,39 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _check_launch(command: str) -> None:
-    """Under torchrun only ``prune`` runs (data-parallel calibration, :mod:`atprune.distributed`)."""
-    if command != "prune" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(f"`atprune {command}` does not run under torchrun yet; only `atprune prune` does")
+DISTRIBUTED_COMMANDS = ("prune", "search", "compare")
+
+
+def _check_launch(args) -> None:
+    """Under torchrun (:mod:`atprune.distributed`) ``prune`` (data-parallel calibration), ``search`` (parallel
+    trials) and ``compare`` (cells split over the ranks) run on language models; anything else is one line.
+
+    Raises:
+        ConfigError: another command, or an image classifier, under a launch of several processes.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    if args.command not in DISTRIBUTED_COMMANDS:
+        raise ConfigError(f"`atprune {args.command}` does not run under torchrun; only "
+                          f"{', '.join(f'`atprune {c}`' for c in DISTRIBUTED_COMMANDS)} do")
+    from atprune.vision.models import is_vision_model
+
+    if is_vision_model(args.model):
+        raise ConfigError("image classifiers do not run under torchrun yet; run them in one process")
+
+
+def _on_ranks(run, job):
+    """``run(job)`` as this rank of a torchrun launch: ``(result, 0)``, with result None on ranks other than 0;
+    ``(None, 1)`` after printing one line naming the rank and the error (torchrun then stops the others)."""
+    from atprune.distributed.context import leave
+    from atprune.distributed.prune import rank_failed
+
+    try:
+        return run(job), 0
+    except Exception as err:
+        return None, rank_failed(err)
+    finally:
+        leave()
 
 
 def _run_structured(args) -> int:
@@ -510,17 +557,11 @@ def _run_prune(args) -> int:
     if args.structure is not None:
         return _run_structured(args)
     if launched():
-        from atprune.distributed.context import leave
-        from atprune.distributed.prune import rank_failed, run_prune_distributed
+        from atprune.distributed.prune import run_prune_distributed
 
-        try:
-            report = run_prune_distributed(_job_from_args(args), args.dist_reduce)
-        except Exception as err:  # one line naming the rank; torchrun stops the others
-            return rank_failed(err)
-        finally:
-            leave()
-        if report is None:  # not rank 0: nothing to print
-            return 0
+        report, code = _on_ranks(lambda job: run_prune_distributed(job, args.dist_reduce), _job_from_args(args))
+        if report is None:  # a failed rank, or not rank 0: nothing to print
+            return code
     else:
         report = run_prune_job(_job_from_args(args))
     if args.json:

@@ -19,6 +19,9 @@ Two ways to add them (``reduce``):
 
 Ranks hold contiguous runs of whole calibration batches (``batch_size`` windows each, the last one possibly
 shorter, as in one process), so every batch is the very tensor a one-process run would feed.
+
+Once a block's statistics are reduced, the layers' solves that read a Hessian (SparseGPT, GPTQ) are split over the
+ranks and their results broadcast (:mod:`atprune.distributed.solves`), so every rank holds the same pruned weights.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from atprune.engine.placement import Placement
 from atprune.engine.stats import InputStats
 from atprune.errors import ConfigError
 from atprune.distributed.context import check_same
+from atprune.distributed.solves import split_solves
 
 REDUCTIONS = ("sum", "ordered")
 
@@ -147,6 +151,12 @@ class DataParallelCalibration:
             ConfigError: ranks that pruned differently; a backend error if another rank has died.
         """
         check_same("pruning results", summary)
+
+    def solve(self, index: int, linears: dict, solve: Callable[[str], object]) -> dict[str, object]:
+        """The ``share`` hook of :func:`atprune.api.block_pruner`: block ``index``'s layer solves split over the
+        ranks and their results broadcast (:func:`atprune.distributed.solves.split_solves`); every rank returns
+        the same results, bit for bit."""
+        return split_solves(linears, solve, self.rank, self.size, self.device)
 
     def collect(self, block: nn.Module, index: int, linears: dict, inputs: BlockInputs, hessian: bool,
                 placement: Placement | None = None) -> dict[str, InputStats]:

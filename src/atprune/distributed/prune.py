@@ -3,7 +3,8 @@
 Every rank loads the whole model and draws the same calibration windows; before the model is loaded the ranks check
 (all-gathered digest) that they run the same options, and before any block is pruned that they hold the same
 calibration tokens. Each rank then runs its share of the windows through every block (see
-:mod:`atprune.distributed.calibration`); all ranks end with the same pruned model, and rank 0 alone evaluates it and
+:mod:`atprune.distributed.calibration`) and solves its share of each block's Hessian solves (SparseGPT, GPTQ: see
+:mod:`atprune.distributed.solves`); all ranks end with the same pruned model, and rank 0 alone evaluates it and
 writes the output folder (atomically, as a one-process run does). A rank that fails prints one line naming itself
 and the error, and exits with status 1; torchrun then stops the other ranks, so no output folder is written.
 """

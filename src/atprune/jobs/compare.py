@@ -79,15 +79,21 @@ def check_compare(job: CompareJob):
     return checked.source, checked.num_blocks, checked.device, checked.dtype
 
 
-def run_compare_job(job: CompareJob) -> dict:
+def run_compare_job(job: CompareJob, parallel=None) -> dict:
     """Run every cell; returns the content of ``compare.json``.
+
+    ``parallel``: this rank's part of a torchrun launch (:class:`atprune.distributed.cells.ParallelCells`): only
+    the cells of its ``share(cells, runner)`` run here and nothing is written here; its ``finish(state, cells)``
+    gathers every rank's rows in cell order and writes the folder on rank 0 (atomically), and is returned.
 
     Raises:
         ConfigError: bad options, before the model is loaded.
     """
     source, num_blocks, device, dtype = check_compare(job)
     out = Path(job.out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    write = parallel is None  # under torchrun rank 0 writes the whole folder once, at the end
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(source, dtype=dtype, device=device, progress=job.progress,
                                   allow_tokenizer_mismatch=job.allow_tokenizer_mismatch)
     tokenizer_check, tokenizer_notes = tokenizer_record(tokenizer)
@@ -108,7 +114,7 @@ def run_compare_job(job: CompareJob) -> dict:
     test = ("test", ppl)  # one name for the evaluation, so a configuration met again is not pruned or scored again
     cells = [(method, s, alloc, variant) for method in job.methods for s in job.sparsities for alloc in job.allocations
              for variant in _variants(job, alloc)]
-    for method, s, alloc, variant in cells:
+    for method, s, alloc, variant in (cells if parallel is None else parallel.share(cells, runner)):
         t0 = time.perf_counter()
         column = alloc if variant == "default" else f"{alloc} ({variant})"
         row = {"method": method, "sparsity": s, "allocation": alloc, "variant": variant, "column": column,
@@ -126,7 +132,8 @@ def run_compare_job(job: CompareJob) -> dict:
             row |= {"ppl": math.inf, "refused": str(err), "eval_windows": 0, "overall_sparsity": None,
                     "prune_seconds": None, "rates": None, "statistic": {}}
             state["rows"].append(row)
-            write_json(out / "compare.json", state)
+            if write:
+                write_json(out / "compare.json", state)
             if job.progress:
                 print(f"[{len(state['rows'])}/{len(cells)}] {method} S={s:g} {column}: refused: {err}", flush=True)
             continue
@@ -138,13 +145,16 @@ def run_compare_job(job: CompareJob) -> dict:
                 "quantization": result.quantization or None,
                 "statistic": {k: v for k, v in result.spec.items() if k.startswith("allocator_")}}
         state["rows"].append(row)
-        write_json(out / "compare.json", state)
+        if write:
+            write_json(out / "compare.json", state)
         if job.progress:
             chosen = (f" beta={beta:.4g}" if beta is not None else "") + "".join(
                 f" {k}={v:.4g}" for k, v in (options or {}).items())
             print(f"[{len(state['rows'])}/{len(cells)}] {method} S={s:g} {column}{chosen}: ppl {ev['ppl']:.3f}",
                   flush=True)
     state["prune_passes"] = runner.prunes  # configurations met again (uniform, a chosen value) were not pruned again
+    if parallel is not None:
+        return parallel.finish(state, cells)
     write_json(out / "compare.json", state)
     for name, text in (("results.csv", to_csv(state["rows"])), ("results.md", to_markdown(state))):
         with atomic_file(out / name) as fh:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from functools import partial
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -168,8 +169,13 @@ def plot_search(trials: list[dict], chosen: float, metric: str, path: Path, titl
     save_png(fig, path)
 
 
-def run_search_job(job: SearchJob) -> dict:
+def run_search_job(job: SearchJob, parallel=None) -> dict:
     """Run the search; returns the ``search.json`` content (also written to ``job.out`` with the final model).
+
+    ``parallel``: this rank's part of a torchrun launch (:class:`atprune.distributed.trials.ParallelTrials`): its
+    ``tune`` spreads the trials over the ranks, nothing is written before the end (no ``search.json`` after each
+    trial), and only its ``writer`` (rank 0) scores zero-shot tasks, evaluates the final model and writes the folder;
+    the other ranks return the state after the search.
 
     Raises:
         ConfigError: bad options or data, before the model is loaded whenever possible.
@@ -189,8 +195,9 @@ def run_search_job(job: SearchJob) -> dict:
     from atprune.models.adapter import Adapter
 
     check_quant_widths(Adapter.for_model(model, job.blocks_path), qspec)
+    writer = parallel is None or parallel.writer
     zero_shot = None
-    if job.zero_shot:  # the dense model, before any trial touches the weights
+    if job.zero_shot and writer:  # the dense model, before any trial touches the weights
         from atprune.eval.zeroshot import evaluate_zero_shot, sanity_gate
 
         def score():
@@ -210,18 +217,23 @@ def run_search_job(job: SearchJob) -> dict:
 
     def record(trial: dict) -> None:
         state["trials"].append(trial)
-        if out is not None:
+        if out is not None and parallel is None:  # under torchrun the folder is written once, at the end
             write_json(out / "search.json", state)
         bar.update(1)
 
     try:
-        _, chosen, chosen_value = runner.search(job.method, job.sparsity, strategy=job.strategy,
-                                                max_trials=job.max_trials, step=job.step,
-                                                memo={t["beta"]: t["metric"] for t in previous}, on_trial=record)
+        tune = runner.tune if parallel is None else partial(parallel.tune, runner)
+        _, chosen, chosen_value = tune(job.method, job.sparsity, "atp", strategy=job.strategy,
+                                       max_trials=job.max_trials, step=job.step,
+                                       memo={t["beta"]: t["metric"] for t in previous}, on_trial=record)
     finally:
         bar.close()
     state["chosen"] = {"beta": chosen, "metric": chosen_value}
     state["search_seconds"] = time.perf_counter() - t_start
+    if parallel is not None:
+        state["parallel"] = parallel.describe()
+        if not writer:  # rank 0 alone prunes with the chosen beta, evaluates and writes
+            return state
     final = runner.prune(job.method, job.sparsity, "atp", chosen, progress=job.progress)
     evaluation = {"dense": None, "sparse": None}
     if job.eval_data:

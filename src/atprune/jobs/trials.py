@@ -178,12 +178,15 @@ class TrialRunner:
 
     def tune(self, method: str, sparsity: float, allocation: str = "atp", *, strategy: str = "golden",
              max_trials: int = 6, step: float = 0.002, memo: dict | None = None, on_trial=None,
-             select: torch.Tensor | None = None,
-             scorer: tuple[str, Callable[[], object]] | None = None) -> tuple[list, float, float]:
+             select: torch.Tensor | None = None, scorer: tuple[str, Callable[[], object]] | None = None,
+             trial=None) -> tuple[list, float, float]:
         """Search ``allocation``'s tunable option over ``[0, tunable_max]`` (0 is uniform) with a strategy (``grid``:
         ATP only, the reference grid of step ``step``); ``memo`` maps values already measured to their metric
         (resume), ``on_trial(record)`` is called after each new trial; ``select`` scores on other windows (e.g. the
-        test split, for the reference protocol), ``scorer`` scores with a named function instead (see :meth:`trial`). Returns ``(trials, chosen value, its metric)``.
+        test split, for the reference protocol), ``scorer`` scores with a named function instead (see :meth:`trial`);
+        ``trial`` runs one trial in place of :meth:`trial` (same arguments and record;
+        :mod:`atprune.distributed.trials` serves records computed on other processes). Returns ``(trials, chosen
+        value, its metric)``.
 
         Raises:
             ConfigError: for an allocation with no tunable option, or ``grid`` for another allocation than ATP.
@@ -196,7 +199,7 @@ class TrialRunner:
 
         def objective(value: float) -> float:
             if value not in memo:
-                record = self.trial(method, sparsity, value, allocation, select, scorer)
+                record = (trial or self.trial)(method, sparsity, value, allocation, select, scorer)
                 memo[value] = record["metric"]
                 if on_trial is not None:
                     on_trial(record)
