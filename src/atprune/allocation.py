@@ -13,12 +13,71 @@ from atprune.allocators import NEEDS_DENSE_WANDA, NEEDS_NOTHING, NEEDS_WEIGHTS, 
 from atprune.engine.passes import BlockInputs, sequential
 from atprune.engine.placement import Placement
 from atprune.errors import ConfigError
-from atprune.models.adapter import Adapter
+from atprune.models.adapter import ATTENTION, MLP, Adapter, sublayer
 
 
 def block_sizes(adapter: Adapter) -> list[int]:
     """Number of prunable weights per block, input side first (embeddings and lm_head are not in any block)."""
     return [sum(lin.weight.numel() for lin in adapter.linears(b).values()) for b in adapter.blocks]
+
+
+def sublayer_sizes(adapter: Adapter) -> list[tuple[int, int]]:
+    """``(a_i, m_i)`` per block: prunable weights of its attention and of its MLP layers
+    (:func:`atprune.models.adapter.sublayer`).
+
+    Raises:
+        ConfigError: a layer that is neither (it would break the block's rate constraint of ``attn_offset``).
+    """
+    sizes = []
+    for i, block in enumerate(adapter.blocks):
+        counts = {ATTENTION: 0, MLP: 0}
+        for name, lin in adapter.linears(block).items():
+            kind = sublayer(name)
+            if kind is None:
+                raise ConfigError(f"attn_offset needs every prunable layer to be attention or MLP; block {i} layer "
+                                  f"{name!r} is neither (see atprune.models.adapter.sublayer)")
+            counts[kind] += lin.weight.numel()
+        sizes.append((counts[ATTENTION], counts[MLP]))
+    return sizes
+
+
+def layer_rates(allocator, sparsity: float, adapter: Adapter, rates) -> tuple[dict[str, float], ...] | None:
+    """Per-layer rates of an allocator with an ``attn_offset`` (ATP), from its block ``rates``: one
+    ``{layer name: rate}`` per block, attention layers at the block's attention rate and MLP layers at its MLP rate
+    (:mod:`atprune.allocators.offset`). None when the allocator has no offset (or it is 0): every layer of block i
+    then takes ``rates[i]``.
+
+    Raises:
+        ConfigError: a layer that is neither attention nor MLP, or an offset that puts a layer rate outside [0, 1)
+            (the message gives the legal interval).
+        RuntimeError: a block whose parameter-weighted layer rate is not its block rate (a bug).
+    """
+    if not getattr(allocator, "attn_offset", 0.0):
+        return None
+    sizes = sublayer_sizes(adapter)
+    pairs = allocator.split(sparsity, rates, sizes)
+    out = []
+    for i, (block, (attn, mlp)) in enumerate(zip(adapter.blocks, pairs)):
+        layers = adapter.linears(block)
+        out.append({name: attn if sublayer(name) == ATTENTION else mlp for name in layers})
+        params = {name: lin.weight.numel() for name, lin in layers.items()}
+        mean = sum(out[i][n] * p for n, p in params.items()) / sum(params.values())
+        if abs(mean - rates[i]) > 1e-9:
+            raise RuntimeError(f"block {i}: layer rates have weighted mean {mean:.9f}, not the block rate {rates[i]}")
+    return tuple(out)
+
+
+def offset_statistic(adapter: Adapter, per_layer: tuple[dict[str, float], ...]) -> dict:
+    """For the report: ``attn_rates`` / ``mlp_rates`` (the two rates of every block, from :func:`layer_rates`; a
+    block without that sublayer: its block rate) and ``attn_params`` / ``mlp_params`` (a_i, m_i)."""
+    sizes = sublayer_sizes(adapter)
+    rates = {ATTENTION: [], MLP: []}
+    for rates_of_block in per_layer:
+        mean = sum(rates_of_block.values()) / len(rates_of_block)
+        for kind in (ATTENTION, MLP):
+            rates[kind].append(next((r for n, r in rates_of_block.items() if sublayer(n) == kind), mean))
+    return {"attn_rates": rates[ATTENTION], "mlp_rates": rates[MLP], "attn_params": [a for a, _ in sizes],
+            "mlp_params": [m for _, m in sizes]}
 
 
 def needs_calibration(allocator) -> bool:

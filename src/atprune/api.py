@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 from atprune import data as data_mod
 from atprune.allocation import allocate
 from atprune.allocation import block_sizes as model_block_sizes
+from atprune.allocation import layer_rates as offset_layer_rates
+from atprune.allocation import offset_statistic
 from atprune.allocation import needs_calibration as allocator_needs_calibration
 from atprune.allocators import NEEDS_NOTHING, get_allocator
 from atprune.allocators.nm import round_to_nm
@@ -47,6 +49,7 @@ class PruneSpec:
     allocator: object = None
     statistic: dict = field(default_factory=dict)  # what the allocator derived the rates from (after prune())
     block_n: tuple[int, ...] = ()  # mixed N:M: the N of every block (after prune(); see atprune.allocators.nm)
+    layer_rates: tuple[dict, ...] = ()  # ATP's attn_offset: {layer name: rate} per block (after prune()); else ()
 
     def block_pattern(self, i: int) -> Pattern:
         """The pattern of block ``i``: ``N_i:M`` for a mixed N:M run, else the run's pattern."""
@@ -73,8 +76,9 @@ def plan(method: str, sparsity: float | None, num_blocks: int, *, allocation: st
         beta: ATP step (required for ``atp``).
         pattern: ``"unstructured"`` or ``"N:M"``.
         allocation_options: options of the allocator (``M``, ``lam`` for owl; ``eps`` for alphapruning;
-            ``alpha`` for dlp). Rates are for ``num_blocks`` equal blocks; :func:`prune` recomputes them for the
-            model's block sizes. Model-dependent allocators leave ``rates`` empty until :func:`prune`.
+            ``alpha`` for dlp; ``attn_offset`` for atp, see :mod:`atprune.allocators.offset`: only ``|D| < 1`` is
+            checked here, :func:`prune` checks its exact range on the model). Rates are for ``num_blocks`` equal
+            blocks; :func:`prune` recomputes them for the model's block sizes. Model-dependent allocators leave ``rates`` empty until :func:`prune`.
         block_sizes: prunable weights per block, when known (ATP's legal beta range depends on them); default:
             ``num_blocks`` equal blocks.
 
@@ -83,6 +87,7 @@ def plan(method: str, sparsity: float | None, num_blocks: int, *, allocation: st
             legal range for this S and L), malformed N:M, an N:M pattern with a different sparsity or with a
             2:4-style M < 3 with a non-uniform allocation. An N:M pattern with a non-uniform allocation is
             mixed N:M: :func:`prune` rounds each block's rate to one N (:func:`atprune.allocators.nm.round_to_nm`).
+            A non-zero ``attn_offset`` with an N:M pattern.
     """
     get_pruner(method)
     pattern = pattern if isinstance(pattern, Pattern) else Pattern.parse(pattern)
@@ -104,6 +109,9 @@ def plan(method: str, sparsity: float | None, num_blocks: int, *, allocation: st
     allocator = get_allocator(allocation, beta=beta, **(allocation_options or {}))
     blocks = block_sizes if block_sizes is not None else num_blocks
     allocator.check(sparsity, blocks)
+    if getattr(allocator, "attn_offset", 0.0) and pattern.structured:
+        raise ConfigError(f"attn_offset applies to unstructured sparsity only, not pattern {pattern} (every layer of a "
+                          "block keeps the block's N:M)")
     rates = () if allocator.needs != NEEDS_NOTHING else allocator.allocate(sparsity, blocks).rates
     return PruneSpec(method, float(sparsity), pattern, allocation, beta, rates, allocator)
 
@@ -113,6 +121,19 @@ def check_widths(adapter: Adapter, pattern: Pattern) -> None:
     for i, block in enumerate(adapter.blocks):
         for name, lin in adapter.linears(block).items():
             pattern.check_width(lin.in_features, f"block {i} {name}")
+
+
+def check_attn_offset(spec: PruneSpec, adapter: Adapter) -> None:
+    """ATP's ``attn_offset`` on this model, before any data is read: every prunable layer is attention or MLP and
+    every layer rate stays in [0, 1) for the model's block sizes (:mod:`atprune.allocators.offset`); nothing to
+    check without an offset.
+
+    Raises:
+        ConfigError: a layer that is neither, or an illegal offset (the message gives the legal interval).
+    """
+    if getattr(spec.allocator, "attn_offset", 0.0):
+        rates = spec.allocator.allocate(spec.sparsity, model_block_sizes(adapter)).rates
+        offset_layer_rates(spec.allocator, spec.sparsity, adapter, rates)
 
 
 def needs_calibration(spec: PruneSpec, refine: str | None = None) -> bool:
@@ -126,7 +147,8 @@ class PruneResult:
     """What a pruning run did.
 
     ``blocks[i]`` holds ``target`` (rate given by the allocator), ``achieved`` (zero fraction over the block's
-    pruned Linear weights), ``params`` and ``zeros`` (counts) and ``layers`` (per layer achieved sparsity).
+    pruned Linear weights), ``params`` and ``zeros`` (counts) and ``layers`` (per layer achieved sparsity); with ATP's
+    ``attn_offset`` also ``layer_targets`` (per layer rate; ``target`` is their parameter-weighted mean).
     ``overall_sparsity`` is parameter-weighted over all pruned layers (embeddings and lm_head excluded).
     """
 
@@ -235,6 +257,7 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
     spec = plan(method, sparsity, adapter.num_blocks, allocation=allocation, beta=beta, pattern=pattern,
                 allocation_options=allocation_options, block_sizes=model_block_sizes(adapter))
     check_widths(adapter, spec.pattern)
+    check_attn_offset(spec, adapter)
     check_refine(refine, spec.pattern)
     if refine is not None and quantize is not None:
         raise ConfigError("--refine and --quantize cannot be combined yet (DSnoT's swaps would leave the grid)")
@@ -262,6 +285,9 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
     allocation = allocate(spec.allocator, spec.sparsity, adapter, windows, block_inputs, placement,
                           statistic=allocator_statistic)
     spec = replace(spec, rates=allocation.rates, statistic=allocation.statistic)
+    per_layer = offset_layer_rates(spec.allocator, spec.sparsity, adapter, spec.rates)
+    if per_layer is not None:
+        spec = replace(spec, layer_rates=per_layer, statistic=spec.statistic | offset_statistic(adapter, per_layer))
     if spec.pattern.structured and spec.allocation != "uniform":
         block_n = tuple(round_to_nm(spec.rates, model_block_sizes(adapter), spec.pattern.n, spec.pattern.m))
         rates = tuple(1.0 - k / spec.pattern.m for k in block_n)
@@ -275,7 +301,7 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
     # others (a sort of Wanda's scores, rounding) cost less than broadcasting their results
     share = data_parallel.solve if data_parallel is not None and windows is not None and hessian else None
     prune_block = block_pruner(pruner, spec.rates, spec.pattern, blocks, block_pattern=spec.block_pattern,
-                               refine=refine, quant=quant, share=share)
+                               refine=refine, quant=quant, share=share, layer_rates=spec.layer_rates or None)
 
     bar = tqdm(total=adapter.num_blocks, desc=f"{method} {spec.allocation}", unit="block", disable=not progress)
     try:
@@ -298,9 +324,11 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
 
 
 def block_pruner(pruner, rates, pattern: Pattern, records: list[dict], block_pattern=None, refine: str | None = None,
-                 quant: LayerQuant | None = None, share=None):
+                 quant: LayerQuant | None = None, share=None, layer_rates=None):
     """The ``prune_block(i, block, linears, stats)`` callback of :func:`atprune.engine.passes.sequential`: prunes
-    every layer of block i with ``pruner`` at ``rates[i]`` (and the pattern ``block_pattern(i)``, default
+    every layer of block i with ``pruner`` at ``rates[i]`` (with ``layer_rates``, one ``{name: rate}`` per block:
+    each layer at its own rate, and the record gets ``layer_targets``; ``target`` stays ``rates[i]``, the
+    parameter-weighted mean of the layer rates) and the pattern ``block_pattern(i)``, default
     ``pattern``: a mixed N:M run's N per block), refines the mask with DSnoT when ``refine == "dsnot"`` (not on the
     layers DSnoT skips), quantizes each layer with ``quant`` (after the mask; with SparseGPT jointly, in the same
     column walk), and appends the block's record (``index``, ``target``, ``achieved``, ``params``, ``zeros``,
@@ -316,11 +344,12 @@ def block_pruner(pruner, rates, pattern: Pattern, records: list[dict], block_pat
     Default (None): every solve here, each layer's weight replaced as soon as it is solved.
     """
     def prune_block(i, block, linears, stats):
-        rate, pat = rates[i], (block_pattern(i) if block_pattern is not None else pattern)
+        block_rate, pat = rates[i], (block_pattern(i) if block_pattern is not None else pattern)
         layers, totals = {}, [0, 0]
 
         def solve(name: str):
             lin = linears[name]
+            rate = layer_rates[i][name] if layer_rates is not None else block_rate
             dense = lin.weight.detach()
             stat = stats[name] if stats else None
             if quant is not None and quant.joint:
@@ -350,8 +379,9 @@ def block_pruner(pruner, rates, pattern: Pattern, records: list[dict], block_pat
             for name in linears:
                 place(name, *outcomes[name])
         params, zeros = totals
-        records.append({"index": i, "target": rate, "achieved": zeros / params, "params": params, "zeros": zeros,
-                        "layers": layers} | ({"pattern": str(pat)} if pat.structured else {})
+        records.append({"index": i, "target": block_rate, "achieved": zeros / params, "params": params, "zeros": zeros,
+                        "layers": layers} | ({"layer_targets": dict(layer_rates[i])} if layer_rates is not None else {})
+                       | ({"pattern": str(pat)} if pat.structured else {})
                        | ({"bits": quant.bits[i]} if quant is not None else {}))
 
     return prune_block

@@ -90,6 +90,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    "[0, min(2S, 2(1-S))/(L-1)]")
     p.add_argument("--alloc-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="allocator option, repeatable: owl M=5 lam=0.08; alphapruning eps=0.3; dlp alpha=0.15")
+    p.add_argument("--attn-offset", type=float, default=None, metavar="D", help="atp: inside each block prune "
+                   "attention D more than the MLP, the block's rate kept (default 0: plain ATP; every layer rate must "
+                   "stay in [0, 1), an illegal D is refused with its legal interval; unstructured only)")
     p.add_argument("--structure", default=None, metavar="channels|heads|both", help="structured width pruning with "
                    "--method wanda-sp or flap: remove whole MLP channels and/or KV groups with their query heads; "
                    "--sparsity is the mean fraction removed; saves a smaller transformers model")
@@ -195,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-trials", type=int, default=6, help="prune passes of the golden search (default 6)")
     s.add_argument("--step", type=float, default=0.002, help="grid step (default 0.002, as the reference)")
     s.add_argument("--metric", default="ppl", help="ppl (selection perplexity, default) or kl (to the dense model)")
+    s.add_argument("--attn-offset", default=None, metavar="search", help="search: also ATP's attention/MLP offset, "
+                   "in the same --max-trials (beta by golden on all but 2 trials, then the offset at +-D0 at that "
+                   "beta; docs/search.md)")
     s.add_argument("--resume", action="store_true", help="continue the search recorded in OUT/search.json")
     _add_zero_shot_args(s, "the dense and the final model")
     add_vision_args(s)
@@ -222,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "ATP's beta; both the default and the tuned line are reported")
     c.add_argument("--atp-on-test", action="store_true", help="also run ATP with beta chosen on the evaluation data "
                    "(the reference protocol), marked 'selected on test' and never counted as best")
+    c.add_argument("--atp-offset", action="store_true", help="also the column 'atp (attn/mlp offset)': ATP's beta "
+                   "and attention/MLP offset searched together within --max-trials (>= 5), on the same selection "
+                   "windows")
     c.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows")
     _add_device_args(c, offload=False)
     c.add_argument("--out", required=True, help="output folder (compare.json, results.csv, results.md, rates.png)")
@@ -341,6 +350,7 @@ def _run_search(args) -> int:
     job = SearchJob(**_run_options(args), method=args.method, sparsity=args.sparsity, select_data=args.select_data,
                     select_on_test=args.select_on_test, nselect=args.nselect, strategy=args.strategy,
                     max_trials=args.max_trials, step=args.step, metric=args.metric, resume=args.resume,
+                    attn_offset=args.attn_offset,
                     save_dtype=args.save_dtype, formats=(args.format,), zero_shot=args.zero_shot,
                     task_data=args.task_data, zero_shot_limit=args.zero_shot_limit, **_quant_options(args))
     from atprune.distributed.context import launched
@@ -354,11 +364,14 @@ def _run_search(args) -> int:
     else:
         state = run_search_job(job)
     mark = "  [SELECTED ON TEST]" if state["selected_on_test"] else ""
-    print(f"{'beta':>8} {'metric':>12} {'seconds':>8}{mark}")
-    for t in sorted(state["trials"], key=lambda t: t["beta"]):
-        print(f"{t['beta']:>8.4f} {t['metric']:>12.4f} {t['seconds']:>8.1f}")
-    print(f"chosen beta {state['chosen']['beta']:.4f} ({args.metric} {state['chosen']['metric']:.4f}) after "
-          f"{len(state['trials'])} trials, {state['search_seconds']:.0f}s")
+    offset = "attn_offset" in state["chosen"]
+    print(f"{'beta':>8}" + (f" {'offset':>8}" if offset else "") + f" {'metric':>12} {'seconds':>8}{mark}")
+    for t in sorted(state["trials"], key=lambda t: (t["beta"], t.get("attn_offset", 0.0))):
+        print(f"{t['beta']:>8.4f}" + (f" {t.get('attn_offset', 0.0):>+8.4f}" if offset else "")
+              + f" {t['metric']:>12.4f} {t['seconds']:>8.1f}")
+    chosen_offset = f", attn_offset {state['chosen']['attn_offset']:+.4f}" if offset else ""
+    print(f"chosen beta {state['chosen']['beta']:.4f}{chosen_offset} ({args.metric} {state['chosen']['metric']:.4f}) "
+          f"after {len(state['trials'])} trials, {state['search_seconds']:.0f}s")
     final = state.get("final_evaluation")
     if final:
         print(f"final perplexity {final['dataset']} {final['split']}: {final['ppl']:.3f} "
@@ -378,6 +391,7 @@ def _run_compare(args) -> int:
     job = CompareJob(**_run_options(args), methods=args.methods, sparsities=args.sparsities,
                      allocations=args.allocations, nselect=args.nselect, select_data=args.select_data,
                      max_trials=args.max_trials, tune_peers=args.tune_peers, atp_on_test=args.atp_on_test,
+                     atp_offset=args.atp_offset,
                      **_quant_options(args))
     from atprune.distributed.context import launched
 
@@ -441,6 +455,14 @@ def _alloc_options(items: list[str]) -> dict | None:
     return options or None
 
 
+def _prune_alloc_options(args) -> dict | None:
+    """``--alloc-opt`` items with ``--attn-offset D`` added as ``attn_offset`` (the flag wins)."""
+    options = _alloc_options(args.alloc_opt) or {}
+    if args.attn_offset is not None:
+        options["attn_offset"] = args.attn_offset
+    return options or None
+
+
 def _job_from_args(args):
     from atprune.jobs.prune import PruneJob
 
@@ -448,7 +470,7 @@ def _job_from_args(args):
     if sparsity is None and args.pattern.strip().lower() in ("unstructured", "none", ""):
         sparsity = 0.5
     return PruneJob(**_run_options(args), method=args.method, sparsity=sparsity, pattern=args.pattern,
-                    allocation=args.allocation, beta=args.beta, allocation_options=_alloc_options(args.alloc_opt),
+                    allocation=args.allocation, beta=args.beta, allocation_options=_prune_alloc_options(args),
                     eval_seqlen=args.eval_seqlen, eval_dense=not args.no_eval_dense, offload=args.offload,
                     offload_activations=args.offload_activations, strict=args.strict, save_dtype=args.save_dtype,
                     formats=(args.format,), zero_shot=args.zero_shot, task_data=args.task_data,
@@ -467,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             # an image classifier as --model: the vision jobs (one process only; not under torchrun yet)
             from atprune.vision.cli import run_vision_command
 
-            args.allocation_options = _alloc_options(args.alloc_opt) if args.command == "prune" else None
+            args.allocation_options = _prune_alloc_options(args) if args.command == "prune" else None
             code = run_vision_command(args)
             if code is not None:
                 return code

@@ -16,13 +16,20 @@ Blocks of different sizes (p_i prunable weights): the step stays beta and the pr
 
 legal for 0 <= beta <= min(S / ibar, (1 - S) / (L - 1 - ibar)); with equal blocks ibar = (L - 1) / 2 and both
 reduce to the formulas above (and are computed by them exactly).
+
+Option ``attn_offset`` D (default 0, plain ATP): inside every block, attention projections are pruned D more than
+MLP projections, the block's parameter-weighted rate kept at s_i (:mod:`atprune.allocators.offset`, where the legal
+range of D is derived). It needs the block's attention / MLP split, so :func:`atprune.prune` applies it per layer
+(unstructured sparsity only).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from atprune.allocators.base import NEEDS_NOTHING, Allocation, as_sizes
+from atprune.allocators.offset import split_rates
 from atprune.allocators.registry import register_allocator
 from atprune.errors import ConfigError, check_sparsity
 
@@ -88,15 +95,30 @@ class ATPAllocator:
     needs = NEEDS_NOTHING
     tunable = "beta"
 
-    def __init__(self, beta: float | None = None):
+    def __init__(self, beta: float | None = None, attn_offset: float = 0.0):
         if beta is None:
             raise ConfigError("allocation 'atp' needs --beta (0 gives uniform)")
         self.beta = float(beta)
+        self.attn_offset = float(attn_offset)  # attention rate minus MLP rate inside each block (0: plain ATP)
 
     def check(self, sparsity: float, blocks: int | Sequence[int]) -> None:
         """Raise ConfigError for an illegal S or beta for ``blocks`` (L equal blocks, or the L block sizes; the message
-        prints the legal range)."""
+        prints the legal range), or an ``attn_offset`` with ``|D| >= 1`` (two rates in [0, 1) differ by less than 1;
+        the exact range needs the model's attention / MLP sizes: :meth:`split`)."""
         _check_beta(sparsity, blocks, self.beta)
+        if not (math.isfinite(self.attn_offset) and abs(self.attn_offset) < 1):
+            raise ConfigError(f"illegal attn_offset {self.attn_offset:g}: attention and MLP rates lie in [0, 1), so "
+                              "their difference must be in (-1, 1)")
+
+    def split(self, sparsity: float, rates: Sequence[float],
+              sublayers: Sequence[tuple[int, int]]) -> list[tuple[float, float]]:
+        """``[(attention rate, MLP rate)]`` per block for block ``rates`` (of mean ``sparsity``) and ``sublayers``
+        ``(a_i, m_i)`` (:func:`atprune.allocators.offset.split_rates`).
+
+        Raises:
+            ConfigError: a layer rate outside [0, 1); the message gives the legal interval of attn_offset.
+        """
+        return split_rates(rates, sublayers, self.attn_offset, f"sparsity {sparsity:g}, beta {self.beta:g}")
 
     def tunable_max(self, sparsity: float, block_sizes) -> float:
         """:func:`beta_max`."""
@@ -110,4 +132,4 @@ class ATPAllocator:
         return Allocation(tuple(atp_rates(sparsity, block_sizes, self.beta)))
 
     def describe(self) -> dict:
-        return {"name": self.name, "beta": self.beta}
+        return {"name": self.name, "beta": self.beta} | ({"attn_offset": self.attn_offset} if self.attn_offset else {})

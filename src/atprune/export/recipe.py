@@ -33,8 +33,8 @@ def recipe_from_report(report: dict, modifier: str | None = None, blocks_path: s
         "0:0" or "N:M", "targets": [regex], "ignore": ["re:.*lm_head"]}}}}``.
 
     Raises:
-        ConfigError: the report has no per-block rates, is a mixed N:M run, or the method has no llm-compressor one-shot modifier
-            (magnitude) and none was given.
+        ConfigError: the report has no per-block rates, is a mixed N:M or an attn_offset run, or the method has no
+            llm-compressor one-shot modifier (magnitude) and none was given.
     """
     pruning = report.get("pruning") or {}
     spec = pruning.get("spec") or {}
@@ -47,6 +47,9 @@ def recipe_from_report(report: dict, modifier: str | None = None, blocks_path: s
     if cls is None:
         raise ConfigError(f"llm-compressor has no one-shot modifier for method {name!r}; pass --modifier wanda or "
                           "--modifier sparsegpt")
+    if spec.get("allocator_attn_offset"):
+        raise ConfigError("an attn_offset run prunes attention and MLP layers of a block at two rates; a per-block "
+                          "recipe cannot hold them (they are in pruning.blocks[i].layer_targets)")
     if spec.get("mixed_nm"):
         raise ConfigError("a mixed N:M run (one N per block) has no single llm-compressor mask_structure; its "
                           "per-block N are in pruning.spec.block_n")

@@ -2,7 +2,9 @@
 
 Every cell starts from the same dense weights, uses the same calibration windows (block-0 inputs captured
 once), and is evaluated on the same tokens. ATP's beta is searched per (pruner, sparsity) with the golden
-strategy on held-out selection windows of the calibration source (never the evaluation data). A configuration met
+strategy on held-out selection windows of the calibration source (never the evaluation data); with ``atp_offset``
+also ATP's beta and attention/MLP offset together, in the same budget (column "atp (attn/mlp offset)",
+:func:`atprune.jobs.strategies.offset_search`). A configuration met
 again (uniform is the first point of every search; a search on the test split may choose a value already evaluated)
 is neither pruned nor evaluated again (:class:`atprune.jobs.trials.TrialRunner`).
 Writes ``compare.json`` (after every cell), ``results.csv``, ``results.md`` and ``rates.png``.
@@ -46,6 +48,7 @@ class CompareJob(QuantOptions, SelectionOptions, RunOptions):
     max_trials: int = 6
     tune_peers: bool = False  # also each peer with its main option searched on the selection data (same budget)
     atp_on_test: bool = False  # also ATP with beta chosen on the evaluation data (the reference protocol, marked)
+    atp_offset: bool = False  # also ATP with beta and its attention/MLP offset searched together (same budget)
 
 
 def check_compare(job: CompareJob):
@@ -60,6 +63,9 @@ def check_compare(job: CompareJob):
         raise ConfigError("compare needs at least one method, sparsity and allocation")
     if ("atp" in job.allocations or job.tune_peers) and job.max_trials < 3:
         raise ConfigError(f"the golden search (ATP's beta, --tune-peers) needs --max-trials >= 3, got {job.max_trials}")
+    if job.atp_offset and ("atp" not in job.allocations or job.max_trials < 5):
+        raise ConfigError(f"--atp-offset adds ATP with beta and its attention/MLP offset searched together; it needs "
+                          f"atp among --allocations and --max-trials >= 5 (got {job.max_trials})")
     if job.atp_on_test and "atp" not in job.allocations:
         raise ConfigError("--atp-on-test adds ATP selected on the evaluation data; it needs atp among --allocations")
     if job.select_on_test:
@@ -120,7 +126,12 @@ def run_compare_job(job: CompareJob, parallel=None) -> dict:
         row = {"method": method, "sparsity": s, "allocation": alloc, "variant": variant, "column": column,
                "beta": None, "options": None, "search_seconds": None}
         beta, options = None, None
-        if alloc == "atp" or variant != "default":  # "selected on test": beta chosen on the evaluation windows
+        if variant == OFFSET:  # beta and attn_offset together, on the selection windows
+            trials, (beta, offset), _ = runner.tune_offset(method, s, max_trials=job.max_trials)
+            options = {"attn_offset": offset}
+            row |= {"beta": beta, "options": options, "search_seconds": time.perf_counter() - t0,
+                    "trials": [[list(x), v] for x, v in trials]}
+        elif alloc == "atp" or variant != "default":  # "selected on test": beta chosen on the evaluation windows
             trials, value, _ = runner.tune(method, s, alloc, max_trials=job.max_trials,
                                            scorer=test if variant == "selected on test" else None)
             knob = ALLOCATORS[alloc].tunable
@@ -166,14 +177,20 @@ def run_compare_job(job: CompareJob, parallel=None) -> dict:
 def _variants(job: CompareJob, alloc: str) -> list[str]:
     """The rows one allocation gets: its defaults (ATP: beta searched on held-out data); with ``tune_peers`` also the
     peer with its main option searched the same way ("tuned"); with ``atp_on_test`` also ATP with beta chosen on the
-    evaluation data ("selected on test", the reference protocol)."""
+    evaluation data ("selected on test", the reference protocol); with ``atp_offset`` also ATP with beta and
+    attention/MLP offset searched on held-out data (:data:`OFFSET`)."""
     variants = ["default"]
     tunable = ALLOCATORS[alloc].tunable
     if job.tune_peers and alloc != "atp" and tunable is not None:
         variants.append("tuned")
     if job.atp_on_test and alloc == "atp":
         variants.append("selected on test")
+    if job.atp_offset and alloc == "atp":
+        variants.append(OFFSET)
     return variants
+
+
+OFFSET = "attn/mlp offset"  # the variant of ATP with its attention/MLP offset searched (column "atp (attn/mlp offset)")
 
 
 CSV_FIELDS = ["method", "sparsity", "allocation", "variant", "beta", "options", "ppl", "overall_sparsity",

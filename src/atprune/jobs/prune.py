@@ -16,7 +16,8 @@ import torch
 from atprune import data as data_mod
 from atprune.models.adapter import Adapter
 from atprune.pruners.dsnot import check_refine
-from atprune.api import OFFLOAD_BATCH_CAP, check_widths, evaluate_perplexity, needs_calibration, plan, prune
+from atprune.api import (OFFLOAD_BATCH_CAP, check_attn_offset, check_widths, evaluate_perplexity, needs_calibration,
+                         plan, prune)
 from atprune.errors import ConfigError, check_positive_int
 from atprune.export import check_export_options, check_output_dir, check_saveable, record_masks, save_pruned
 from atprune.engine.placement import Placement, auto_batch_size, peak_memory_gib
@@ -126,6 +127,7 @@ def run_prune_job(job: PruneJob, data_parallel=None) -> dict:
     placement.prepare(model, adapter.blocks)
     timings["load"] = time.perf_counter() - t0
     check_widths(adapter, spec.pattern)  # before any data or evaluation work
+    check_attn_offset(spec, adapter)
     check_quant_widths(adapter, qspec)
     if job.out:
         check_saveable(model, job.blocks_path)

@@ -1,4 +1,5 @@
-"""The ``atprune search`` job: choose ATP's beta on held-out selection data, then prune and evaluate with it.
+"""The ``atprune search`` job: choose ATP's beta (with ``attn_offset="search"`` also its attention/MLP offset, see
+:func:`atprune.jobs.strategies.offset_search`) on held-out selection data, then prune and evaluate with it.
 
 Selection data is never the evaluation split unless asked for (``select_on_test``, the reference protocol),
 and then every report says so. Work shared by every trial is done once: data loading and tokenization, the
@@ -34,7 +35,7 @@ from atprune.models.sources import load_model
 SEARCH_SCHEMA = "atprune.search/1"
 # options that must match for a resumed search to reuse recorded trials
 RESUME_KEYS = ("model", "method", "sparsity", "calib_data", "select_data", "select_on_test", "data_dir", "nsamples",
-               "nselect", "seqlen", "seed", "metric", "dtype", "device", "batch_size")
+               "nselect", "seqlen", "seed", "metric", "dtype", "device", "batch_size", "attn_offset")
 QUANT_KEYS = ("quantize", "group_size", "quant_symmetric", "quant_method", "bits_allocation", "bits_mean", "bits_step",
               "bits_choices")
 
@@ -53,6 +54,7 @@ class SearchJob(QuantOptions, SelectionOptions, RunOptions):
     max_trials: int = 6
     step: float = 0.002
     metric: str = "ppl"
+    attn_offset: str | None = None  # "search": also ATP's attention/MLP offset, in the same trial budget
     resume: bool = False
     save_dtype: str | None = None  # see atprune.jobs.prune.PruneJob
     formats: tuple[str, ...] = ("dense",)
@@ -72,6 +74,14 @@ def check_search(job: SearchJob):
         raise ConfigError(f"unknown strategy {job.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
     if job.metric not in ("ppl", "kl"):
         raise ConfigError(f"unknown selection metric {job.metric!r}; choose ppl or kl")
+    if job.attn_offset not in (None, "search"):
+        raise ConfigError(f"search takes --attn-offset search (beta and the offset searched together), got "
+                          f"{job.attn_offset!r}; a fixed offset is a prune option (atprune prune --attn-offset D)")
+    if job.attn_offset and job.strategy != "golden":
+        raise ConfigError("--attn-offset search runs with the golden strategy only (beta by golden, then the offset)")
+    if job.attn_offset and job.max_trials < 5:
+        raise ConfigError(f"--attn-offset search needs --max-trials >= 5 (3 golden points of beta, then 2 offsets), "
+                          f"got {job.max_trials}")
     if job.strategy == "golden" and job.max_trials < 3:
         raise ConfigError(f"golden search needs --max-trials >= 3 (uniform + 2 golden points), got {job.max_trials}")
     if job.strategy == "grid" and not job.step > 0:
@@ -149,18 +159,28 @@ def selection_windows(job, tokenizer):
                                                      "calibration source, windows disjoint from the calibration samples"}
 
 
-def plot_search(trials: list[dict], chosen: float, metric: str, path: Path, title: str) -> None:
-    """PNG of the selection metric against beta; uniform (beta = 0) and the chosen beta are marked."""
+def plot_search(trials: list[dict], chosen: float, metric: str, path: Path, title: str, offset: float = 0.0) -> None:
+    """PNG of the selection metric against beta; uniform (beta = 0) and the chosen beta are marked; trials with an
+    attention/MLP offset D (``attn_offset`` search) are triangles at their beta, labelled with D."""
     from atprune.plotting import new_figure, save_png
 
-    pts = sorted((t["beta"], t["metric"]) for t in trials if t["metric"] is not None and math.isfinite(t["metric"]))
+    finite = [t for t in trials if t["metric"] is not None and math.isfinite(t["metric"])]
+    pts = sorted((t["beta"], t["metric"]) for t in finite if not t.get("attn_offset"))
     fig, ax = new_figure(6, 4)
     ax.plot([b for b, _ in pts], [v for _, v in pts], "o-", color="tab:blue", label="trials")
+    for t in finite:
+        if t.get("attn_offset"):
+            ax.plot([t["beta"]], [t["metric"]], "^", color="tab:orange", markersize=8)
+            ax.annotate(f"D = {t['attn_offset']:+.3g}", (t["beta"], t["metric"]), fontsize=7)
     for b, v in pts:
         if b == 0.0:
             ax.plot([b], [v], "s", color="tab:red", markersize=9, label="uniform (beta = 0)")
-        if b == chosen:
+        if b == chosen and not offset:
             ax.plot([b], [v], "*", color="tab:green", markersize=14, label=f"chosen beta = {b:.4g}")
+    for t in finite:
+        if offset and t["beta"] == chosen and t.get("attn_offset") == offset:
+            ax.plot([chosen], [t["metric"]], "*", color="tab:green", markersize=14,
+                    label=f"chosen beta = {chosen:.4g}, D = {offset:+.3g}")
     ax.set_xlabel("beta")
     ax.set_ylabel("selection perplexity" if metric == "ppl" else "KL(dense || sparse), nats/token")
     ax.set_title(title, fontsize=9)
@@ -221,20 +241,29 @@ def run_search_job(job: SearchJob, parallel=None) -> dict:
             write_json(out / "search.json", state)
         bar.update(1)
 
+    offset = 0.0
     try:
-        tune = runner.tune if parallel is None else partial(parallel.tune, runner)
-        _, chosen, chosen_value = tune(job.method, job.sparsity, "atp", strategy=job.strategy,
-                                       max_trials=job.max_trials, step=job.step,
-                                       memo={t["beta"]: t["metric"] for t in previous}, on_trial=record)
+        if job.attn_offset:
+            _, (chosen, offset), chosen_value = runner.tune_offset(
+                job.method, job.sparsity, max_trials=job.max_trials, on_trial=record,
+                memo={(t["beta"], t.get("attn_offset", 0.0)): t["metric"] for t in previous})
+        else:
+            tune = runner.tune if parallel is None else partial(parallel.tune, runner)
+            _, chosen, chosen_value = tune(job.method, job.sparsity, "atp", strategy=job.strategy,
+                                           max_trials=job.max_trials, step=job.step,
+                                           memo={t["beta"]: t["metric"] for t in previous}, on_trial=record)
     finally:
         bar.close()
-    state["chosen"] = {"beta": chosen, "metric": chosen_value}
+    state["chosen"] = {"beta": chosen, "metric": chosen_value} | ({"attn_offset": offset} if job.attn_offset else {})
+    if job.attn_offset:
+        state["attn_offset_range"] = list(runner.offset_range(job.sparsity, chosen))  # at the chosen beta
     state["search_seconds"] = time.perf_counter() - t_start
     if parallel is not None:
         state["parallel"] = parallel.describe()
         if not writer:  # rank 0 alone prunes with the chosen beta, evaluates and writes
             return state
-    final = runner.prune(job.method, job.sparsity, "atp", chosen, progress=job.progress)
+    final = runner.prune(job.method, job.sparsity, "atp", chosen, progress=job.progress,
+                         options={"attn_offset": offset} if offset else None)
     evaluation = {"dense": None, "sparse": None}
     if job.eval_data:
         from atprune.api import evaluate_perplexity
@@ -252,7 +281,8 @@ def run_search_job(job: SearchJob, parallel=None) -> dict:
     notes += tokenizer_notes
     state["tokenizer_check"] = tokenizer_check
     if out is not None:
-        report = build_report(config=config | {"allocation": "atp", "beta": chosen}, prune_result=final.to_dict(),
+        chosen_config = {"allocation": "atp", "beta": chosen} | ({"attn_offset": offset} if job.attn_offset else {})
+        report = build_report(config=config | chosen_config, prune_result=final.to_dict(),
                               evaluation=evaluation, timings={"search": state["search_seconds"], "prune": final.seconds},
                               model={"spec": job.model, "source": source.kind, "path": source.path,
                                      "class": type(model).__name__, "blocks": num_blocks,
@@ -265,7 +295,7 @@ def run_search_job(job: SearchJob, parallel=None) -> dict:
         title = (f"{job.model} {job.method} S={job.sparsity:g} ({job.strategy}, {len(state['trials'])} trials)"
                  + (" - SELECTED ON TEST" if job.select_on_test else ""))
         with tempfile.TemporaryDirectory() as tmp:
-            plot_search(state["trials"], chosen, job.metric, Path(tmp) / "search.png", title)
+            plot_search(state["trials"], chosen, job.metric, Path(tmp) / "search.png", title, offset)
             # out was checked before loading (it holds at most this search's own search.json)
             save_pruned(model, tokenizer, out, report, overwrite=True, extra={"search.json": state},
                         files={"search.png": Path(tmp) / "search.png"}, save_dtype=job.save_dtype, formats=job.formats,

@@ -48,6 +48,9 @@ def plan_structured(method: str, structure: str, sparsity: float, allocation: st
         raise ConfigError(f"--beta applies to allocation 'atp' only, not {allocation!r}")
     allocator = get_allocator(allocation, beta=beta, **(allocation_options or {}))
     allocator.check(sparsity, num_blocks)
+    if getattr(allocator, "attn_offset", 0.0):
+        raise ConfigError("attn_offset applies to unstructured pruning; --structure removes channels and heads at one "
+                          "rate per block")
     return allocator
 
 

@@ -5,8 +5,9 @@ metric) and tunes one knob of an allocator with a search strategy (:mod:`atprune
 ``atprune search``, and each peer's main option for ``atprune compare --tune-peers``, with the same selection data
 and the same trial budget.
 
-Nothing is pruned twice: a trial is identified by its *configuration* (pruner, mean sparsity and the exact per-block
-rates, which with the runner's fixed calibration windows determine every pruned weight), and the runner remembers,
+Nothing is pruned twice: a trial is identified by its *configuration* (pruner, mean sparsity, the exact per-block
+rates and, with ATP's ``attn_offset``, the exact per-layer rates, which with the runner's fixed calibration windows
+determine every pruned weight), and the runner remembers,
 per configuration, the prune's result and every score measured on it. A configuration met again (e.g. uniform, the
 first point of every search, or the value a search chose) is answered from memory, and a prune of the configuration
 the model already holds is skipped.
@@ -21,14 +22,15 @@ from collections.abc import Callable
 
 import torch
 
-from atprune.allocation import allocate, block_sizes, block_statistic
-from atprune.allocators import ALLOCATORS, NEEDS_NOTHING, get_allocator
+from atprune.allocation import allocate, block_sizes, block_statistic, layer_rates, sublayer_sizes
+from atprune.allocators import ALLOCATORS, NEEDS_NOTHING, atp_rates, beta_max, get_allocator
+from atprune.allocators.offset import offset_interval
 from atprune.api import plan, prune, resolve_batch_size
 from atprune.engine.passes import first_block_inputs
 from atprune.engine.placement import Placement, auto_batch_size
 from atprune.errors import ConfigError
 from atprune.eval.perplexity import kl_to_reference, next_token_logprobs, perplexity
-from atprune.jobs.strategies import best_trial, golden_search, grid_betas
+from atprune.jobs.strategies import best_offset_trial, best_trial, golden_search, grid_betas, offset_search
 from atprune.models.adapter import Adapter
 
 
@@ -76,6 +78,7 @@ class TrialRunner:
         self.scores: dict[tuple, object] = {}  # (configuration, score name) -> what that score measured on it
         self.current: tuple | None = None  # the configuration the model holds now (None: dense)
         self.prunes = 0  # prune passes actually run (for reports: how many a cache hit saved)
+        self.sublayers: list[tuple[int, int]] | None = None  # (attention, MLP) weights per block, when first needed
 
     def restore(self) -> None:
         """Put the dense weights back."""
@@ -98,8 +101,10 @@ class TrialRunner:
 
     def configuration(self, method: str, sparsity: float, allocation: str, beta: float | None = None,
                       options: dict | None = None) -> tuple:
-        """``(method, sparsity, rates)``: what determines the weights a prune with these options leaves (the runner's
-        calibration windows and quantization are fixed), ``rates`` the exact per-block floats the allocator gives.
+        """``(method, sparsity, rates, layer_rates)``: what determines the weights a prune with these options leaves
+        (the runner's calibration windows and quantization are fixed); ``rates`` the exact per-block floats the
+        allocator gives, ``layer_rates`` ``()`` when every layer takes its block's rate, else (ATP's ``attn_offset``)
+        one ``((layer name, rate), ...)`` per block, so an offset trial is never taken for plain ATP.
 
         Raises:
             ConfigError: illegal options, e.g. a value that puts a rate outside [0, 1) (as :func:`atprune.api.prune`).
@@ -108,7 +113,9 @@ class TrialRunner:
                     allocation_options=options, block_sizes=self.block_sizes)
         statistic = self._statistic(spec.allocator, allocation)
         rates = allocate(spec.allocator, spec.sparsity, self.adapter, statistic=statistic).rates
-        return method, float(spec.sparsity), tuple(float(r) for r in rates)
+        per_layer = layer_rates(spec.allocator, spec.sparsity, self.adapter, rates) or ()
+        layers = tuple(tuple(sorted((n, float(r)) for n, r in block.items())) for block in per_layer)
+        return method, float(spec.sparsity), tuple(float(r) for r in rates), layers
 
     def prune(self, method: str, sparsity: float, allocation: str, beta: float | None = None, progress: bool = False,
               options: dict | None = None):
@@ -148,18 +155,25 @@ class TrialRunner:
         return perplexity(self.model, self.select.flatten(), self.seqlen, batch_size=self.eval_batch_size)["ppl"]
 
     def trial(self, method: str, sparsity: float, beta: float, allocation: str = "atp",
-              select: torch.Tensor | None = None, scorer: tuple[str, Callable[[], object]] | None = None) -> dict:
+              select: torch.Tensor | None = None, scorer: tuple[str, Callable[[], object]] | None = None,
+              attn_offset: float = 0.0) -> dict:
         """One full prune with ``allocation`` at ``beta`` (the value of its tunable option: ATP's beta, OWL's lam, ...)
         and its selection metric; an illegal value (rates leaving [0, 1)) scores inf. ``select``: score perplexity on
         these windows instead; ``scorer``: ``(name, fn)``, score with ``fn()`` instead (a float, or a dict with
-        ``"ppl"``). A configuration scored before the same way is not pruned again (``"cached": True``)."""
+        ``"ppl"``). ``attn_offset``: ATP's attention/MLP offset (recorded when not 0). A configuration scored before
+        the same way is not pruned again (``"cached": True``)."""
         t0 = time.perf_counter()
         knob = ALLOCATORS.lookup(allocation).tunable
         beta_arg, options = (beta, None) if allocation == "atp" else (None, {knob: beta})
+        if attn_offset:
+            if allocation != "atp":
+                raise ConfigError(f"attn_offset is an option of allocation 'atp', not {allocation!r}")
+            options = {"attn_offset": attn_offset}
+        extra = {"attn_offset": attn_offset} if attn_offset else {}
         try:
             key = self.configuration(method, sparsity, allocation, beta_arg, options)
         except ConfigError as err:
-            return {knob: beta, "rates": None, "metric": math.inf, "refused": str(err),
+            return {knob: beta, **extra, "rates": None, "metric": math.inf, "refused": str(err),
                     "seconds": time.perf_counter() - t0}
         if scorer is not None:
             name, fn = scorer
@@ -172,7 +186,7 @@ class TrialRunner:
         result = self.results[key] if cached else self.prune(method, sparsity, allocation, beta_arg, options=options)
         value = self.measure(key, name, fn)
         metric = value["ppl"] if isinstance(value, dict) else value
-        return {knob: beta, "rates": result.spec["rates"], "metric": metric,
+        return {knob: beta, **extra, "rates": result.spec["rates"], "metric": metric,
                 "overall_sparsity": result.overall_sparsity, "seconds": time.perf_counter() - t0} | (
                     {"cached": True} if cached else {})
 
@@ -212,6 +226,44 @@ class TrialRunner:
         else:
             raise ConfigError(f"the grid strategy is ATP's reference grid; tune {allocation!r} with golden")
         chosen, value = best_trial(trials)
+        return trials, chosen, value
+
+    def offset_range(self, sparsity: float, beta: float) -> tuple[float, float]:
+        """``(lo, hi)``: the legal interval of ATP's ``attn_offset`` at ``beta`` on this model
+        (:func:`atprune.allocators.offset.offset_interval`).
+
+        Raises:
+            ConfigError: an illegal beta, or a layer that is neither attention nor MLP.
+        """
+        if self.sublayers is None:
+            self.sublayers = sublayer_sizes(self.adapter)
+        lo, hi, _ = offset_interval(atp_rates(sparsity, self.block_sizes, beta), self.sublayers)
+        return lo, hi
+
+    def tune_offset(self, method: str, sparsity: float, *, max_trials: int = 6, memo: dict | None = None,
+                    on_trial=None, select: torch.Tensor | None = None,
+                    scorer: tuple[str, Callable[[], object]] | None = None) -> tuple[list, tuple[float, float], float]:
+        """ATP's beta and ``attn_offset`` together, within ``max_trials`` trials
+        (:func:`atprune.jobs.strategies.offset_search`); ``memo`` maps ``(beta, offset)`` already measured to their
+        metric, the rest as :meth:`tune`. Returns ``(trials, (beta, offset) chosen, its metric)``.
+
+        Raises:
+            ConfigError: ``max_trials < 5``, or a layer that is neither attention nor MLP (before any trial).
+        """
+        memo = dict(memo or {})
+        self.offset_range(sparsity, 0.0)  # every layer classified, before the first prune
+
+        def objective(beta: float, offset: float) -> float:
+            if (beta, offset) not in memo:
+                record = self.trial(method, sparsity, beta, "atp", select, scorer, attn_offset=offset)
+                memo[beta, offset] = record["metric"]
+                if on_trial is not None:
+                    on_trial(record)
+            return memo[beta, offset]
+
+        trials = offset_search(objective, beta_max(sparsity, self.block_sizes),
+                               lambda b: self.offset_range(sparsity, b), max_trials)
+        chosen, value = best_offset_trial(trials)
         return trials, chosen, value
 
     def search(self, method: str, sparsity: float, **options) -> tuple[list, float, float]:

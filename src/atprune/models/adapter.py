@@ -160,6 +160,32 @@ def _get_path(model: nn.Module, path: str):
     return obj
 
 
+ATTENTION, MLP = "attention", "mlp"  # the two sublayers of a decoder block (see :func:`sublayer`)
+_MLP_PARTS = ("mlp", "ffn", "feed_forward", "feedforward", "moe", "experts", "shared_expert")  # substrings of a part
+
+
+def sublayer(name: str) -> str | None:
+    """Whether a block's prunable layer belongs to its attention or its MLP sublayer, from its name relative to the
+    block (the keys of :meth:`Adapter.linears`).
+
+    The dotted parts are read left to right; the first that names a sublayer decides: a part containing ``attn`` or
+    ``attention`` is :data:`ATTENTION` (LLaMA / Mistral / Qwen / Gemma / Phi ``self_attn.*``, OPT ``self_attn.*``,
+    GPT-2 / MPT ``attn.*``, GPT-NeoX ``attention.*``, Falcon / BLOOM ``self_attention.*``); a part containing one of
+    ``mlp``, ``ffn``, ``feed_forward``, ``moe``, ``experts``, ``shared_expert`` or equal to ``fc1`` / ``fc2`` is
+    :data:`MLP` (``mlp.*`` of most families, mixture-of-experts ``mlp.experts.<e>.*``, OPT's top-level ``fc1`` /
+    ``fc2``, MPT ``ffn.*``).
+
+    Returns:
+        ``"attention"``, ``"mlp"``, or None for a layer that names neither (e.g. a state-space mixer).
+    """
+    for part in name.lower().split("."):
+        if "attn" in part or "attention" in part:
+            return ATTENTION
+        if part in ("fc1", "fc2") or any(key in part for key in _MLP_PARTS):
+            return MLP
+    return None
+
+
 @dataclass
 class Adapter:
     """Where the prunable parts of a causal LM are.

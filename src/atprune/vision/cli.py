@@ -79,9 +79,10 @@ def run_vision_command(args) -> int | None:
     from atprune.vision.jobs import format_compare, format_report, run_vision_compare, run_vision_prune, \
         run_vision_search
 
-    for flag in ("quantize", "refine", "structure"):
+    for flag in ("quantize", "refine", "structure", "attn_offset", "atp_offset"):
         if getattr(args, flag, None):
-            raise ConfigError(f"--{flag} is for language models so far; image classifiers are pruned only")
+            raise ConfigError(f"--{flag.replace('_', '-')} is for language models so far; image classifiers are pruned "
+                              "only")
     job = _job(args)
     if args.command == "compare":
         print(format_compare(run_vision_compare(job)))

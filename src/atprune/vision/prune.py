@@ -106,6 +106,8 @@ def prune_classifier(model, images: torch.Tensor | None = None, *, method: str =
     spec = plan(method, sparsity, adapter.num_blocks, allocation=allocation, beta=beta, pattern=pattern,
                 allocation_options=allocation_options, block_sizes=block_sizes(adapter))
     check_widths(adapter, spec.pattern)
+    if getattr(spec.allocator, "attn_offset", 0.0):
+        raise ConfigError("attn_offset (attention/MLP offset) is for language models so far")
     pruner = get_pruner(method)
     start = time.perf_counter()
     if needs_calibration(spec) and inputs is None:
