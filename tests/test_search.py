@@ -279,3 +279,24 @@ def test_a_configuration_met_again_is_neither_pruned_nor_scored_again():
     rec = runner.trial("wanda", 0.6, 0.0, "atp", select=other)
     assert "cached" not in rec and runner.prunes == 3
     assert rec["metric"] == perplexity(fresh, other.flatten(), 24)["ppl"]
+
+
+def test_a_configuration_met_under_another_allocation_is_reported_as_the_request():
+    """ATP at beta 0 has the uniform run's rates: the runner does not prune it again, but its result describes the
+    request (allocation ``atp``, beta 0), as a fresh ``prune()`` with those options does."""
+    import copy
+
+    import atprune
+
+    base = tiny_model("llama", layers=3, seed=2)
+    calib = torch.randint(3, 128, (6, 24), generator=torch.Generator().manual_seed(8))
+    select = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(9))
+    fresh = atprune.prune(copy.deepcopy(base), method="wanda", sparsity=0.6, allocation="atp", beta=0.0, calib=calib,
+                          progress=False)
+    runner = search_job.TrialRunner(copy.deepcopy(base), calib, select)
+    runner.prune("wanda", 0.6, "uniform")
+    got = runner.prune("wanda", 0.6, "atp", 0.0)
+    assert runner.prunes == 1
+    assert got.spec == fresh.spec and got.spec["allocation"] == "atp"
+    assert got.blocks == fresh.blocks and got.overall_sparsity == fresh.overall_sparsity
+    assert runner.known("wanda", 0.6, "uniform").spec["allocation"] == "uniform"

@@ -281,20 +281,7 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
     start = time.perf_counter()
     if allocator_needs_calibration(spec.allocator) and block_inputs is None and allocator_statistic is None:
         block_inputs = first_block_inputs(adapter, windows, batch_size, placement)
-    # rates for the model's block sizes, from the statistic the allocator declared it needs (computed here)
-    allocation = allocate(spec.allocator, spec.sparsity, adapter, windows, block_inputs, placement,
-                          statistic=allocator_statistic)
-    spec = replace(spec, rates=allocation.rates, statistic=allocation.statistic)
-    per_layer = offset_layer_rates(spec.allocator, spec.sparsity, adapter, spec.rates)
-    if per_layer is not None:
-        spec = replace(spec, layer_rates=per_layer, statistic=spec.statistic | offset_statistic(adapter, per_layer))
-    if spec.pattern.structured and spec.allocation != "uniform":
-        block_n = tuple(round_to_nm(spec.rates, model_block_sizes(adapter), spec.pattern.n, spec.pattern.m))
-        rates = tuple(1.0 - k / spec.pattern.m for k in block_n)
-        if len(set(block_n)) == 1:  # e.g. atp with beta 0: every block has the run's N:M, not a mixed run
-            block_n = ()
-        spec = replace(spec, block_n=block_n, rates=rates,
-                       statistic=spec.statistic | {"rates_before_nm_rounding": list(spec.rates)})
+    spec = resolve_rates(spec, adapter, windows, block_inputs, placement, statistic=allocator_statistic)
     blocks: list[dict] = []
     hessian = pruner.needs_hessian or (quant is not None and quant.needs_hessian)
     # the solves that read a Hessian (SparseGPT, GPTQ) are split over the processes of a data-parallel run; the
@@ -321,6 +308,31 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
                           quant.describe() if quant is not None else None)
     result.grids = quant.named_grids(model) if quant is not None else {}
     return result
+
+
+def resolve_rates(spec: PruneSpec, adapter: Adapter, windows=None, block_inputs: BlockInputs | None = None,
+                  placement: Placement | None = None, statistic: list[float] | None = None) -> PruneSpec:
+    """``spec`` (from :func:`plan`) with the rates for ``adapter``'s model: the allocator's per-block rates (from
+    ``statistic`` if given, else from what it declares it needs, computed on the model as it is now: dense), its
+    per-layer rates (ATP's ``attn_offset``) and, for an N:M pattern under a non-uniform allocation, the N per block
+    (rates rounded to ``1 - N/M``). Reads no weight beyond the allocator's statistic; prunes nothing.
+
+    Raises:
+        ConfigError: as :func:`atprune.allocation.allocate` and :func:`atprune.allocation.layer_rates`.
+    """
+    allocation = allocate(spec.allocator, spec.sparsity, adapter, windows, block_inputs, placement, statistic=statistic)
+    spec = replace(spec, rates=allocation.rates, statistic=allocation.statistic)
+    per_layer = offset_layer_rates(spec.allocator, spec.sparsity, adapter, spec.rates)
+    if per_layer is not None:
+        spec = replace(spec, layer_rates=per_layer, statistic=spec.statistic | offset_statistic(adapter, per_layer))
+    if spec.pattern.structured and spec.allocation != "uniform":
+        block_n = tuple(round_to_nm(spec.rates, model_block_sizes(adapter), spec.pattern.n, spec.pattern.m))
+        rates = tuple(1.0 - k / spec.pattern.m for k in block_n)
+        if len(set(block_n)) == 1:  # e.g. atp with beta 0: every block has the run's N:M, not a mixed run
+            block_n = ()
+        spec = replace(spec, block_n=block_n, rates=rates,
+                       statistic=spec.statistic | {"rates_before_nm_rounding": list(spec.rates)})
+    return spec
 
 
 def block_pruner(pruner, rates, pattern: Pattern, records: list[dict], block_pattern=None, refine: str | None = None,

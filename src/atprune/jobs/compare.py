@@ -149,7 +149,7 @@ def run_compare_job(job: CompareJob, parallel=None) -> dict:
                 print(f"[{len(state['rows'])}/{len(cells)}] {method} S={s:g} {column}: refused: {err}", flush=True)
             continue
         evaluated = (key, "test") in runner.scores  # e.g. the configuration a search on the test split chose
-        result = runner.results[key] if evaluated else runner.prune(method, s, alloc, beta, options=options)
+        result = (runner.known if evaluated else runner.prune)(method, s, alloc, beta, options=options)
         ev = runner.measure(key, *test)
         row |= {"ppl": ev["ppl"], "eval_windows": ev["windows"], "overall_sparsity": result.overall_sparsity,
                 "prune_seconds": result.seconds, "rates": result.spec["rates"],

@@ -22,10 +22,10 @@ from collections.abc import Callable
 
 import torch
 
-from atprune.allocation import allocate, block_sizes, block_statistic, layer_rates, sublayer_sizes
+from atprune.allocation import block_sizes, block_statistic, sublayer_sizes
 from atprune.allocators import ALLOCATORS, NEEDS_NOTHING, atp_rates, beta_max, get_allocator
 from atprune.allocators.offset import offset_interval
-from atprune.api import plan, prune, resolve_batch_size
+from atprune.api import plan, prune, prune_result, resolve_batch_size, resolve_rates
 from atprune.engine.passes import first_block_inputs
 from atprune.engine.placement import Placement, auto_batch_size
 from atprune.errors import ConfigError
@@ -99,6 +99,16 @@ class TrialRunner:
             self.statistics[key] = block_statistic(allocator, self.adapter, self.calib, self.inputs)
         return self.statistics[key]
 
+    def _resolve(self, method: str, sparsity: float, allocation: str, beta: float | None,
+                 options: dict | None) -> tuple[tuple, object]:
+        """``(configuration, spec)``: the key of :meth:`configuration` and the resolved
+        :class:`atprune.api.PruneSpec` of the request (its allocation's name and options, the rates)."""
+        spec = plan(method, sparsity, self.adapter.num_blocks, allocation=allocation, beta=beta,
+                    allocation_options=options, block_sizes=self.block_sizes)
+        spec = resolve_rates(spec, self.adapter, statistic=self._statistic(spec.allocator, allocation))
+        layers = tuple(tuple(sorted((n, float(r)) for n, r in block.items())) for block in (spec.layer_rates or ()))
+        return (method, float(spec.sparsity), tuple(float(r) for r in spec.rates), layers), spec
+
     def configuration(self, method: str, sparsity: float, allocation: str, beta: float | None = None,
                       options: dict | None = None) -> tuple:
         """``(method, sparsity, rates, layer_rates)``: what determines the weights a prune with these options leaves
@@ -109,22 +119,31 @@ class TrialRunner:
         Raises:
             ConfigError: illegal options, e.g. a value that puts a rate outside [0, 1) (as :func:`atprune.api.prune`).
         """
-        spec = plan(method, sparsity, self.adapter.num_blocks, allocation=allocation, beta=beta,
-                    allocation_options=options, block_sizes=self.block_sizes)
-        statistic = self._statistic(spec.allocator, allocation)
-        rates = allocate(spec.allocator, spec.sparsity, self.adapter, statistic=statistic).rates
-        per_layer = layer_rates(spec.allocator, spec.sparsity, self.adapter, rates) or ()
-        layers = tuple(tuple(sorted((n, float(r)) for n, r in block.items())) for block in per_layer)
-        return method, float(spec.sparsity), tuple(float(r) for r in rates), layers
+        return self._resolve(method, sparsity, allocation, beta, options)[0]
+
+    def known(self, method: str, sparsity: float, allocation: str, beta: float | None = None,
+              options: dict | None = None):
+        """The :class:`atprune.api.PruneResult` of the prune that made this request's configuration, without pruning:
+        its blocks, counts and seconds, described as this request (allocation, options); e.g. ATP at beta 0 met as
+        the uniform run's weights is reported as ATP at beta 0.
+
+        Raises:
+            KeyError: the configuration was never pruned by this runner.
+        """
+        key, spec = self._resolve(method, sparsity, allocation, beta, options)
+        made = self.results[key]
+        result = prune_result(spec, made.blocks, made.seconds, made.calibration, None, made.quantization)
+        result.grids = getattr(made, "grids", {})
+        return result
 
     def prune(self, method: str, sparsity: float, allocation: str, beta: float | None = None, progress: bool = False,
               options: dict | None = None):
         """Prune the dense weights with one allocation (``options``: the allocator's, e.g. ``{"lam": 0.05}``), unless
-        the model already holds that very configuration; returns :class:`atprune.api.PruneResult` (of the prune that
-        made these weights)."""
+        the model already holds that very configuration (then :meth:`known`); returns
+        :class:`atprune.api.PruneResult`."""
         key = self.configuration(method, sparsity, allocation, beta, options)
         if key == self.current:
-            return self.results[key]
+            return self.known(method, sparsity, allocation, beta, options)
         allocator = get_allocator(allocation, beta=beta, **(options or {}))
         statistic = self._statistic(allocator, allocation)
         self.restore()
