@@ -3,6 +3,10 @@
 Each model has 2 language blocks (hidden 64), a 2-layer vision tower on 28x28 or 56x56 images and a tokenizer of
 single characters plus the class's special tokens (no hub download). ``tiny_vlm(kind)`` returns
 ``(model, processor)``; ``KINDS`` lists the kinds; ``image(seed)`` is a random RGB image.
+
+Qwen2-VL's, Qwen2.5-VL's and SmolVLM's processors hold a video processor, which needs torchvision (the test extra
+brings it through timm; :mod:`atprune.torchvision_compat` makes it importable next to a CPU torch); SmolVLM's also
+needs num2words (its video prompts spell durations out), which the test extra installs.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import string
 
 import torch
 
-KINDS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3")
+KINDS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3", "smolvlm")
 TEXT_LAYERS = 2
 VISION_LAYERS = 2
 
@@ -44,22 +48,6 @@ def _text(arch_config, **kw):
 
 
 VOCAB = 192
-
-
-def _qwen_processor(base):
-    """``base`` (transformers' Qwen2-VL / Qwen2.5-VL processor, whose own ``__call__`` expands the image tokens)
-    without its video processor: in transformers 5.24 that one needs torchvision, which the tests do not install."""
-    from transformers.processing_utils import ProcessorMixin
-
-    class NoVideo(base):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-    NoVideo.__name__ = base.__name__ + "NoVideo"
-    return NoVideo
 
 
 def tiny_vlm(kind: str, seed: int = 0):
@@ -95,8 +83,9 @@ def tiny_vlm(kind: str, seed: int = 0):
                     pad_token_id=1, bos_token_id=2, eos_token_id=3)
         vision = dict(depth=VISION_LAYERS, embed_dim=32, hidden_size=32, out_hidden_size=64, num_heads=2,
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, intermediate_size=48)
-        ip_cls = tf.Qwen2VLImageProcessorPil
-        ip = ip_cls(min_pixels=28 * 28 * 4, max_pixels=56 * 56, patch_size=14, merge_size=2, temporal_patch_size=2)
+        pixels = dict(min_pixels=28 * 28 * 4, max_pixels=56 * 56, patch_size=14, merge_size=2, temporal_patch_size=2)
+        ip = tf.Qwen2VLImageProcessorPil(**pixels)
+        vp = tf.Qwen2VLVideoProcessor(**pixels)  # Qwen2.5-VL's processor takes the same video processor
         token_ids = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                          vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
         if kind == "qwen2_vl":
@@ -104,12 +93,12 @@ def tiny_vlm(kind: str, seed: int = 0):
             vision["hidden_size"] = 64
             vision["mlp_ratio"] = 2
             config = tf.Qwen2VLConfig(text_config=text, vision_config=vision, **token_ids)
-            proc = _qwen_processor(tf.Qwen2VLProcessor)(ip, tok)
+            proc = tf.Qwen2VLProcessor(ip, tok, vp)
         else:
             vision["fullatt_block_indexes"] = [1]
             vision["window_size"] = 56
             config = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **token_ids)
-            proc = _qwen_processor(tf.Qwen2_5_VLProcessor)(ip, tok)
+            proc = tf.Qwen2_5_VLProcessor(ip, tok, vp)
     elif kind == "gemma3":
         specials = ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]
         tok = _tokenizer(specials, extra={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
@@ -124,17 +113,25 @@ def tiny_vlm(kind: str, seed: int = 0):
                                  image_token_index=ids["<image_soft_token>"])
         ip = tf.Gemma3ImageProcessorPil(size={"height": 56, "width": 56})
         proc = tf.Gemma3Processor(ip, tok, image_seq_length=4)
-    elif kind == "idefics3":
+    elif kind in ("idefics3", "smolvlm"):
+        # SmolVLM is Idefics3's layout (vision_model, connector, text_model) with its own classes and a video part
         specials = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
         specials += [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
         tok = _tokenizer(specials)
-        vision = tf.Idefics3VisionConfig(image_size=56, patch_size=14, hidden_size=32, intermediate_size=48,
-                                         num_hidden_layers=VISION_LAYERS, num_attention_heads=2)
-        config = tf.Idefics3Config(vision_config=vision, text_config=_text(tf.LlamaConfig), scale_factor=2,
-                                   image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=1)
-        ip = tf.Idefics3ImageProcessorPil(size={"longest_edge": 56}, max_image_size={"longest_edge": 56},
-                                       do_image_splitting=False)
-        proc = tf.Idefics3Processor(ip, tok, image_seq_len=4)
+        names = ("Idefics3VisionConfig", "Idefics3Config", "Idefics3ImageProcessorPil", "Idefics3Processor")
+        if kind == "smolvlm":
+            names = tuple(n.replace("Idefics3", "SmolVLM") for n in names)
+        vision_cls, config_cls, ip_cls, proc_cls = (getattr(tf, n) for n in names)
+        vision = vision_cls(image_size=56, patch_size=14, hidden_size=32, intermediate_size=48,
+                            num_hidden_layers=VISION_LAYERS, num_attention_heads=2)
+        config = config_cls(vision_config=vision, text_config=_text(tf.LlamaConfig), scale_factor=2,
+                            image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=1)
+        size = {"longest_edge": 56}
+        ip = ip_cls(size=size, max_image_size=size, do_image_splitting=False)
+        if kind == "smolvlm":
+            proc = proc_cls(ip, tok, tf.SmolVLMVideoProcessor(size=size, max_image_size=size), image_seq_len=4)
+        else:
+            proc = proc_cls(ip, tok, image_seq_len=4)
     else:
         raise ValueError(f"unknown tiny VLM {kind!r}; one of {KINDS}")
     config._attn_implementation = "eager"
