@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_args(s)
     _add_export_args(s)
     s.add_argument("--select-data", default=None, help="selection text (validation split of a named set, or a file); "
-                   "default: windows of the calibration source disjoint from the calibration samples")
+                   "default: windows of the calibration source disjoint from the calibration samples (needed with "
+                   "image-text calibration)")
     s.add_argument("--nselect", type=int, default=16, help="selection windows of --seqlen tokens (default 16)")
     s.add_argument("--select-on-test", action="store_true", help="select on the evaluation split (the reference "
                    "protocol); every report is marked 'selected on test'")
@@ -211,14 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.6, 0.7], help="default 0.5 0.6 0.7")
     c.add_argument("--allocations", nargs="+", default=["uniform", "atp", "owl", "alphapruning", "dlp"],
                    help="default: all five; atp's beta is searched (golden) on held-out selection windows")
-    c.add_argument("--calib-data", default="c4", help="calibration text (default c4)")
+    c.add_argument("--calib-data", default="c4", help="calibration text (default c4); for a vision-language model "
+                   "also a .jsonl of {\"image\": path, \"text\": str} pairs (with --select-data)")
     c.add_argument("--eval-data", default="wikitext2", help="evaluation text (default wikitext2 test)")
     c.add_argument("--data-dir", default=None, help="local data folder for named sets (default $ATPRUNE_DATA_DIR)")
     c.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
     c.add_argument("--nselect", type=int, default=16, help="selection windows for ATP's beta search (default 16)")
     c.add_argument("--select-data", default=None, help="selection text for ATP's beta search (validation split of a "
                    "named set, or a file); default: windows of the calibration source disjoint from the calibration "
-                   "samples")
+                   "samples (needed with image-text calibration)")
     c.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
     c.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     c.add_argument("--max-trials", type=int, default=6, help="golden-search trials for ATP's beta and, with "

@@ -25,6 +25,7 @@ from atprune.atomic import atomic_file
 from atprune.api import evaluate_perplexity, plan
 from atprune.errors import ConfigError
 from atprune.export import check_output_dir, write_json
+from atprune.jobs.multimodal import VisionLanguageRun, check_trials_data, check_vision_language
 from atprune.jobs.options import RunOptions, SelectionOptions, check_run_options, check_selection
 from atprune.jobs.quantize import QuantOptions, check_quant, check_quant_widths
 from atprune.models.adapter import Adapter
@@ -52,7 +53,9 @@ class CompareJob(QuantOptions, SelectionOptions, RunOptions):
 
 
 def check_compare(job: CompareJob):
-    """Validate every cell's options before the model is loaded; returns ``(source, num_blocks, device, dtype)``.
+    """Validate every cell's options before the model is loaded; returns ``(source, num_blocks, device, dtype, vl)``
+    with ``vl`` the :class:`atprune.jobs.multimodal.VisionLanguagePlan` (a vision-language model is loaded with its
+    processor; an image-text calibration file is read and checked).
 
     Raises:
         ConfigError: the first problem found.
@@ -81,8 +84,10 @@ def check_compare(job: CompareJob):
         check_quant(job)
 
     checked = check_run_options(job, own_checks=own_checks)
+    vl = check_vision_language(checked.source, job.calib_data, None, job.nsamples)
+    check_trials_data(vl, job, "compare")
     check_output_dir(job.out, job.overwrite, inputs=checked.inputs())
-    return checked.source, checked.num_blocks, checked.device, checked.dtype
+    return checked.source, checked.num_blocks, checked.device, checked.dtype, vl
 
 
 def run_compare_job(job: CompareJob, parallel=None) -> dict:
@@ -95,15 +100,21 @@ def run_compare_job(job: CompareJob, parallel=None) -> dict:
     Raises:
         ConfigError: bad options, before the model is loaded.
     """
-    source, num_blocks, device, dtype = check_compare(job)
+    source, num_blocks, device, dtype, vl = check_compare(job)
     out = Path(job.out).expanduser()
     write = parallel is None  # under torchrun rank 0 writes the whole folder once, at the end
     if write:
         out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model(source, dtype=dtype, device=device, progress=job.progress,
-                                  allow_tokenizer_mismatch=job.allow_tokenizer_mismatch)
+    # a vision-language model: loaded with its processor, only its language blocks pruned (atprune.multimodal)
+    vlm = VisionLanguageRun(vl, source, dtype, device, job.progress) if vl.vision_language else None
+    if vlm is None:
+        model, tokenizer = load_model(source, dtype=dtype, device=device, progress=job.progress,
+                                      allow_tokenizer_mismatch=job.allow_tokenizer_mismatch)
+    else:
+        model, tokenizer = vlm.model, vlm.tokenizer
+        vlm.before_pruning(None, score_dense=False)  # checksums of the dense parts, checked again after the last cell
     tokenizer_check, tokenizer_notes = tokenizer_record(tokenizer)
-    calib, select, select_info = selection_windows(job, tokenizer)
+    calib, select, select_info = selection_windows(job, tokenizer, vlm.calibration(job.seqlen) if vlm else None)
     qspec = check_quant(job)
     check_quant_widths(Adapter.for_model(model, job.blocks_path), qspec)
     runner = TrialRunner(model, calib, select, batch_size=job.batch_size, blocks_path=job.blocks_path,
@@ -164,6 +175,9 @@ def run_compare_job(job: CompareJob, parallel=None) -> dict:
             print(f"[{len(state['rows'])}/{len(cells)}] {method} S={s:g} {column}{chosen}: ppl {ev['ppl']:.3f}",
                   flush=True)
     state["prune_passes"] = runner.prunes  # configurations met again (uniform, a chosen value) were not pruned again
+    if vlm is not None:  # what was pruned, and the dense parts' checksums before the first cell and after the last
+        state["multimodal"] = vlm.report()
+        state["warnings"] += vlm.warnings()
     if parallel is not None:
         return parallel.finish(state, cells)
     write_json(out / "compare.json", state)

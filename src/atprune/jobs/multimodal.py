@@ -49,6 +49,31 @@ def check_vision_language(source: ModelSource, calib_data: str | None, caption_d
     return plan
 
 
+def check_trials_data(plan: VisionLanguagePlan, job, command: str) -> None:
+    """``atprune search`` / ``compare`` on a vision-language model: the selection metric (held-out perplexity) and the
+    evaluation are text perplexity of the language model, so with image-text calibration the held-out text must be
+    named (``--select-data``, or search's ``--select-on-test``: the default, windows of the calibration source
+    disjoint from the calibration samples, has no text windows to give), and neither selection nor evaluation data
+    may be image-text pairs.
+
+    Args:
+        plan: :func:`check_vision_language`'s plan for the job's model and ``calib_data``.
+        job: a job with :class:`atprune.jobs.options.RunOptions` and :class:`atprune.jobs.options.SelectionOptions`.
+        command: ``"search"`` or ``"compare"`` (for the message).
+
+    Raises:
+        ConfigError: image-text calibration without text selection data, or image-text selection or evaluation
+            data.
+    """
+    for flag, spec in (("--select-data", job.select_data), ("--eval-data", job.eval_data)):
+        if is_pairs_file(spec):
+            raise ConfigError(f"{flag} {spec} holds image-text pairs; {command} selects and evaluates on the language "
+                              "model's text perplexity: give text data (c4, wikitext2, a text file)")
+    if plan.calib_pairs and not (job.select_data or job.select_on_test):
+        raise ConfigError(f"{command} with image-text calibration ({job.calib_data}) chooses beta on held-out text: "
+                          "give --select-data (c4, wikitext2 or a text file)")
+
+
 def with_offload(plan: VisionLanguagePlan, offload: bool) -> VisionLanguagePlan:
     """The plan for a run with ``--offload``: with text calibration (e.g. Gemma 3 27B on one GPU) a vision-language
     checkpoint takes the language-model path, as before vision-language support (loaded through

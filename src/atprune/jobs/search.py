@@ -24,6 +24,8 @@ from atprune.allocators import beta_max
 from atprune.api import plan
 from atprune.errors import ConfigError
 from atprune.export import check_export_options, check_output_dir, save_pruned, write_json
+from atprune.export.checkpoint import SAVE_DTYPES
+from atprune.jobs.multimodal import VisionLanguageRun, check_trials_data, check_vision_language
 from atprune.jobs.options import RunOptions, SelectionOptions, check_run_options, check_selection
 from atprune.jobs.quantize import QuantOptions, check_quant, check_quant_widths, grid_tensors, quant_section
 from atprune.export.report import build_report
@@ -64,8 +66,10 @@ class SearchJob(QuantOptions, SelectionOptions, RunOptions):
 
 
 def check_search(job: SearchJob):
-    """Validate everything before the model is loaded; returns ``(source, num_blocks, device, dtype, previous)``
-    where ``previous`` are the trials of a resumable ``search.json`` (or ``[]``).
+    """Validate everything before the model is loaded; returns ``(source, num_blocks, device, dtype, previous, vl)``
+    where ``previous`` are the trials of a resumable ``search.json`` (or ``[]``) and ``vl`` the
+    :class:`atprune.jobs.multimodal.VisionLanguagePlan` (a vision-language model is loaded with its processor; an
+    image-text calibration file is read and checked).
 
     Raises:
         ConfigError: the first problem found.
@@ -98,6 +102,8 @@ def check_search(job: SearchJob):
 
     checked = check_run_options(job, own_checks=own_checks)
     source, device, dtype = checked.source, checked.device, checked.dtype
+    vl = check_vision_language(source, job.calib_data, None, job.nsamples)
+    check_trials_data(vl, job, "search")
     previous = []
     if job.out:
         out = Path(job.out).expanduser()
@@ -107,7 +113,7 @@ def check_search(job: SearchJob):
         check_output_dir(out, job.overwrite or resumable, inputs=checked.inputs())
         if resumable:
             previous = _resumable_trials(out / "search.json", job, str(dtype).removeprefix("torch."), str(device))
-    return source, checked.num_blocks, device, dtype, previous
+    return source, checked.num_blocks, device, dtype, previous, vl
 
 
 def _config(job: SearchJob, dtype: str, device: str) -> dict:
@@ -131,23 +137,33 @@ def _resumable_trials(path: Path, job: SearchJob, dtype: str, device: str) -> li
     return trials
 
 
-def selection_windows(job, tokenizer):
-    """(calibration windows, selection windows, info) for a job with :class:`RunOptions` and
-    :class:`SelectionOptions`; the two sets are disjoint when drawn from one source."""
-    calib_source = data_mod.load_text(job.calib_data, "train", job.data_dir)
-    same_as_calib = job.select_data and (data_mod.identity(job.select_data, "validation", job.data_dir)
-                                         == data_mod.identity(job.calib_data, "train", job.data_dir))
+def selection_windows(job, tokenizer, calib=None):
+    """(calibration, selection windows, info) for a job with :class:`RunOptions` and :class:`SelectionOptions`; the
+    two sets are disjoint when drawn from one source.
+
+    The calibration is ``[nsamples, seqlen]`` int64 windows of ``job.calib_data``, or ``calib`` when given (a
+    vision-language model's :class:`atprune.multimodal.pairs.ImageTextCalibration`): then the selection windows
+    come from ``job.select_data`` (or the evaluation data with ``select_on_test``), which must be given
+    (:func:`atprune.jobs.multimodal.check_trials_data` says so before loading).
+    """
+    calib_source = data_mod.load_text(job.calib_data, "train", job.data_dir) if calib is None else None
+    same_as_calib = calib is None and job.select_data and (
+        data_mod.identity(job.select_data, "validation", job.data_dir)
+        == data_mod.identity(job.calib_data, "train", job.data_dir))
+    if calib is not None and not (job.select_on_test or job.select_data):
+        raise ConfigError("image-text calibration needs text selection data (--select-data)")
     if job.select_on_test or (job.select_data and not same_as_calib):
         spec = job.eval_data if job.select_on_test else job.select_data
         split = data_mod.eval_split(spec) if job.select_on_test else "validation"
-        calib = data_mod.calibration_windows(tokenizer, calib_source, job.nsamples, job.seqlen, job.seed)
+        if calib is None:
+            calib = data_mod.calibration_windows(tokenizer, calib_source, job.nsamples, job.seqlen, job.seed).windows
         tokens, info = data_mod.evaluation_tokens(tokenizer, data_mod.load_text(spec, split, job.data_dir))
         select = data_mod.cut_windows(tokens, job.seqlen, info.get("bos_token_id"), job.nselect)
         nwin = select.shape[0]
         if nwin == 0:
             raise ConfigError(f"selection data {spec} has fewer tokens than one window of {job.seqlen}")
-        return calib.windows, select, info | {"windows": nwin, "source": "selected on test" if job.select_on_test
-                                              else "held-out data"}
+        return calib, select, info | {"windows": nwin, "source": "selected on test" if job.select_on_test
+                                      else "held-out data"}
     stream = data_mod.token_stream(tokenizer, calib_source, max_tokens=4 * (job.nsamples + job.nselect) * job.seqlen,
                                    seed=job.seed)
     calib, select = data_mod.sample_windows(stream, job.seqlen, [job.nsamples, job.nselect], seed=job.seed,
@@ -200,13 +216,19 @@ def run_search_job(job: SearchJob, parallel=None) -> dict:
     Raises:
         ConfigError: bad options or data, before the model is loaded whenever possible.
     """
-    source, num_blocks, device, dtype, previous = check_search(job)
+    source, num_blocks, device, dtype, previous, vl = check_search(job)
     qspec = check_quant(job, job.formats, job.save_dtype, str(dtype).removeprefix("torch."))
     config = _config(job, str(dtype).removeprefix("torch."), str(device))
     out = Path(job.out).expanduser() if job.out else None
     t_start = time.perf_counter()
-    model, tokenizer = load_model(source, dtype=dtype, device=device, progress=job.progress,
-                                  allow_tokenizer_mismatch=job.allow_tokenizer_mismatch)
+    # a vision-language model: loaded with its processor, only its language blocks pruned (atprune.multimodal)
+    vlm = VisionLanguageRun(vl, source, dtype, device, job.progress) if vl.vision_language else None
+    if vlm is None:
+        model, tokenizer = load_model(source, dtype=dtype, device=device, progress=job.progress,
+                                      allow_tokenizer_mismatch=job.allow_tokenizer_mismatch)
+    else:
+        model, tokenizer = vlm.model, vlm.tokenizer
+        vlm.before_pruning(SAVE_DTYPES.get(job.save_dtype), score_dense=False)  # checksums of the dense parts
     tokenizer_check, tokenizer_notes = tokenizer_record(tokenizer)
     if out is not None:
         from atprune.export import check_saveable
@@ -224,7 +246,7 @@ def run_search_job(job: SearchJob, parallel=None) -> dict:
             return evaluate_zero_shot(model, tokenizer, job.zero_shot, job.task_data, limit=job.zero_shot_limit)
 
         zero_shot = {"dense": score()}
-    calib, select, select_info = selection_windows(job, tokenizer)
+    calib, select, select_info = selection_windows(job, tokenizer, vlm.calibration(job.seqlen) if vlm else None)
     runner = TrialRunner(model, calib, select, metric=job.metric, batch_size=job.batch_size,
                          blocks_path=job.blocks_path, quantize=qspec)
     hi = beta_max(job.sparsity, runner.block_sizes)
@@ -273,12 +295,14 @@ def run_search_job(job: SearchJob, parallel=None) -> dict:
                                                    max_windows=job.eval_windows, progress=job.progress)
         evaluation["sparse"]["selected_on_test"] = job.select_on_test
     state["final_evaluation"] = evaluation["sparse"]
+    if vlm is not None:  # what was pruned, and the dense parts' checksums before the search and now
+        state["multimodal"] = vlm.report()
     if zero_shot is not None:
         zero_shot["sparse"] = score()
         zero_shot["gate"] = sanity_gate(zero_shot["sparse"], zero_shot["dense"])
         state["zero_shot"] = zero_shot
     notes = ["SELECTED ON TEST: beta was chosen on the evaluation split (reference protocol)"] if job.select_on_test else []
-    notes += tokenizer_notes
+    notes += tokenizer_notes + (vlm.warnings() if vlm is not None else [])
     state["tokenizer_check"] = tokenizer_check
     if out is not None:
         chosen_config = {"allocation": "atp", "beta": chosen} | ({"attn_offset": offset} if job.attn_offset else {})
@@ -292,12 +316,15 @@ def run_search_job(job: SearchJob, parallel=None) -> dict:
             report["quantization"] = quant_section(final, model, dtype)
         if zero_shot is not None:
             report["zero_shot"] = zero_shot
+        if vlm is not None:
+            report["multimodal"] = vlm.report()
         title = (f"{job.model} {job.method} S={job.sparsity:g} ({job.strategy}, {len(state['trials'])} trials)"
                  + (" - SELECTED ON TEST" if job.select_on_test else ""))
         with tempfile.TemporaryDirectory() as tmp:
             plot_search(state["trials"], chosen, job.metric, Path(tmp) / "search.png", title, offset)
             # out was checked before loading (it holds at most this search's own search.json)
-            save_pruned(model, tokenizer, out, report, overwrite=True, extra={"search.json": state},
-                        files={"search.png": Path(tmp) / "search.png"}, save_dtype=job.save_dtype, formats=job.formats,
-                        blocks_path=job.blocks_path, grids=grid_tensors(final))
+            save_pruned(model, tokenizer if vlm is None else vlm.processor, out, report, overwrite=True,
+                        extra={"search.json": state}, files={"search.png": Path(tmp) / "search.png"},
+                        save_dtype=job.save_dtype, formats=job.formats, blocks_path=job.blocks_path,
+                        grids=grid_tensors(final), untouched=vlm.dense.untouched() if vlm is not None else None)
     return state

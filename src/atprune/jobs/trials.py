@@ -32,6 +32,7 @@ from atprune.errors import ConfigError
 from atprune.eval.perplexity import kl_to_reference, next_token_logprobs, perplexity
 from atprune.jobs.strategies import best_offset_trial, best_trial, golden_search, grid_betas, offset_search
 from atprune.models.adapter import Adapter
+from atprune.multimodal.pairs import ImageTextCalibration
 
 
 class TrialRunner:
@@ -42,7 +43,9 @@ class TrialRunner:
 
     Args:
         model: transformers causal LM (dense; pruned in place by each trial).
-        calib: ``[nsamples, seqlen]`` int64 calibration windows.
+        calib: ``[nsamples, seqlen]`` int64 calibration windows, or a vision-language model's
+            :class:`atprune.multimodal.pairs.ImageTextCalibration` (one feed per image-text pair, each run through
+            the whole model once for the block-0 inputs).
         select: ``[nselect, seqlen]`` int64 selection windows.
         metric: ``"ppl"`` (selection perplexity) or ``"kl"`` (mean KL(dense || pruned), nats per token).
         batch_size: windows per forward pass, or ``"auto"``.
@@ -56,17 +59,20 @@ class TrialRunner:
     def __init__(self, model, calib: torch.Tensor, select: torch.Tensor, *, metric: str = "ppl", batch_size: int = 1,
                  blocks_path: str | None = None, quantize=None):
         self.model, self.calib, self.select = model, calib, select
+        # what the engine's passes take: token windows, or the image-text feeds
+        windows = calib.feeds if isinstance(calib, ImageTextCalibration) else calib
         self.quantize = quantize  # an atprune.quant.QuantSpec: every trial quantizes in its pruning pass
         self.metric = metric
         self.blocks_path = blocks_path
-        self.batch_size = resolve_batch_size(batch_size, model, calib, Placement.default_for(model))
+        self.batch_size = resolve_batch_size(batch_size, model, windows, Placement.default_for(model))
         # logits passes (selection perplexity / KL, evaluation) need room for [batch, seqlen, vocab] too
-        self.eval_batch_size = self.batch_size if batch_size != "auto" else auto_batch_size(
+        self.eval_batch_size = batch_size if batch_size != "auto" else auto_batch_size(
             model.config.get_text_config(), select.shape[1], 16, Placement.default_for(model).device,
             next(model.parameters()).dtype, logits=True)
         self.adapter = Adapter.for_model(model, blocks_path)
         self.block_sizes = block_sizes(self.adapter)  # ATP's legal beta range depends on them
-        self.inputs = first_block_inputs(self.adapter, calib, self.batch_size)
+        self.inputs = first_block_inputs(self.adapter, windows, self.batch_size)
+        self.windows = windows
         self.linears = {f"{i}.{n}": lin for i, b in enumerate(self.adapter.blocks)
                         for n, lin in self.adapter.linears(b).items()}
         self.dense = {n: lin.weight.detach().to("cpu", copy=True) for n, lin in self.linears.items()}
@@ -96,7 +102,7 @@ class TrialRunner:
         if key not in self.statistics:
             if self.current is not None:  # a dense statistic: measure it on the dense weights
                 self.restore()
-            self.statistics[key] = block_statistic(allocator, self.adapter, self.calib, self.inputs)
+            self.statistics[key] = block_statistic(allocator, self.adapter, self.windows, self.inputs)
         return self.statistics[key]
 
     def _resolve(self, method: str, sparsity: float, allocation: str, beta: float | None,
