@@ -34,6 +34,11 @@ CELLS = [
     ("dense w3 gptq", "magnitude", 0.0, "uniform", None, {"quantize": "w3"}),
     ("dense mixed mean 3 atp bits", "magnitude", 0.0, "uniform", None,
      {"quantize": "w3", "bits_allocation": "atp", "bits_mean": 3.0, "bits_step": 0.05}),
+    ("wanda 60%", "wanda", 0.6, "uniform", None, None),
+    ("wanda 60% + w4 gptq", "wanda", 0.6, "uniform", None, {"quantize": "w4"}),
+    ("wanda 60% atp + w4 gptq", "wanda", 0.6, "atp", 0.0065, {"quantize": "w4"}),
+    ("sparsegpt 60%", "sparsegpt", 0.6, "uniform", None, None),
+    ("sparsegpt 60% + w4 joint", "sparsegpt", 0.6, "uniform", None, {"quantize": "w4"}),
 ]
 
 

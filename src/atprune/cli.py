@@ -134,7 +134,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits-allocation", default="uniform", help="uniform (default) or atp: more bits for the "
                    "input-side blocks, parameter-weighted mean --bits-mean")
     p.add_argument("--bits-mean", type=float, default=None, help="mean bits of --bits-allocation atp (default: wN)")
-    p.add_argument("--bits-step", type=float, default=0.0, help="bits per block of the atp schedule (default 0)")
+    p.add_argument("--bits-step", default="0", help="bits per block of the atp schedule (default 0); atprune search "
+                   "also takes 'search': the step chosen on held-out data (golden, --max-trials), sparsity fixed")
     p.add_argument("--bits-choices", default="2,3,4,8", help="bit widths a block may get (default 2,3,4,8)")
 
 
@@ -142,15 +143,30 @@ def _quant_options(args) -> dict:
     """The :class:`atprune.jobs.quantize.QuantOptions` fields from the parsed arguments.
 
     Raises:
-        ConfigError: ``--bits-choices`` that is not a comma list of integers.
+        ConfigError: ``--bits-choices`` that is not a comma list of integers; ``--bits-step`` neither a number nor
+            (``atprune search`` only) ``search``.
     """
     try:
         choices = tuple(int(c) for c in args.bits_choices.split(",") if c.strip())
     except ValueError:
         raise ConfigError(f"--bits-choices takes a comma list of bit widths (e.g. 2,3,4,8), got {args.bits_choices!r}") from None
+    step = str(args.bits_step).strip().lower()
+    if step == "search":
+        if args.command != "search":
+            raise ConfigError("--bits-step search is an atprune search option; give a number here (e.g. 0.05)")
+        step = "0"
+    try:
+        step = float(step)
+    except ValueError:
+        raise ConfigError(f"--bits-step takes a number (bits per block) or 'search', got {args.bits_step!r}") from None
     return {"quantize": args.quantize, "group_size": args.group_size, "quant_symmetric": not args.asym,
             "quant_method": args.quant_method, "bits_allocation": args.bits_allocation, "bits_mean": args.bits_mean,
-            "bits_step": args.bits_step, "bits_choices": choices}
+            "bits_step": step, "bits_choices": choices}
+
+
+def _bits_step_search(args) -> bool:
+    """``--bits-step search`` given (the search job then searches the step, not beta)."""
+    return str(getattr(args, "bits_step", "")).strip().lower() == "search"
 
 
 def _add_export_args(p: argparse.ArgumentParser) -> None:
@@ -203,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "in the same --max-trials (beta by golden on all but 2 trials, then the offset at +-D0 at that "
                    "beta; docs/search.md)")
     s.add_argument("--resume", action="store_true", help="continue the search recorded in OUT/search.json")
+    s.add_argument("--beta", type=float, default=None, help="with --bits-step search: ATP's sparsity beta, fixed "
+                   "(default: uniform sparsity); beta and the bits step are not searched together")
     _add_zero_shot_args(s, "the dense and the final model")
     add_vision_args(s)
     _add_quant_args(s)
@@ -352,7 +370,7 @@ def _run_search(args) -> int:
     job = SearchJob(**_run_options(args), method=args.method, sparsity=args.sparsity, select_data=args.select_data,
                     select_on_test=args.select_on_test, nselect=args.nselect, strategy=args.strategy,
                     max_trials=args.max_trials, step=args.step, metric=args.metric, resume=args.resume,
-                    attn_offset=args.attn_offset,
+                    attn_offset=args.attn_offset, bits_step_search=_bits_step_search(args), beta=args.beta,
                     save_dtype=args.save_dtype, formats=(args.format,), zero_shot=args.zero_shot,
                     task_data=args.task_data, zero_shot_limit=args.zero_shot_limit, **_quant_options(args))
     from atprune.distributed.context import launched
@@ -366,6 +384,10 @@ def _run_search(args) -> int:
     else:
         state = run_search_job(job)
     mark = "  [SELECTED ON TEST]" if state["selected_on_test"] else ""
+    if "bits_step" in state["chosen"]:
+        _print_bits_trials(state, args.metric, mark)
+        print(f"saved: {os.path.abspath(args.out)} (model, search.json, search.png, report.json)")
+        return 0
     offset = "attn_offset" in state["chosen"]
     print(f"{'beta':>8}" + (f" {'offset':>8}" if offset else "") + f" {'metric':>12} {'seconds':>8}{mark}")
     for t in sorted(state["trials"], key=lambda t: (t["beta"], t.get("attn_offset", 0.0))):
@@ -385,6 +407,21 @@ def _run_search(args) -> int:
         print(format_zero_shot({"dense": zs["dense"], "sparse": zs["sparse"]}, zs["gate"]))
     print(f"saved: {os.path.abspath(args.out)} (model, search.json, search.png, report.json)")
     return 0
+
+
+def _print_bits_trials(state: dict, metric: str, mark: str) -> None:
+    """The bits-step search's trials (step, bits per block, metric), the chosen step and the final perplexity."""
+    print(f"{'step':>8} {'mean bits':>9} {'metric':>12} {'seconds':>8}  bits per block{mark}")
+    for t in sorted(state["trials"], key=lambda t: t["bits_step"]):
+        print(f"{t['bits_step']:>8.4f} {t['mean_bits']:>9.3f} {t['metric']:>12.4f} {t['seconds']:>8.1f}  "
+              f"{','.join(map(str, t['block_bits']))}")
+    c = state["chosen"]
+    print(f"chosen bits step {c['bits_step']:.4f} ({metric} {c['metric']:.4f}; bits per block {c['block_bits']}) "
+          f"after {len(state['trials'])} trials, {state['search_seconds']:.0f}s")
+    final = state.get("final_evaluation")
+    if final:
+        print(f"final perplexity {final['dataset']} {final['split']}: {final['ppl']:.3f} "
+              f"({final['windows']}/{final['windows_total']} windows x {final['seqlen']} tokens){mark}")
 
 
 def _run_compare(args) -> int:

@@ -25,6 +25,7 @@ from atprune.api import plan
 from atprune.errors import ConfigError
 from atprune.export import check_export_options, check_output_dir, save_pruned, write_json
 from atprune.export.checkpoint import SAVE_DTYPES
+from atprune.jobs.bits_search import bits_step_trials, final_bits_prune, plot_bits_search
 from atprune.jobs.multimodal import VisionLanguageRun, check_trials_data, check_vision_language
 from atprune.jobs.options import RunOptions, SelectionOptions, check_run_options, check_selection
 from atprune.jobs.quantize import QuantOptions, check_quant, check_quant_widths, grid_tensors, quant_section
@@ -38,6 +39,7 @@ SEARCH_SCHEMA = "atprune.search/1"
 # options that must match for a resumed search to reuse recorded trials
 RESUME_KEYS = ("model", "method", "sparsity", "calib_data", "select_data", "select_on_test", "data_dir", "nsamples",
                "nselect", "seqlen", "seed", "metric", "dtype", "device", "batch_size", "attn_offset")
+SEARCH_KEYS = {"bits_step_search": False, "beta": None}  # must match too (absent from older search.json: defaults)
 QUANT_KEYS = ("quantize", "group_size", "quant_symmetric", "quant_method", "bits_allocation", "bits_mean", "bits_step",
               "bits_choices")
 
@@ -57,6 +59,8 @@ class SearchJob(QuantOptions, SelectionOptions, RunOptions):
     step: float = 0.002
     metric: str = "ppl"
     attn_offset: str | None = None  # "search": also ATP's attention/MLP offset, in the same trial budget
+    bits_step_search: bool = False  # search the ATP bit schedule's step instead of beta (--bits-step search)
+    beta: float | None = None  # with bits_step_search: the fixed ATP sparsity beta (None: uniform sparsity)
     resume: bool = False
     save_dtype: str | None = None  # see atprune.jobs.prune.PruneJob
     formats: tuple[str, ...] = ("dense",)
@@ -91,6 +95,7 @@ def check_search(job: SearchJob):
     if job.strategy == "grid" and not job.step > 0:
         raise ConfigError(f"grid step must be > 0, got {job.step}")
     check_selection(job)
+    _check_bits_search(job)
 
     def own_checks():
         if job.zero_shot:
@@ -116,6 +121,29 @@ def check_search(job: SearchJob):
     return source, checked.num_blocks, device, dtype, previous, vl
 
 
+def _check_bits_search(job: SearchJob) -> None:
+    """One knob per search: ``--bits-step search`` searches the bit schedule's step with the sparsity allocation
+    fixed; ``--beta`` only fixes that allocation.
+
+    Raises:
+        ConfigError: the first conflicting option, as one line.
+    """
+    if not job.bits_step_search:
+        if job.beta is not None:
+            raise ConfigError("--beta fixes ATP's sparsity schedule for --bits-step search; a plain search chooses beta")
+        return
+    if job.quantize is None:
+        raise ConfigError("--bits-step search needs --quantize wN --bits-allocation atp (e.g. --quantize w4)")
+    if job.bits_allocation != "atp":
+        raise ConfigError("--bits-step search needs --bits-allocation atp (the step of ATP's bit schedule)")
+    if job.attn_offset:
+        raise ConfigError("--bits-step search and --attn-offset search cannot be combined: one knob per search")
+    if job.strategy != "golden":
+        raise ConfigError("--bits-step search runs with the golden strategy only")
+    if job.beta is not None and not job.beta >= 0:
+        raise ConfigError(f"--beta must be >= 0, got {job.beta!r}")
+
+
 def _config(job: SearchJob, dtype: str, device: str) -> dict:
     return asdict(job) | {"dtype": dtype, "device": device}
 
@@ -129,6 +157,7 @@ def _resumable_trials(path: Path, job: SearchJob, dtype: str, device: str) -> li
     # quantization options (a search.json written before they existed had none: the defaults)
     defaults = QuantOptions(quantize=None)
     diff += [k for k in QUANT_KEYS if _plain(saved.get("config", {}).get(k, getattr(defaults, k))) != _plain(now[k])]
+    diff += [k for k, d in SEARCH_KEYS.items() if saved.get("config", {}).get(k, d) != now[k]]
     if diff:
         raise ConfigError(f"cannot resume {path}: options differ ({', '.join(diff)}); use another --out or the same options")
     trials = saved.get("trials", [])
@@ -217,6 +246,8 @@ def run_search_job(job: SearchJob, parallel=None) -> dict:
         ConfigError: bad options or data, before the model is loaded whenever possible.
     """
     source, num_blocks, device, dtype, previous, vl = check_search(job)
+    if job.bits_step_search and parallel is not None:
+        raise ConfigError("--bits-step search runs in one process (not under torchrun yet)")
     qspec = check_quant(job, job.formats, job.save_dtype, str(dtype).removeprefix("torch."))
     config = _config(job, str(dtype).removeprefix("torch."), str(device))
     out = Path(job.out).expanduser() if job.out else None
@@ -253,8 +284,11 @@ def run_search_job(job: SearchJob, parallel=None) -> dict:
     state = {"schema": SEARCH_SCHEMA, "config": config, "selected_on_test": job.select_on_test,
              "selection_data": select_info, "num_blocks": num_blocks, "beta_max": hi,
              "dense_selection_ppl": runner.dense_select_ppl, "trials": list(previous), "chosen": None}
+    if job.bits_step_search:
+        state["bits_step_max"] = runner.bits_step_range()
     budget = job.max_trials if job.strategy == "golden" else len(grid_betas(job.sparsity, runner.block_sizes, job.step))
-    bar = tqdm(total=budget, desc="beta trials", unit="trial", disable=not job.progress)
+    bar = tqdm(total=budget, desc="bits-step trials" if job.bits_step_search else "beta trials", unit="trial",
+               disable=not job.progress)
     bar.update(len(previous))
 
     def record(trial: dict) -> None:
@@ -265,7 +299,9 @@ def run_search_job(job: SearchJob, parallel=None) -> dict:
 
     offset = 0.0
     try:
-        if job.attn_offset:
+        if job.bits_step_search:
+            _, chosen, chosen_value = bits_step_trials(job, runner, previous, record)
+        elif job.attn_offset:
             _, (chosen, offset), chosen_value = runner.tune_offset(
                 job.method, job.sparsity, max_trials=job.max_trials, on_trial=record,
                 memo={(t["beta"], t.get("attn_offset", 0.0)): t["metric"] for t in previous})
@@ -276,7 +312,10 @@ def run_search_job(job: SearchJob, parallel=None) -> dict:
                                            memo={t["beta"]: t["metric"] for t in previous}, on_trial=record)
     finally:
         bar.close()
-    state["chosen"] = {"beta": chosen, "metric": chosen_value} | ({"attn_offset": offset} if job.attn_offset else {})
+    if job.bits_step_search:
+        state["chosen"] = {"bits_step": chosen, "metric": chosen_value}
+    else:
+        state["chosen"] = {"beta": chosen, "metric": chosen_value} | ({"attn_offset": offset} if job.attn_offset else {})
     if job.attn_offset:
         state["attn_offset_range"] = list(runner.offset_range(job.sparsity, chosen))  # at the chosen beta
     state["search_seconds"] = time.perf_counter() - t_start
@@ -284,8 +323,13 @@ def run_search_job(job: SearchJob, parallel=None) -> dict:
         state["parallel"] = parallel.describe()
         if not writer:  # rank 0 alone prunes with the chosen beta, evaluates and writes
             return state
-    final = runner.prune(job.method, job.sparsity, "atp", chosen, progress=job.progress,
-                         options={"attn_offset": offset} if offset else None)
+    if job.bits_step_search:
+        final, chosen_config = final_bits_prune(job, runner, chosen)
+        state["chosen"] |= {"block_bits": final.quantization["block_bits"], "mean_bits": final.quantization["mean_bits"]}
+    else:
+        final = runner.prune(job.method, job.sparsity, "atp", chosen, progress=job.progress,
+                             options={"attn_offset": offset} if offset else None)
+        chosen_config = {"allocation": "atp", "beta": chosen} | ({"attn_offset": offset} if job.attn_offset else {})
     evaluation = {"dense": None, "sparse": None}
     if job.eval_data:
         from atprune.api import evaluate_perplexity
@@ -301,11 +345,11 @@ def run_search_job(job: SearchJob, parallel=None) -> dict:
         zero_shot["sparse"] = score()
         zero_shot["gate"] = sanity_gate(zero_shot["sparse"], zero_shot["dense"])
         state["zero_shot"] = zero_shot
-    notes = ["SELECTED ON TEST: beta was chosen on the evaluation split (reference protocol)"] if job.select_on_test else []
+    knob = "the bits step" if job.bits_step_search else "beta"
+    notes = [f"SELECTED ON TEST: {knob} was chosen on the evaluation split (reference protocol)"] if job.select_on_test else []
     notes += tokenizer_notes + (vlm.warnings() if vlm is not None else [])
     state["tokenizer_check"] = tokenizer_check
     if out is not None:
-        chosen_config = {"allocation": "atp", "beta": chosen} | ({"attn_offset": offset} if job.attn_offset else {})
         report = build_report(config=config | chosen_config, prune_result=final.to_dict(),
                               evaluation=evaluation, timings={"search": state["search_seconds"], "prune": final.seconds},
                               model={"spec": job.model, "source": source.kind, "path": source.path,
@@ -321,7 +365,10 @@ def run_search_job(job: SearchJob, parallel=None) -> dict:
         title = (f"{job.model} {job.method} S={job.sparsity:g} ({job.strategy}, {len(state['trials'])} trials)"
                  + (" - SELECTED ON TEST" if job.select_on_test else ""))
         with tempfile.TemporaryDirectory() as tmp:
-            plot_search(state["trials"], chosen, job.metric, Path(tmp) / "search.png", title, offset)
+            if job.bits_step_search:
+                plot_bits_search(state["trials"], chosen, job.metric, Path(tmp) / "search.png", title)
+            else:
+                plot_search(state["trials"], chosen, job.metric, Path(tmp) / "search.png", title, offset)
             # out was checked before loading (it holds at most this search's own search.json)
             save_pruned(model, tokenizer if vlm is None else vlm.processor, out, report, overwrite=True,
                         extra={"search.json": state}, files={"search.png": Path(tmp) / "search.png"},

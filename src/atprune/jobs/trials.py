@@ -33,6 +33,8 @@ from atprune.eval.perplexity import kl_to_reference, next_token_logprobs, perple
 from atprune.jobs.strategies import best_offset_trial, best_trial, golden_search, grid_betas, offset_search
 from atprune.models.adapter import Adapter
 from atprune.multimodal.pairs import ImageTextCalibration
+from atprune.quant.bits import step_max
+from atprune.quant.step import quant_key
 
 
 class TrialRunner:
@@ -106,29 +108,34 @@ class TrialRunner:
         return self.statistics[key]
 
     def _resolve(self, method: str, sparsity: float, allocation: str, beta: float | None,
-                 options: dict | None) -> tuple[tuple, object]:
+                 options: dict | None, quantize=None) -> tuple[tuple, object]:
         """``(configuration, spec)``: the key of :meth:`configuration` and the resolved
-        :class:`atprune.api.PruneSpec` of the request (its allocation's name and options, the rates)."""
+        :class:`atprune.api.PruneSpec` of the request (its allocation's name and options, the rates);
+        ``quantize`` None: the runner's."""
         spec = plan(method, sparsity, self.adapter.num_blocks, allocation=allocation, beta=beta,
                     allocation_options=options, block_sizes=self.block_sizes)
         spec = resolve_rates(spec, self.adapter, statistic=self._statistic(spec.allocator, allocation))
         layers = tuple(tuple(sorted((n, float(r)) for n, r in block.items())) for block in (spec.layer_rates or ()))
-        return (method, float(spec.sparsity), tuple(float(r) for r in spec.rates), layers), spec
+        quant = quant_key(quantize or self.quantize, self.block_sizes)
+        return (method, float(spec.sparsity), tuple(float(r) for r in spec.rates), layers, quant), spec
 
     def configuration(self, method: str, sparsity: float, allocation: str, beta: float | None = None,
-                      options: dict | None = None) -> tuple:
-        """``(method, sparsity, rates, layer_rates)``: what determines the weights a prune with these options leaves
-        (the runner's calibration windows and quantization are fixed); ``rates`` the exact per-block floats the
-        allocator gives, ``layer_rates`` ``()`` when every layer takes its block's rate, else (ATP's ``attn_offset``)
-        one ``((layer name, rate), ...)`` per block, so an offset trial is never taken for plain ATP.
+                      options: dict | None = None, quantize=None) -> tuple:
+        """``(method, sparsity, rates, layer_rates, quant)``: what determines the weights a prune with these options
+        leaves (the runner's calibration windows are fixed); ``rates`` the exact per-block floats the allocator gives,
+        ``layer_rates`` ``()`` when every layer takes its block's rate, else (ATP's ``attn_offset``) one
+        ``((layer name, rate), ...)`` per block, so an offset trial is never taken for plain ATP; ``quant`` the
+        quantization (:func:`atprune.quant.step.quant_key`: grid options and the bits of every block, None without
+        quantization) of ``quantize`` (a :class:`atprune.quant.QuantSpec`; None: the runner's), so trials of
+        different bit schedules are never confused.
 
         Raises:
             ConfigError: illegal options, e.g. a value that puts a rate outside [0, 1) (as :func:`atprune.api.prune`).
         """
-        return self._resolve(method, sparsity, allocation, beta, options)[0]
+        return self._resolve(method, sparsity, allocation, beta, options, quantize)[0]
 
     def known(self, method: str, sparsity: float, allocation: str, beta: float | None = None,
-              options: dict | None = None):
+              options: dict | None = None, quantize=None):
         """The :class:`atprune.api.PruneResult` of the prune that made this request's configuration, without pruning:
         its blocks, counts and seconds, described as this request (allocation, options); e.g. ATP at beta 0 met as
         the uniform run's weights is reported as ATP at beta 0.
@@ -136,27 +143,27 @@ class TrialRunner:
         Raises:
             KeyError: the configuration was never pruned by this runner.
         """
-        key, spec = self._resolve(method, sparsity, allocation, beta, options)
+        key, spec = self._resolve(method, sparsity, allocation, beta, options, quantize)
         made = self.results[key]
         result = prune_result(spec, made.blocks, made.seconds, made.calibration, None, made.quantization)
         result.grids = getattr(made, "grids", {})
         return result
 
     def prune(self, method: str, sparsity: float, allocation: str, beta: float | None = None, progress: bool = False,
-              options: dict | None = None):
-        """Prune the dense weights with one allocation (``options``: the allocator's, e.g. ``{"lam": 0.05}``), unless
-        the model already holds that very configuration (then :meth:`known`); returns
-        :class:`atprune.api.PruneResult`."""
-        key = self.configuration(method, sparsity, allocation, beta, options)
+              options: dict | None = None, quantize=None):
+        """Prune the dense weights with one allocation (``options``: the allocator's, e.g. ``{"lam": 0.05}``) and
+        quantize with ``quantize`` (None: the runner's spec), unless the model already holds that very configuration
+        (then :meth:`known`); returns :class:`atprune.api.PruneResult`."""
+        key = self.configuration(method, sparsity, allocation, beta, options, quantize)
         if key == self.current:
-            return self.known(method, sparsity, allocation, beta, options)
+            return self.known(method, sparsity, allocation, beta, options, quantize)
         allocator = get_allocator(allocation, beta=beta, **(options or {}))
         statistic = self._statistic(allocator, allocation)
         self.restore()
         result = prune(self.model, method=method, sparsity=sparsity, allocation=allocation, beta=beta, calib=self.calib,
                        block_inputs=self.inputs, batch_size=self.batch_size, progress=progress,
                        blocks_path=self.blocks_path, allocation_options=options, allocator_statistic=statistic,
-                       quantize=self.quantize)
+                       quantize=quantize or self.quantize)
         self.prunes += 1
         self.current = key
         self.results[key] = result
@@ -294,3 +301,66 @@ class TrialRunner:
     def search(self, method: str, sparsity: float, **options) -> tuple[list, float, float]:
         """ATP's beta: :meth:`tune` with ``allocation="atp"``."""
         return self.tune(method, sparsity, "atp", **options)
+
+    def bits_step_range(self) -> float:
+        """The legal maximum of the ATP bit schedule's step for the runner's spec on this model
+        (:func:`atprune.quant.bits.step_max` over the blocks' weight counts).
+
+        Raises:
+            ConfigError: the runner quantizes without ``bits_allocation="atp"`` (or does not quantize).
+        """
+        spec = self.quantize
+        if spec is None or spec.bits_allocation != "atp":
+            raise ConfigError("--bits-step search needs --quantize wN --bits-allocation atp")
+        return step_max(spec.bits_mean, self.block_sizes, spec.bits_choices)
+
+    def tune_bits_step(self, method: str, sparsity: float, allocation: str = "uniform", beta: float | None = None,
+                       options: dict | None = None, *, max_trials: int = 6, memo: dict | None = None,
+                       on_trial=None) -> tuple[list, float, float]:
+        """The ATP bit schedule's step by golden search over ``[0, bits_step_range()]`` (the first trial is step 0:
+        uniform bits as far as the widths allow), the sparsity allocation fixed (``allocation`` with ``beta`` /
+        ``options``), scored with the selection metric on the runner's selection windows. ``memo``: step -> metric
+        already measured (resume); ``on_trial(record)`` after each new trial, record ``{"bits_step", "block_bits",
+        "mean_bits", "rates", "metric", "overall_sparsity", "seconds"[, "cached"]}``. Returns ``(trials, chosen step,
+        its metric)``.
+
+        Raises:
+            ConfigError: see :meth:`bits_step_range`; illegal allocation options (before any trial).
+        """
+        hi = self.bits_step_range()
+        self.configuration(method, sparsity, allocation, beta, options)  # illegal options: refused before any prune
+        memo = dict(memo or {})
+
+        def objective(step: float) -> float:
+            if step not in memo:
+                record = self._bits_objective(method, sparsity, step, allocation, beta, options)
+                memo[step] = record["metric"]
+                if on_trial is not None:
+                    on_trial(record)
+            return memo[step]
+
+        trials = golden_search(objective, hi, max_trials)
+        chosen, value = best_trial(trials)
+        return trials, chosen, value
+
+    def _bits_objective(self, method: str, sparsity: float, step: float, allocation: str, beta: float | None,
+                        options: dict | None) -> dict:
+        """One trial of :meth:`tune_bits_step`: prune (unless this configuration was scored before: ``"cached"``)
+        and quantize at ``step``, score with the selection metric; returns its record."""
+        from dataclasses import replace
+
+        from atprune.quant.bits import mean_bits
+        from atprune.quant.step import block_bits
+
+        t0 = time.perf_counter()
+        spec = replace(self.quantize, bits_step=float(step))
+        key = self.configuration(method, sparsity, allocation, beta, options, spec)
+        name = "selection " + self.metric
+        cached = (key, name) in self.scores
+        result = self.results[key] if cached else self.prune(method, sparsity, allocation, beta, options=options,
+                                                             quantize=spec)
+        value = self.measure(key, name, self.score)
+        bits = block_bits(spec, self.block_sizes)
+        return {"bits_step": float(step), "block_bits": bits, "mean_bits": mean_bits(bits, self.block_sizes),
+                "rates": result.spec["rates"], "metric": value, "overall_sparsity": result.overall_sparsity,
+                "seconds": time.perf_counter() - t0} | ({"cached": True} if cached else {})

@@ -9,6 +9,8 @@ from a set (e.g. {2, 3, 4, 8}); :func:`atp_bits` rounds ``t`` to it without exce
 
 from __future__ import annotations
 
+import math
+
 from atprune.errors import ConfigError
 
 
@@ -64,3 +66,32 @@ def atp_bits(mean_bits: float, step: float, sizes: list[int], choices=(2, 3, 4, 
 def mean_bits(bits: list[int], sizes: list[int]) -> float:
     """Parameter-weighted mean of per-block bits."""
     return sum(b * p for b, p in zip(bits, sizes)) / sum(sizes)
+
+
+def step_max(mean_bits: float, sizes: list[int], choices=(2, 3, 4, 8)) -> float:
+    """The largest legal step of :func:`atp_bits`: the largest ``step`` at which no block's target
+    ``t_i = B + step (c - i)`` leaves ``[min(choices), max(choices)]`` before clamping, i.e.
+    ``min((max - B) / c, (B - min) / (L - 1 - c))`` with ``c`` the parameter-weighted mean block index (a side
+    with no block beyond the centre sets no bound). Within it the unrounded targets keep the weighted mean exactly
+    ``B`` (as ATP's ``beta_max`` keeps every rate in [0, 1)); beyond it the end blocks are clamped and the schedule
+    stops being linear.
+
+    Args:
+        mean_bits: ``B``; sizes: quantized weights per block (``L`` positive ints); choices: allowed widths.
+
+    Returns:
+        A float >= 0 (0 when ``B`` is one end of the choices or there is a single block).
+
+    Raises:
+        ConfigError: as :func:`atp_bits` (``B`` outside the choices, empty sizes).
+    """
+    levels = sorted(set(int(c) for c in choices))
+    if not sizes or min(sizes) <= 0:
+        raise ConfigError("mixed precision needs at least one block with weights")
+    if not levels[0] <= mean_bits <= levels[-1]:
+        raise ConfigError(f"mean bits {mean_bits:g} outside the allowed widths {levels[0]}..{levels[-1]}")
+    centre = sum(i * p for i, p in enumerate(sizes)) / sum(sizes)
+    bounds = [(levels[-1] - mean_bits) / centre if centre > 1e-12 else math.inf,
+              (mean_bits - levels[0]) / (len(sizes) - 1 - centre) if len(sizes) - 1 - centre > 1e-12 else math.inf]
+    hi = min(bounds)
+    return 0.0 if math.isinf(hi) else float(hi)

@@ -24,6 +24,16 @@ def block_bits(spec: QuantSpec, sizes: list[int]) -> list[int]:
     return [spec.bits] * len(sizes)
 
 
+def quant_key(spec: QuantSpec | None, sizes: list[int]) -> tuple | None:
+    """What of ``spec`` determines the quantized weights (with the same masks and calibration): ``(method,
+    group_size, symmetric, percdamp, blocksize, bits per block)``, so two schedules giving the same bits per block
+    (e.g. ATP's step 0 and uniform bits) are one key; None without quantization."""
+    if spec is None:
+        return None
+    return (spec.method, spec.group_size, spec.symmetric, spec.percdamp, spec.blocksize,
+            tuple(block_bits(spec, sizes)))
+
+
 def quantize_layer(weight: torch.Tensor, stats: InputStats | None, spec: QuantSpec, bits: int, *,
                    joint_sparsity: float | None = None, joint_pattern: Pattern | None = None,
                    scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, Grid]:
