@@ -163,3 +163,34 @@ def test_paths_with_one_rate_per_block_refuse_an_offset():
         recipe_from_report(report)
     with pytest.raises(ConfigError, match="unstructured pruning"):
         plan_structured("wanda-sp", "channels", 0.5, "atp", 0.0, {"attn_offset": 0.1}, 3)
+
+
+def test_a_block_with_one_sublayer_adds_no_bound_to_the_offset():
+    """A block with only MLP (or only attention) layers keeps s_i in every layer whatever D (module docstring of
+    atprune.allocators.offset), so it must not narrow D's interval. By hand for block 0 (a = m, s = 0.4): attention
+    0.4 + D/2 in [0, 1) gives D in [-0.8, 1.2), MLP 0.4 - D/2 in [0, 1) gives D in (-1.2, 0.8]: [-0.8, 0.8]."""
+    for lonely in ((0, 100), (100, 0)):  # block 1: MLP only, then attention only, at s = 0.9
+        rates, sizes = [0.4, 0.9], [(50, 50), lonely]
+        lo, hi, text = offset_interval(rates, sizes)
+        assert (lo, hi) == pytest.approx((-0.8, 0.8)) and text == "[-0.8, 0.8]", lonely
+        for good in (0.8, 0.5, -0.8):  # every layer rate in [0, 1): accepted, and inside the interval given
+            pairs = split_rates(rates, sizes, good)
+            assert pairs[0] == pytest.approx((0.4 + good / 2, 0.4 - good / 2))
+            assert lo <= good <= hi
+        with pytest.raises(ConfigError, match=r"must be 0 or in \[-0\.8, 0\.8\]"):
+            split_rates(rates, sizes, 0.85)
+    # no block with both sublayers: no bound from the rates, only attn_offset's own (-1, 1)
+    assert offset_interval([0.9], [(0, 100)]) == (-1.0, 1.0, "(-1, 1)")
+
+
+def test_cli_structured_prune_refuses_an_offset_in_one_line(tmp_path, capsys):
+    """``--structure`` prunes one rate per block: ``--attn-offset`` must be refused there, not dropped."""
+    from atprune.cli import main
+    from tests.conftest import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "model", layers=3)
+    capsys.readouterr()
+    code = main(["prune", "--model", str(model), "--structure", "channels", "--method", "wanda-sp", "--sparsity",
+                 "0.25", "--allocation", "atp", "--beta", "0.01", "--attn-offset", "0.1", "--no-eval", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "attn_offset applies to unstructured pruning" in err, err
