@@ -37,6 +37,9 @@ from atprune.quant.bits import step_max
 from atprune.quant.step import quant_key
 
 
+UNFINISHED = ("unfinished prune",)  # TrialRunner.current while a prune runs (and after one that raised)
+
+
 class TrialRunner:
     """What every trial on one model and one data set shares, computed once.
 
@@ -84,7 +87,7 @@ class TrialRunner:
         self.dense_select_ppl = perplexity(model, select.flatten(), self.seqlen, batch_size=self.eval_batch_size)["ppl"]
         self.results: dict[tuple, object] = {}  # configuration -> its PruneResult
         self.scores: dict[tuple, object] = {}  # (configuration, score name) -> what that score measured on it
-        self.current: tuple | None = None  # the configuration the model holds now (None: dense)
+        self.current: tuple | None = None  # the configuration the model holds now (None: dense; UNFINISHED: neither)
         self.prunes = 0  # prune passes actually run (for reports: how many a cache hit saved)
         self.sublayers: list[tuple[int, int]] | None = None  # (attention, MLP) weights per block, when first needed
 
@@ -160,6 +163,7 @@ class TrialRunner:
         allocator = get_allocator(allocation, beta=beta, **(options or {}))
         statistic = self._statistic(allocator, allocation)
         self.restore()
+        self.current = UNFINISHED  # until prune() returns: weights neither dense nor a configuration if it raises
         result = prune(self.model, method=method, sparsity=sparsity, allocation=allocation, beta=beta, calib=self.calib,
                        block_inputs=self.inputs, batch_size=self.batch_size, progress=progress,
                        blocks_path=self.blocks_path, allocation_options=options, allocator_statistic=statistic,
