@@ -194,3 +194,52 @@ def test_cli_structured_prune_refuses_an_offset_in_one_line(tmp_path, capsys):
                  "0.25", "--allocation", "atp", "--beta", "0.01", "--attn-offset", "0.1", "--no-eval", "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "attn_offset applies to unstructured pruning" in err, err
+
+
+@pytest.mark.parametrize("method,quantize", [("sparsegpt", False), ("sparsegpt", True), ("wanda", True)])
+def test_split_solves_with_an_offset_give_each_layer_its_own_rate(method, quantize):
+    """block_pruner's ``share`` hook (split solves of a data-parallel run) with per-layer rates: a one-process
+    stand-in for the ranks that solves a block's layers in reverse order, all before any is placed, must give the
+    weights of the run without the hook bit for bit, and every layer the zeros of its own rate."""
+    from atprune.engine.passes import collect_stats
+    from atprune.quant import QuantSpec
+
+    class Reversed:  # the data_parallel hooks of atprune.api.prune, one process
+        def __init__(self):
+            self.calls = 0
+
+        def shard(self, windows, batch_size):
+            return windows
+
+        def collect(self, *args, **kw):
+            return collect_stats(*args, **kw)
+
+        def solve(self, index, linears, solve):
+            self.calls += 1
+            return {name: solve(name) for name in reversed(list(linears))}
+
+        def finish(self, summary):
+            pass
+
+    base = tiny_model("llama", layers=3, seed=5).to(torch.float64)
+    calib = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(2))
+    kw = dict(method=method, sparsity=0.6, allocation="atp", beta=0.1, calib=calib, progress=False,
+              allocation_options={"attn_offset": 0.2}, quantize=QuantSpec(bits=4, group_size=32) if quantize else None)
+    plain, split, hooks = copy.deepcopy(base), copy.deepcopy(base), Reversed()
+    want = atprune.prune(plain, **kw)
+    got = atprune.prune(split, data_parallel=hooks, **kw)
+    assert hooks.calls == 3  # every block's solves went through the hook
+    for (name, a), (_, b) in zip(plain.named_parameters(), split.named_parameters()):
+        assert torch.equal(a, b), name
+    assert got.blocks == want.blocks
+    attn = {0: 0.62, 1: 0.72, 2: 0.82}  # by hand as in test_hand_computed_layer_rates_and_zeros_counted_per_layer
+    adapter = Adapter.for_model(split)
+    for i, block in enumerate(adapter.blocks):
+        for name, lin in adapter.linears(block).items():
+            rate = got.blocks[i]["layer_targets"][name]
+            assert rate == pytest.approx(attn[i] if name in LLAMA_ATTN else attn[i] - 0.2, abs=1e-12)
+            rows, cols = lin.weight.shape
+            # SparseGPT: int(numel * rate) zeros in its one column block (64 or 96 columns < 128); Wanda: per row
+            pruned = int(rows * cols * rate) if method == "sparsegpt" else rows * int(cols * rate)
+            zeros = int((lin.weight == 0).sum())
+            assert zeros == pruned if not quantize else zeros >= pruned, (i, name)  # 4 bits may round to 0
