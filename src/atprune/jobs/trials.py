@@ -278,10 +278,13 @@ class TrialRunner:
 
     def tune_offset(self, method: str, sparsity: float, *, max_trials: int = 6, memo: dict | None = None,
                     on_trial=None, select: torch.Tensor | None = None,
-                    scorer: tuple[str, Callable[[], object]] | None = None) -> tuple[list, tuple[float, float], float]:
+                    scorer: tuple[str, Callable[[], object]] | None = None,
+                    trial=None) -> tuple[list, tuple[float, float], float]:
         """ATP's beta and ``attn_offset`` together, within ``max_trials`` trials
         (:func:`atprune.jobs.strategies.offset_search`); ``memo`` maps ``(beta, offset)`` already measured to their
-        metric, the rest as :meth:`tune`. Returns ``(trials, (beta, offset) chosen, its metric)``.
+        metric, ``trial`` runs one trial in place of :meth:`trial` (called as ``trial(method, sparsity, beta, "atp",
+        select, scorer, attn_offset=offset)``, offset 0.0 included; :mod:`atprune.distributed.trials`), the rest as
+        :meth:`tune`. Returns ``(trials, (beta, offset) chosen, its metric)``.
 
         Raises:
             ConfigError: ``max_trials < 5``, or a layer that is neither attention nor MLP (before any trial).
@@ -291,7 +294,7 @@ class TrialRunner:
 
         def objective(beta: float, offset: float) -> float:
             if (beta, offset) not in memo:
-                record = self.trial(method, sparsity, beta, "atp", select, scorer, attn_offset=offset)
+                record = (trial or self.trial)(method, sparsity, beta, "atp", select, scorer, attn_offset=offset)
                 memo[beta, offset] = record["metric"]
                 if on_trial is not None:
                     on_trial(record)
