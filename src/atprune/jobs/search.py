@@ -269,6 +269,10 @@ def run_search_job(job: SearchJob, parallel=None) -> dict:
 
     adapter = Adapter.for_model(model, job.blocks_path)
     check_quant_widths(adapter, qspec)
+    if job.attn_offset:  # every layer attention or MLP (ConfigError naming one that is neither), before any score
+        from atprune.allocation import sublayer_sizes
+
+        sublayer_sizes(adapter)
     writer = parallel is None or parallel.writer
     zero_shot = None
     if job.zero_shot and writer:  # the dense model, before any trial touches the weights
