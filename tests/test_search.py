@@ -330,3 +330,22 @@ def test_a_prune_interrupted_midway_is_not_taken_for_the_dense_model(monkeypatch
     # the interrupted configuration was never finished: asked again it is pruned, not taken from the model
     runner.prune("wanda", 0.6, "uniform")
     assert runner.prunes == 2
+
+
+def test_scores_on_windows_of_the_same_tokens_but_another_length_are_not_confused():
+    """Perplexity on ``[2, 24]`` windows and on the same tokens as ``[4, 12]`` windows are two scores (each window
+    restarts the context): the second is measured, not answered with the first."""
+    import copy
+
+    from atprune.eval.perplexity import perplexity
+
+    base = tiny_model("llama", layers=3, seed=2)
+    calib = torch.randint(3, 128, (6, 24), generator=torch.Generator().manual_seed(8))
+    select = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(9))
+    other = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(10))
+    runner = search_job.TrialRunner(copy.deepcopy(base), calib, select)
+    long = runner.trial("wanda", 0.6, 0.1, "atp", select=other)
+    short = runner.trial("wanda", 0.6, 0.1, "atp", select=other.reshape(4, 12))
+    assert long["metric"] == perplexity(runner.model, other.flatten(), 24)["ppl"]
+    assert short["metric"] == perplexity(runner.model, other.flatten(), 12)["ppl"] != long["metric"]
+    assert "cached" not in short

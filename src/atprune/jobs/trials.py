@@ -215,7 +215,7 @@ class TrialRunner:
             name, fn = scorer
         elif select is not None:
             digest = hashlib.sha256(select.cpu().numpy().tobytes()).hexdigest()[:16]
-            name, fn = f"ppl on windows {digest}", lambda: self.score(select)
+            name, fn = f"ppl on windows {digest} {list(select.shape)}", lambda: self.score(select)
         else:
             name, fn = "selection " + self.metric, self.score
         cached = (key, name) in self.scores
