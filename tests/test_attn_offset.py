@@ -243,3 +243,20 @@ def test_split_solves_with_an_offset_give_each_layer_its_own_rate(method, quanti
             pruned = int(rows * cols * rate) if method == "sparsegpt" else rows * int(cols * rate)
             zeros = int((lin.weight == 0).sum())
             assert zeros == pruned if not quantize else zeros >= pruned, (i, name)  # 4 bits may round to 0
+
+
+def test_dsnot_refined_layers_keep_their_own_rate():
+    """Wanda + DSnoT with an offset: DSnoT keeps every row's number of pruned weights (it swaps), so each layer
+    ends with Wanda's ``rows * int(cols * rate)`` zeros at its own rate, the refined attention layers too."""
+    model = tiny_model("llama", layers=3, seed=6)
+    calib = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(3))
+    result = atprune.prune(model, method="wanda", sparsity=0.6, allocation="atp", beta=0.1, calib=calib,
+                           progress=False, refine="dsnot", allocation_options={"attn_offset": 0.2})
+    attn = {0: 0.62, 1: 0.72, 2: 0.82}
+    adapter = Adapter.for_model(model)
+    for i, block in enumerate(adapter.blocks):
+        for name, lin in adapter.linears(block).items():
+            rate = result.blocks[i]["layer_targets"][name]
+            assert rate == pytest.approx(attn[i] if name in LLAMA_ATTN else attn[i] - 0.2, abs=1e-12)
+            rows, cols = lin.weight.shape
+            assert int((lin.weight == 0).sum()) == rows * int(cols * rate), (i, name)
