@@ -163,3 +163,100 @@ def test_paths_with_one_rate_per_block_refuse_an_offset():
         recipe_from_report(report)
     with pytest.raises(ConfigError, match="unstructured pruning"):
         plan_structured("wanda-sp", "channels", 0.5, "atp", 0.0, {"attn_offset": 0.1}, 3)
+
+
+def test_a_block_with_one_sublayer_adds_no_bound_to_the_offset():
+    """A block with only MLP (or only attention) layers keeps s_i in every layer whatever D (module docstring of
+    atprune.allocators.offset), so it must not narrow D's interval. By hand for block 0 (a = m, s = 0.4): attention
+    0.4 + D/2 in [0, 1) gives D in [-0.8, 1.2), MLP 0.4 - D/2 in [0, 1) gives D in (-1.2, 0.8]: [-0.8, 0.8]."""
+    for lonely in ((0, 100), (100, 0)):  # block 1: MLP only, then attention only, at s = 0.9
+        rates, sizes = [0.4, 0.9], [(50, 50), lonely]
+        lo, hi, text = offset_interval(rates, sizes)
+        assert (lo, hi) == pytest.approx((-0.8, 0.8)) and text == "[-0.8, 0.8]", lonely
+        for good in (0.8, 0.5, -0.8):  # every layer rate in [0, 1): accepted, and inside the interval given
+            pairs = split_rates(rates, sizes, good)
+            assert pairs[0] == pytest.approx((0.4 + good / 2, 0.4 - good / 2))
+            assert lo <= good <= hi
+        with pytest.raises(ConfigError, match=r"must be 0 or in \[-0\.8, 0\.8\]"):
+            split_rates(rates, sizes, 0.85)
+    # no block with both sublayers: no bound from the rates, only attn_offset's own (-1, 1)
+    assert offset_interval([0.9], [(0, 100)]) == (-1.0, 1.0, "(-1, 1)")
+
+
+def test_cli_structured_prune_refuses_an_offset_in_one_line(tmp_path, capsys):
+    """``--structure`` prunes one rate per block: ``--attn-offset`` must be refused there, not dropped."""
+    from atprune.cli import main
+    from tests.conftest import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "model", layers=3)
+    capsys.readouterr()
+    code = main(["prune", "--model", str(model), "--structure", "channels", "--method", "wanda-sp", "--sparsity",
+                 "0.25", "--allocation", "atp", "--beta", "0.01", "--attn-offset", "0.1", "--no-eval", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "attn_offset applies to unstructured pruning" in err, err
+
+
+@pytest.mark.parametrize("method,quantize", [("sparsegpt", False), ("sparsegpt", True), ("wanda", True)])
+def test_split_solves_with_an_offset_give_each_layer_its_own_rate(method, quantize):
+    """block_pruner's ``share`` hook (split solves of a data-parallel run) with per-layer rates: a one-process
+    stand-in for the ranks that solves a block's layers in reverse order, all before any is placed, must give the
+    weights of the run without the hook bit for bit, and every layer the zeros of its own rate."""
+    from atprune.engine.passes import collect_stats
+    from atprune.quant import QuantSpec
+
+    class Reversed:  # the data_parallel hooks of atprune.api.prune, one process
+        def __init__(self):
+            self.calls = 0
+
+        def shard(self, windows, batch_size):
+            return windows
+
+        def collect(self, *args, **kw):
+            return collect_stats(*args, **kw)
+
+        def solve(self, index, linears, solve):
+            self.calls += 1
+            return {name: solve(name) for name in reversed(list(linears))}
+
+        def finish(self, summary):
+            pass
+
+    base = tiny_model("llama", layers=3, seed=5).to(torch.float64)
+    calib = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(2))
+    kw = dict(method=method, sparsity=0.6, allocation="atp", beta=0.1, calib=calib, progress=False,
+              allocation_options={"attn_offset": 0.2}, quantize=QuantSpec(bits=4, group_size=32) if quantize else None)
+    plain, split, hooks = copy.deepcopy(base), copy.deepcopy(base), Reversed()
+    want = atprune.prune(plain, **kw)
+    got = atprune.prune(split, data_parallel=hooks, **kw)
+    assert hooks.calls == 3  # every block's solves went through the hook
+    for (name, a), (_, b) in zip(plain.named_parameters(), split.named_parameters()):
+        assert torch.equal(a, b), name
+    assert got.blocks == want.blocks
+    attn = {0: 0.62, 1: 0.72, 2: 0.82}  # by hand as in test_hand_computed_layer_rates_and_zeros_counted_per_layer
+    adapter = Adapter.for_model(split)
+    for i, block in enumerate(adapter.blocks):
+        for name, lin in adapter.linears(block).items():
+            rate = got.blocks[i]["layer_targets"][name]
+            assert rate == pytest.approx(attn[i] if name in LLAMA_ATTN else attn[i] - 0.2, abs=1e-12)
+            rows, cols = lin.weight.shape
+            # SparseGPT: int(numel * rate) zeros in its one column block (64 or 96 columns < 128); Wanda: per row
+            pruned = int(rows * cols * rate) if method == "sparsegpt" else rows * int(cols * rate)
+            zeros = int((lin.weight == 0).sum())
+            assert zeros == pruned if not quantize else zeros >= pruned, (i, name)  # 4 bits may round to 0
+
+
+def test_dsnot_refined_layers_keep_their_own_rate():
+    """Wanda + DSnoT with an offset: DSnoT keeps every row's number of pruned weights (it swaps), so each layer
+    ends with Wanda's ``rows * int(cols * rate)`` zeros at its own rate, the refined attention layers too."""
+    model = tiny_model("llama", layers=3, seed=6)
+    calib = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(3))
+    result = atprune.prune(model, method="wanda", sparsity=0.6, allocation="atp", beta=0.1, calib=calib,
+                           progress=False, refine="dsnot", allocation_options={"attn_offset": 0.2})
+    attn = {0: 0.62, 1: 0.72, 2: 0.82}
+    adapter = Adapter.for_model(model)
+    for i, block in enumerate(adapter.blocks):
+        for name, lin in adapter.linears(block).items():
+            rate = result.blocks[i]["layer_targets"][name]
+            assert rate == pytest.approx(attn[i] if name in LLAMA_ATTN else attn[i] - 0.2, abs=1e-12)
+            rows, cols = lin.weight.shape
+            assert int((lin.weight == 0).sum()) == rows * int(cols * rate), (i, name)

@@ -153,3 +153,35 @@ def test_compare_adds_the_offset_column(tiny):
     assert state["prune_passes"] <= 1 + 4 + 1 + 2 + 1
     assert rows["atp"]["options"] is None  # the plain column is unchanged
     assert "atp (attn/mlp offset)" in (out / "results.md").read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize("command", ["search", "compare"])
+def test_a_layer_neither_attention_nor_mlp_is_refused_before_any_trial(tiny, capsys, monkeypatch, command):
+    """``--attn-offset search`` / ``--atp-offset`` on a model with a layer that is neither attention nor MLP: one
+    line naming it, before the runner scores anything (search: before the dense model's scores; compare: before its
+    first cell, so no compare.json)."""
+    import atprune.allocation as allocation_mod
+    import atprune.jobs.compare as compare_mod
+    import atprune.jobs.search as search_mod
+    from atprune.cli import main
+
+    real = allocation_mod.sublayer
+    monkeypatch.setattr(allocation_mod, "sublayer", lambda name: None if name == "mlp.down_proj" else real(name))
+
+    def no_runner(*a, **k):
+        raise AssertionError("the trial runner was built")
+
+    monkeypatch.setattr(search_mod, "TrialRunner", no_runner)
+    monkeypatch.setattr(compare_mod, "TrialRunner", no_runner)
+    out = tiny["root"] / f"neither-{command}"
+    if command == "search":
+        args = ["search", *_common(tiny), "--max-trials", "5", "--attn-offset", "search", "--out", str(out)]
+    else:
+        args = ["compare", "--model", tiny["model"], "--methods", "wanda", "--sparsities", "0.6", "--allocations",
+                "uniform", "atp", "--calib-data", tiny["calib"], "--eval-data", tiny["eval"], "--nsamples", "4",
+                "--nselect", "2", "--seqlen", "32", "--max-trials", "5", "--atp-offset", "--quiet", "--out", str(out)]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "block 0 layer 'mlp.down_proj' is neither" in err, err
+    assert not (out / "compare.json").exists() and not (out / "search.json").exists()

@@ -85,6 +85,53 @@ def test_rounds_replay_exactly_the_one_process_search(kind, name):
                 assert evaluated == len(one[0]) and rounds == -(-len(one[0]) // width)
 
 
+class _OffsetRunner:
+    """TrialRunner.tune_offset itself over a known function of (beta, offset): no model."""
+    block_sizes = [1] * 4  # beta_max(0.6, 4 equal blocks) = 2 * 0.4 / 3
+
+    def __init__(self, f):
+        self.f = f
+
+    def offset_range(self, sparsity, beta):
+        return -0.3 + beta, 0.2  # a range that moves with beta
+
+    def trial(self, method, sparsity, beta, allocation, select, scorer, attn_offset=0.0):
+        return {"beta": beta, "attn_offset": attn_offset, "metric": self.f(beta, attn_offset)}
+
+    from atprune.jobs.trials import TrialRunner
+    tune_offset = TrialRunner.tune_offset
+    del TrialRunner
+
+
+OFFSET_FUNCTIONS = {"valley": lambda b, d: (b - 0.2) ** 2 + (d + 0.05) ** 2, "rising": lambda b, d: b + d,
+                    "offset refused": lambda b, d: b if d == 0 else math.inf, "flat": lambda b, d: 1.0}
+
+
+@pytest.mark.parametrize("name", list(OFFSET_FUNCTIONS))
+def test_rounds_replay_exactly_the_one_process_offset_search(name):
+    runner = _OffsetRunner(OFFSET_FUNCTIONS[name])
+    for budget in (5, 6, 8):
+        def tune(**kw):
+            return runner.tune_offset("wanda", 0.6, max_trials=budget, **kw)
+
+        seen_one = []
+        one = tune(on_trial=seen_one.append)
+        assert len(one[0]) == budget
+        for width in range(1, 6):
+            records, rounds, evaluated = in_rounds(
+                tune, {}, width, lambda points: {p: runner.trial(None, None, p[0], "atp", None, None,
+                                                                 attn_offset=p[1]) for p in points})
+            assert all(isinstance(p, tuple) and len(p) == 2 for p in records)
+            seen = []
+            again = tune(trial=lambda m, s, b, a, sel, sc, attn_offset: records[b, attn_offset],
+                         on_trial=seen.append)
+            assert again == one and seen == seen_one, (budget, width)
+            if width == 1:
+                assert evaluated == budget and rounds == budget
+            if width >= 2:  # the two offsets at the chosen beta are one round
+                assert rounds < budget
+
+
 def test_golden_speculation_holds_the_first_three_points_then_both_branches():
     tune = _strategy("golden", 1.0, 6)
 
@@ -144,6 +191,11 @@ def _searches(parallel=None) -> dict:
         trials, chosen, value = tune("wanda", 0.6, allocation, on_trial=seen.append, **options)
         out[name] = {"trials": trials, "chosen": (chosen, value),
                      "records": [{k: v for k, v in r.items() if k != "seconds"} for r in seen]}
+    seen = []  # ATP's beta with its attention/MLP offset
+    tune_offset = runner.tune_offset if parallel is None else lambda *a, **k: parallel.tune_offset(runner, *a, **k)
+    trials, chosen, value = tune_offset("wanda", 0.6, max_trials=5, on_trial=seen.append)
+    out["offset"] = {"trials": trials, "chosen": (chosen, value),
+                     "records": [{k: v for k, v in r.items() if k != "seconds"} for r in seen]}
     return out
 
 
@@ -152,6 +204,10 @@ def _search_args(files: Path, out: Path) -> list[str]:
             str(files / "calib.txt"), "--eval-data", str(files / "eval.txt"), "--nsamples", "4", "--nselect", "3",
             "--seqlen", str(SEQLEN), "--max-trials", "5", "--batch-size", "1", "--device", "cpu", "--dtype",
             "float32", "--quiet", "--out", str(out)]
+
+
+def _offset_args(files: Path, out: Path) -> list[str]:
+    return _search_args(files, out) + ["--attn-offset", "search"]
 
 
 def _compare_args(files: Path, out: Path) -> list[str]:
@@ -177,7 +233,7 @@ def _worker(rank: int, size: int, folder: str, files: str) -> None:
     dist.destroy_process_group()
     # the command-line tool as torchrun starts it in every process (main reuses the group and leaves it)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank))
-    for tag, args in (("search", _search_args), ("compare", _compare_args)):
+    for tag, args in (("search", _search_args), ("compare", _compare_args), ("offset", _offset_args)):
         join(tag)
         result[tag] = main(args(Path(files), Path(folder) / tag))
     torch.save(result, f"{folder}/rank{rank}.pt")
@@ -199,8 +255,9 @@ def references(files, tmp_path_factory):
     torch.set_num_threads(1)  # as in the workers: a CPU product's rounding depends on the threads splitting it
     try:
         codes = [main(args(files, folder / tag)) for tag, args in (("search", _search_args),
-                                                                   ("compare", _compare_args))]
-        assert codes == [0, 0]
+                                                                   ("compare", _compare_args),
+                                                                   ("offset", _offset_args))]
+        assert codes == [0, 0, 0]
         return {"api": _searches(), "folder": folder}
     finally:
         torch.set_num_threads(threads)
@@ -214,26 +271,17 @@ def ranks(request, files, tmp_path_factory):
     return folder, [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(request.param)]
 
 
-@pytest.mark.parametrize("name", [s[0] for s in SEARCHES])
+@pytest.mark.parametrize("name", [s[0] for s in SEARCHES] + ["offset"])
 def test_parallel_searches_equal_one_process_exactly(ranks, references, name):
     _, outs = ranks
     ref = references["api"][name]
     assert len(ref["trials"]) >= 4
     for out in outs:  # every rank returns the one-process search: values, metrics (float64), order, choice
         assert out["api"][name] == ref
-    used = sum(len(references["api"][n]["trials"]) for n, _, _ in SEARCHES)
+    used = sum(len(trials["trials"]) for trials in references["api"].values())
     rounds = outs[0]["rounds"]
     # the grid alone (9 points) takes ceil(9 / ranks) rounds: fewer rounds than trials in all
     assert rounds["trials_used"] == used and rounds["rounds"] < used <= rounds["trials_evaluated"]
-
-
-def _comparable(row: dict) -> dict:
-    """A compare row without its seconds; a cell whose chosen value is 0 (the uniform configuration, which the
-    uniform cell of the same pruner and sparsity pruned first) also without ``statistic``: in one process the
-    runner's cache answers it with the uniform cell's prune (uniform's empty allocator fields), split over ranks it
-    may be the cell's own prune (e.g. ``allocator_beta: 0.0``); every number is the same either way."""
-    shared = row["beta"] == 0 or any(v == 0 for v in (row["options"] or {}).values())
-    return {k: v for k, v in _without_seconds(row).items() if not (shared and k == "statistic")}
 
 
 def _without_seconds(obj):
@@ -260,13 +308,35 @@ def test_search_command_equals_one_process(ranks, references):
     assert w.keys() == r.keys() and all(torch.equal(w[k], r[k]) for k in r)
 
 
+def test_offset_search_command_equals_one_process(ranks, references):
+    """``search --attn-offset search`` under torchrun: its trials spread over the ranks (not all run on every
+    rank), the trials, choice and final model those of one process."""
+    from safetensors.torch import load_file
+
+    folder, outs = ranks
+    assert [out["offset"] for out in outs] == [0] * len(outs)
+    got = json.loads((folder / "offset" / "search.json").read_text())
+    ref = json.loads((references["folder"] / "offset" / "search.json").read_text())
+    assert len(ref["trials"]) == 5 and any(t.get("attn_offset") for t in ref["trials"])
+    for key in ("trials", "chosen", "attn_offset_range", "final_evaluation", "dense_selection_ppl"):
+        assert _without_seconds(got[key]) == _without_seconds(ref[key]), key
+    parallel = got["parallel"]
+    assert parallel["ranks"] == len(outs) and parallel["trials_used"] == 5
+    assert 0 < parallel["rounds"] < 5 <= parallel["trials_evaluated"]
+    w, r = load_file(folder / "offset" / "model.safetensors"), load_file(references["folder"] / "offset" /
+                                                                          "model.safetensors")
+    assert w.keys() == r.keys() and all(torch.equal(w[k], r[k]) for k in r)
+
+
 def test_compare_command_rows_equal_one_process(ranks, references):
     folder, outs = ranks
     assert [out["compare"] for out in outs] == [0] * len(outs)
     got = json.loads((folder / "compare" / "compare.json").read_text())
     ref = json.loads((references["folder"] / "compare" / "compare.json").read_text())
     assert len(ref["rows"]) == 16  # 2 pruners x 2 sparsities x (uniform, atp, owl, owl tuned)
-    assert [_comparable(r) for r in got["rows"]] == [_comparable(r) for r in ref["rows"]]
+    # every field but the seconds, the statistic of a cell choosing the uniform configuration included: a cell met
+    # in the runner's cache is reported as its own request (TrialRunner.known), as its own prune would be
+    assert [_without_seconds(r) for r in got["rows"]] == [_without_seconds(r) for r in ref["rows"]]
     assert got["prune_passes"] == sum(got["parallel"]["prune_passes"])  # every rank's prune passes, summed
     assert got["dense"] == ref["dense"]
     assert sorted(set(got["parallel"]["cell_ranks"])) == list(range(len(outs)))  # every rank ran cells

@@ -300,3 +300,52 @@ def test_a_configuration_met_under_another_allocation_is_reported_as_the_request
     assert got.spec == fresh.spec and got.spec["allocation"] == "atp"
     assert got.blocks == fresh.blocks and got.overall_sparsity == fresh.overall_sparsity
     assert runner.known("wanda", 0.6, "uniform").spec["allocation"] == "uniform"
+
+
+def test_a_prune_interrupted_midway_is_not_taken_for_the_dense_model(monkeypatch):
+    """A prune that raises after changing weights (e.g. Ctrl-C in a notebook) leaves weights that are neither dense
+    nor any configuration: the next allocator statistic (OWL's, read from the dense weights) and the next trial must
+    equal an untouched runner's."""
+    import copy
+
+    import atprune.jobs.trials as trials_mod
+
+    base = tiny_model("llama", layers=3, seed=2)
+    calib = torch.randint(3, 128, (6, 24), generator=torch.Generator().manual_seed(8))
+    select = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(9))
+    want = search_job.TrialRunner(copy.deepcopy(base), calib, select).trial("wanda", 0.6, 0.1, "owl")
+    runner = search_job.TrialRunner(copy.deepcopy(base), calib, select)
+    real = trials_mod.prune
+
+    def interrupted(*args, **kw):
+        real(*args, **kw)  # every weight pruned, then the run is stopped
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trials_mod, "prune", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runner.prune("wanda", 0.6, "uniform")
+    monkeypatch.setattr(trials_mod, "prune", real)
+    got = runner.trial("wanda", 0.6, 0.1, "owl")
+    assert got["rates"] == want["rates"] and got["metric"] == want["metric"]
+    # the interrupted configuration was never finished: asked again it is pruned, not taken from the model
+    runner.prune("wanda", 0.6, "uniform")
+    assert runner.prunes == 2
+
+
+def test_scores_on_windows_of_the_same_tokens_but_another_length_are_not_confused():
+    """Perplexity on ``[2, 24]`` windows and on the same tokens as ``[4, 12]`` windows are two scores (each window
+    restarts the context): the second is measured, not answered with the first."""
+    import copy
+
+    from atprune.eval.perplexity import perplexity
+
+    base = tiny_model("llama", layers=3, seed=2)
+    calib = torch.randint(3, 128, (6, 24), generator=torch.Generator().manual_seed(8))
+    select = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(9))
+    other = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(10))
+    runner = search_job.TrialRunner(copy.deepcopy(base), calib, select)
+    long = runner.trial("wanda", 0.6, 0.1, "atp", select=other)
+    short = runner.trial("wanda", 0.6, 0.1, "atp", select=other.reshape(4, 12))
+    assert long["metric"] == perplexity(runner.model, other.flatten(), 24)["ppl"]
+    assert short["metric"] == perplexity(runner.model, other.flatten(), 12)["ppl"] != long["metric"]
+    assert "cached" not in short

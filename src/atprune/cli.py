@@ -603,7 +603,7 @@ def _run_structured(args) -> int:
     report = run_structured_job(StructuredJob(
         **_run_options(args), method=args.method, structure=args.structure,
         sparsity=0.2 if args.sparsity is None else args.sparsity, allocation=args.allocation, beta=args.beta,
-        allocation_options=_alloc_options(args.alloc_opt), eval_dense=not args.no_eval_dense))
+        allocation_options=_prune_alloc_options(args), eval_dense=not args.no_eval_dense))
     print(json.dumps(report, indent=2) if args.json else format_structured(report))
     return 0
 

@@ -47,10 +47,13 @@ def offset_interval(rates: Sequence[float], sublayers: Sequence[tuple[int, int]]
 
     Returns:
         ``(lo, hi, text)``: the bounds (lo <= 0 <= hi) and the interval written with its brackets, e.g.
-        ``"(-0.75, 0.5)"``.
+        ``"(-0.75, 0.5)"``; never wider than ``(-1, 1)`` (ATP's check of ``attn_offset``), which is also the
+        interval when no block has both sublayers.
     """
-    lo, hi, lo_closed, hi_closed = -math.inf, math.inf, True, True
+    lo, hi, lo_closed, hi_closed = -1.0, 1.0, False, False  # attn_offset's own range, |D| < 1
     for s, (a, m) in zip(rates, sublayers):
+        if not (a and m):  # one sublayer only: its layers keep s_i whatever D, no bound
+            continue
         fa, fm = m / (a + m), a / (a + m)
         # (bound, closed): a rate may reach 0 but not 1
         uppers = ([((1 - s) / fa, False)] if fa else []) + ([(s / fm, True)] if fm else [])

@@ -20,6 +20,10 @@ rounds, the points the search *may* ask for next, and the search itself is then 
    one-process run's exactly: each trial's record is what one process would compute (same dense start, same data,
    same arithmetic); speculative points the search did not ask for are dropped (counted in ``describe()``).
 
+The search of ATP's beta with its attention/MLP offset (``--attn-offset search``, :meth:`ParallelTrials.tune_offset`)
+runs the same way, its points being ``(beta, offset)``: the golden part as above, then the two offsets at the chosen
+beta (in one round on 2 ranks or more).
+
 Nothing is written before the end: rank 0 alone evaluates the final model and writes the output folder
 (atomically, as in one process); a search interrupted under torchrun leaves no folder (no ``search.json`` to
 resume from; ``--resume`` still reads one a one-process run left).
@@ -50,10 +54,10 @@ def next_value(tune: Callable, memo: dict[float, float]) -> float | None:
 
     Args:
         tune: ``tune(memo=..., trial=...)``, :meth:`atprune.jobs.trials.TrialRunner.tune` with every other argument
-            bound.
+            bound (or :meth:`~atprune.jobs.trials.TrialRunner.tune_offset`: its values are ``(beta, offset)``).
     """
-    def asked(method, sparsity, value, *rest):
-        raise _Asked(value)
+    def asked(method, sparsity, value, *rest, attn_offset=None):
+        raise _Asked(value if attn_offset is None else (value, attn_offset))
 
     try:
         tune(memo=dict(memo), trial=asked)
@@ -155,26 +159,51 @@ class ParallelTrials:
             ConfigError: ranks holding different calibration or selection tokens, and whatever ``tune`` raises.
             A backend error if another rank has died (it reports its own error).
         """
+        def search(**kw):
+            return runner.tune(method, sparsity, allocation, **options, **kw)
+
+        def one(value: float) -> dict:
+            return runner.trial(method, sparsity, value, allocation, options.get("select"), options.get("scorer"))
+
+        return self._spread(runner, search, one, memo, on_trial)
+
+    def tune_offset(self, runner, method: str, sparsity: float, *, memo: dict | None = None, on_trial=None,
+                    **options) -> tuple[list, tuple[float, float], float]:
+        """:meth:`atprune.jobs.trials.TrialRunner.tune_offset` (ATP's beta and ``attn_offset``) with the trials
+        spread over the ranks as :meth:`tune` spreads them; values are ``(beta, offset)``, ``memo`` is keyed so.
+
+        Raises:
+            ConfigError: as :meth:`tune`, and whatever ``tune_offset`` raises.
+        """
+        def search(**kw):
+            return runner.tune_offset(method, sparsity, **options, **kw)
+
+        def one(point: tuple[float, float]) -> dict:
+            beta, offset = point
+            return runner.trial(method, sparsity, beta, "atp", options.get("select"), options.get("scorer"),
+                                attn_offset=offset)
+
+        return self._spread(runner, search, one, memo, on_trial)
+
+    def _spread(self, runner, search: Callable, one: Callable, memo: dict | None, on_trial):
+        """The rounds of :func:`in_rounds` for ``search(memo=, trial=, on_trial=)``, ``one(value)`` running one
+        trial on this rank; then ``search`` replayed on the gathered records (its result)."""
         check_same("calibration and selection tokens", torch.cat([runner.calib.flatten(), runner.select.flatten(),
                                                                   torch.tensor(runner.select.shape)]))
-        select, scorer = options.get("select"), options.get("scorer")
 
-        def evaluate(values: list[float]) -> dict[float, dict]:
+        def evaluate(values: list) -> dict:
             mine = values[self.rank] if self.rank < len(values) else None
-            record = None if mine is None else runner.trial(method, sparsity, mine, allocation, select, scorer)
+            record = None if mine is None else one(mine)
             every: list = [None] * self.size
             dist.all_gather_object(every, (mine, record))
             return {value: rec for value, rec in every if value is not None}
 
-        def search(**kw):
-            return runner.tune(method, sparsity, allocation, **options, **kw)
-
         records, rounds, evaluated = in_rounds(search, dict(memo or {}), self.size, evaluate)
         self.rounds, self.evaluated = self.rounds + rounds, self.evaluated + evaluated
 
-        def served(method_, sparsity_, value, *rest):
+        def served(method_, sparsity_, value, *rest, attn_offset=None):
             self.kept += 1
-            return records[value]
+            return records[value if attn_offset is None else (value, attn_offset)]
 
         return search(memo=memo, on_trial=on_trial, trial=served)
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from atprune import data as data_mod
+from atprune.allocation import sublayer_sizes
 from atprune.allocators import ALLOCATORS
 from atprune.atomic import atomic_file
 from atprune.api import evaluate_perplexity, plan
@@ -116,7 +117,10 @@ def run_compare_job(job: CompareJob, parallel=None) -> dict:
     tokenizer_check, tokenizer_notes = tokenizer_record(tokenizer)
     calib, select, select_info = selection_windows(job, tokenizer, vlm.calibration(job.seqlen) if vlm else None)
     qspec = check_quant(job)
-    check_quant_widths(Adapter.for_model(model, job.blocks_path), qspec)
+    adapter = Adapter.for_model(model, job.blocks_path)
+    check_quant_widths(adapter, qspec)
+    if job.atp_offset:  # every layer attention or MLP (ConfigError naming one that is neither), before any cell
+        sublayer_sizes(adapter)
     runner = TrialRunner(model, calib, select, batch_size=job.batch_size, blocks_path=job.blocks_path,
                          quantize=qspec)
     evalset = data_mod.eval_set(tokenizer, job.eval_data, data_mod.eval_split(job.eval_data), job.data_dir)

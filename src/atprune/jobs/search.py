@@ -238,7 +238,7 @@ def run_search_job(job: SearchJob, parallel=None) -> dict:
     """Run the search; returns the ``search.json`` content (also written to ``job.out`` with the final model).
 
     ``parallel``: this rank's part of a torchrun launch (:class:`atprune.distributed.trials.ParallelTrials`): its
-    ``tune`` spreads the trials over the ranks, nothing is written before the end (no ``search.json`` after each
+    ``tune`` (``tune_offset`` with ``attn_offset="search"``) spreads the trials over the ranks, nothing is written before the end (no ``search.json`` after each
     trial), and only its ``writer`` (rank 0) scores zero-shot tasks, evaluates the final model and writes the folder;
     the other ranks return the state after the search.
 
@@ -267,7 +267,12 @@ def run_search_job(job: SearchJob, parallel=None) -> dict:
         check_saveable(model, job.blocks_path)
     from atprune.models.adapter import Adapter
 
-    check_quant_widths(Adapter.for_model(model, job.blocks_path), qspec)
+    adapter = Adapter.for_model(model, job.blocks_path)
+    check_quant_widths(adapter, qspec)
+    if job.attn_offset:  # every layer attention or MLP (ConfigError naming one that is neither), before any score
+        from atprune.allocation import sublayer_sizes
+
+        sublayer_sizes(adapter)
     writer = parallel is None or parallel.writer
     zero_shot = None
     if job.zero_shot and writer:  # the dense model, before any trial touches the weights
@@ -302,7 +307,8 @@ def run_search_job(job: SearchJob, parallel=None) -> dict:
         if job.bits_step_search:
             _, chosen, chosen_value = bits_step_trials(job, runner, previous, record)
         elif job.attn_offset:
-            _, (chosen, offset), chosen_value = runner.tune_offset(
+            tune_offset = runner.tune_offset if parallel is None else partial(parallel.tune_offset, runner)
+            _, (chosen, offset), chosen_value = tune_offset(
                 job.method, job.sparsity, max_trials=job.max_trials, on_trial=record,
                 memo={(t["beta"], t.get("attn_offset", 0.0)): t["metric"] for t in previous})
         else:

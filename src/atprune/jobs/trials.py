@@ -37,6 +37,9 @@ from atprune.quant.bits import step_max
 from atprune.quant.step import quant_key
 
 
+UNFINISHED = ("unfinished prune",)  # TrialRunner.current while a prune runs (and after one that raised)
+
+
 class TrialRunner:
     """What every trial on one model and one data set shares, computed once.
 
@@ -84,7 +87,7 @@ class TrialRunner:
         self.dense_select_ppl = perplexity(model, select.flatten(), self.seqlen, batch_size=self.eval_batch_size)["ppl"]
         self.results: dict[tuple, object] = {}  # configuration -> its PruneResult
         self.scores: dict[tuple, object] = {}  # (configuration, score name) -> what that score measured on it
-        self.current: tuple | None = None  # the configuration the model holds now (None: dense)
+        self.current: tuple | None = None  # the configuration the model holds now (None: dense; UNFINISHED: neither)
         self.prunes = 0  # prune passes actually run (for reports: how many a cache hit saved)
         self.sublayers: list[tuple[int, int]] | None = None  # (attention, MLP) weights per block, when first needed
 
@@ -160,6 +163,7 @@ class TrialRunner:
         allocator = get_allocator(allocation, beta=beta, **(options or {}))
         statistic = self._statistic(allocator, allocation)
         self.restore()
+        self.current = UNFINISHED  # until prune() returns: weights neither dense nor a configuration if it raises
         result = prune(self.model, method=method, sparsity=sparsity, allocation=allocation, beta=beta, calib=self.calib,
                        block_inputs=self.inputs, batch_size=self.batch_size, progress=progress,
                        blocks_path=self.blocks_path, allocation_options=options, allocator_statistic=statistic,
@@ -211,7 +215,7 @@ class TrialRunner:
             name, fn = scorer
         elif select is not None:
             digest = hashlib.sha256(select.cpu().numpy().tobytes()).hexdigest()[:16]
-            name, fn = f"ppl on windows {digest}", lambda: self.score(select)
+            name, fn = f"ppl on windows {digest} {list(select.shape)}", lambda: self.score(select)
         else:
             name, fn = "selection " + self.metric, self.score
         cached = (key, name) in self.scores
@@ -274,10 +278,13 @@ class TrialRunner:
 
     def tune_offset(self, method: str, sparsity: float, *, max_trials: int = 6, memo: dict | None = None,
                     on_trial=None, select: torch.Tensor | None = None,
-                    scorer: tuple[str, Callable[[], object]] | None = None) -> tuple[list, tuple[float, float], float]:
+                    scorer: tuple[str, Callable[[], object]] | None = None,
+                    trial=None) -> tuple[list, tuple[float, float], float]:
         """ATP's beta and ``attn_offset`` together, within ``max_trials`` trials
         (:func:`atprune.jobs.strategies.offset_search`); ``memo`` maps ``(beta, offset)`` already measured to their
-        metric, the rest as :meth:`tune`. Returns ``(trials, (beta, offset) chosen, its metric)``.
+        metric, ``trial`` runs one trial in place of :meth:`trial` (called as ``trial(method, sparsity, beta, "atp",
+        select, scorer, attn_offset=offset)``, offset 0.0 included; :mod:`atprune.distributed.trials`), the rest as
+        :meth:`tune`. Returns ``(trials, (beta, offset) chosen, its metric)``.
 
         Raises:
             ConfigError: ``max_trials < 5``, or a layer that is neither attention nor MLP (before any trial).
@@ -287,7 +294,7 @@ class TrialRunner:
 
         def objective(beta: float, offset: float) -> float:
             if (beta, offset) not in memo:
-                record = self.trial(method, sparsity, beta, "atp", select, scorer, attn_offset=offset)
+                record = (trial or self.trial)(method, sparsity, beta, "atp", select, scorer, attn_offset=offset)
                 memo[beta, offset] = record["metric"]
                 if on_trial is not None:
                     on_trial(record)
