@@ -135,11 +135,14 @@ def test_step_search_final_model_has_the_schedules_bits_on_its_grids(tiny, capsy
     assert sorted(g["weights"]["num_bits"] for g in config["config_groups"].values()) == sorted(set(bits))
 
 
+import atprune.jobs.multimodal  # noqa: E402
+
+
 def _refused(tiny, capsys, monkeypatch, *extra) -> str:
     def forbidden(*a, **k):
         raise AssertionError("the model was loaded before the bad input was reported")
 
-    monkeypatch.setattr(search_job, "load_model", forbidden)
+    monkeypatch.setattr(atprune.jobs.multimodal, "load_model", forbidden)  # search loads through it
     code = main(_args(tiny, tiny["root"] / "bad", *extra))
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err

@@ -347,8 +347,8 @@ def test_cli_flag_reaches_every_job():
     assert job.allow_tokenizer_mismatch is True  # RunOptions: prune, search, compare and analyze pass it to load_model
 
 
-@pytest.mark.parametrize("command,module", [("prune", "atprune.jobs.prune"), ("search", "atprune.jobs.search"),
-                                            ("compare", "atprune.jobs.compare"), ("analyze", "atprune.jobs.analysis")])
+@pytest.mark.parametrize("command,module", [("prune", "atprune.jobs.prune"), ("search", "atprune.jobs.multimodal"),
+                                            ("compare", "atprune.jobs.multimodal"), ("analyze", "atprune.jobs.analysis")])
 def test_allow_tokenizer_mismatch_reaches_load_model(command, module, tmp_path, monkeypatch):
     import importlib
 

@@ -183,8 +183,7 @@ def test_bad_input_is_a_one_line_error_before_loading(files, tmp_path, capsys, m
     def forbidden(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was reported")
 
-    for module in (atprune.jobs.search, atprune.jobs.compare):
-        monkeypatch.setattr(module, "load_model", forbidden)
+    monkeypatch.setattr(atprune.jobs.multimodal, "load_model", forbidden)  # search's and compare's text models
     monkeypatch.setattr(atprune.jobs.multimodal, "load_vision_language", forbidden)
     text_model = save_tiny_model(tmp_path / "text", layers=2)
     vlm, pairs, text = str(files / "llava"), str(files / "pairs.jsonl"), str(files / "calib.txt")

@@ -135,17 +135,9 @@ def run_compare_distributed(job):
         ConfigError: ranks that disagree on the options, cells or tokens, and what
             :func:`atprune.jobs.compare.run_compare_job` raises.
     """
-    from dataclasses import asdict, replace
-
-    from atprune.distributed.context import init
+    from atprune.distributed.context import rank_job
     from atprune.jobs.compare import run_compare_job
-    from atprune.models.sources import resolve_device
 
-    world = init(resolve_device(job.device))
-    check_same("options", asdict(job))
-    if world.device.type == "cuda":
-        job = replace(job, device=str(world.device))
-    if not world.writer:
-        job = replace(job, progress=False)
+    world, job = rank_job(job)
     parallel = ParallelCells(world.rank, world.size, job.max_trials, job.out)
     return run_compare_job(job, parallel=parallel)

@@ -97,6 +97,27 @@ def check_same(what: str, payload) -> None:
                           "command and data")
 
 
+def rank_job(job):
+    """Join the process group for a job of :mod:`atprune.jobs` (any dataclass with ``device`` and ``progress``):
+    check that every rank holds the same options, give each rank its own GPU, keep progress output on rank 0.
+    Returns ``(world, job)``.
+
+    Raises:
+        ConfigError: ranks that disagree on the options (see :func:`check_same`).
+    """
+    from dataclasses import asdict, replace
+
+    from atprune.models.sources import resolve_device
+
+    world = init(resolve_device(job.device))
+    check_same("options", asdict(job))
+    if world.device.type == "cuda":
+        job = replace(job, device=str(world.device))
+    if not world.writer:
+        job = replace(job, progress=False)
+    return world, job
+
+
 def leave() -> None:
     """Leave the default process group if this process joined one (a process exiting with the group still up
     aborts in the backend's threads: ``terminate called without an active exception``)."""

@@ -223,17 +223,9 @@ def run_search_distributed(job):
         ConfigError: ranks that disagree on the options or the calibration / selection tokens, and what
             :func:`atprune.jobs.search.run_search_job` raises.
     """
-    from dataclasses import asdict, replace
-
-    from atprune.distributed.context import init
+    from atprune.distributed.context import rank_job
     from atprune.jobs.search import run_search_job
-    from atprune.models.sources import resolve_device
 
-    world = init(resolve_device(job.device))
-    check_same("options", asdict(job))
-    if world.device.type == "cuda":
-        job = replace(job, device=str(world.device))
-    if not world.writer:
-        job = replace(job, progress=False)
+    world, job = rank_job(job)
     state = run_search_job(job, parallel=ParallelTrials(world.rank, world.size))
     return state if world.writer else None

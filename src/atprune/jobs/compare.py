@@ -26,7 +26,7 @@ from atprune.atomic import atomic_file
 from atprune.api import evaluate_perplexity, plan
 from atprune.errors import ConfigError
 from atprune.export import check_output_dir, write_json
-from atprune.jobs.multimodal import VisionLanguageRun, check_trials_data, check_vision_language
+from atprune.jobs.multimodal import check_trials_data, check_vision_language, load_for_trials
 from atprune.jobs.options import RunOptions, SelectionOptions, check_run_options, check_selection
 from atprune.jobs.quantize import QuantOptions, check_quant, check_quant_widths
 from atprune.models.adapter import Adapter
@@ -34,7 +34,6 @@ from atprune.export.report import versions
 from atprune.jobs.search import selection_windows
 from atprune.jobs.trials import TrialRunner
 from atprune.models.gguf_tokenizer import tokenizer_record
-from atprune.models.sources import load_model
 
 
 @dataclass(kw_only=True)
@@ -107,13 +106,7 @@ def run_compare_job(job: CompareJob, parallel=None) -> dict:
     if write:
         out.mkdir(parents=True, exist_ok=True)
     # a vision-language model: loaded with its processor, only its language blocks pruned (atprune.multimodal)
-    vlm = VisionLanguageRun(vl, source, dtype, device, job.progress) if vl.vision_language else None
-    if vlm is None:
-        model, tokenizer = load_model(source, dtype=dtype, device=device, progress=job.progress,
-                                      allow_tokenizer_mismatch=job.allow_tokenizer_mismatch)
-    else:
-        model, tokenizer = vlm.model, vlm.tokenizer
-        vlm.before_pruning(None, score_dense=False)  # checksums of the dense parts, checked again after the last cell
+    vlm, model, tokenizer = load_for_trials(vl, source, dtype, device, job)
     tokenizer_check, tokenizer_notes = tokenizer_record(tokenizer)
     calib, select, select_info = selection_windows(job, tokenizer, vlm.calibration(job.seqlen) if vlm else None)
     qspec = check_quant(job)

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from atprune.errors import ConfigError
-from atprune.models.sources import ModelSource
+from atprune.models.sources import ModelSource, load_model
 from atprune.multimodal.caption import caption_loglik
 from atprune.multimodal.dense import DenseParts
 from atprune.multimodal.layout import LAYOUTS
@@ -87,6 +87,24 @@ def with_offload(plan: VisionLanguagePlan, offload: bool) -> VisionLanguagePlan:
     if plan.calib_pairs or plan.caption_pairs:
         raise ConfigError("--offload is not supported with image-text calibration or --caption-data yet")
     return replace(plan, vision_language=False)
+
+
+def load_for_trials(plan: VisionLanguagePlan, source: ModelSource, dtype, device, job, save_dtype=None):
+    """``(vlm, model, tokenizer)`` for a job that prunes one model again and again (search, compare): a vision-language
+    model loaded with its processor, the checksums of its dense parts taken (``vlm`` a :class:`VisionLanguageRun`,
+    only its language blocks pruned), or a text model (``vlm`` None). ``job`` gives ``progress`` and
+    ``allow_tokenizer_mismatch``; ``save_dtype``: the dtype the output will be saved in (None: as loaded).
+
+    Raises:
+        ConfigError: as :func:`atprune.models.sources.load_model` and :class:`VisionLanguageRun`.
+    """
+    if not plan.vision_language:
+        model, tokenizer = load_model(source, dtype=dtype, device=device, progress=job.progress,
+                                      allow_tokenizer_mismatch=job.allow_tokenizer_mismatch)
+        return None, model, tokenizer
+    vlm = VisionLanguageRun(plan, source, dtype, device, job.progress)
+    vlm.before_pruning(save_dtype, score_dense=False)  # checksums of the dense parts, checked again at the end
+    return vlm, vlm.model, vlm.tokenizer
 
 
 class VisionLanguageRun:

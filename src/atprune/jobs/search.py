@@ -26,14 +26,13 @@ from atprune.errors import ConfigError
 from atprune.export import check_export_options, check_output_dir, save_pruned, write_json
 from atprune.export.checkpoint import SAVE_DTYPES
 from atprune.jobs.bits_search import bits_step_trials, final_bits_prune, plot_bits_search
-from atprune.jobs.multimodal import VisionLanguageRun, check_trials_data, check_vision_language
+from atprune.jobs.multimodal import check_trials_data, check_vision_language, load_for_trials
 from atprune.jobs.options import RunOptions, SelectionOptions, check_run_options, check_selection
 from atprune.jobs.quantize import QuantOptions, check_quant, check_quant_widths, grid_tensors, quant_section
 from atprune.export.report import build_report
 from atprune.jobs.strategies import STRATEGIES, grid_betas
 from atprune.jobs.trials import TrialRunner
 from atprune.models.gguf_tokenizer import tokenizer_record
-from atprune.models.sources import load_model
 
 SEARCH_SCHEMA = "atprune.search/1"
 # options that must match for a resumed search to reuse recorded trials
@@ -253,13 +252,7 @@ def run_search_job(job: SearchJob, parallel=None) -> dict:
     out = Path(job.out).expanduser() if job.out else None
     t_start = time.perf_counter()
     # a vision-language model: loaded with its processor, only its language blocks pruned (atprune.multimodal)
-    vlm = VisionLanguageRun(vl, source, dtype, device, job.progress) if vl.vision_language else None
-    if vlm is None:
-        model, tokenizer = load_model(source, dtype=dtype, device=device, progress=job.progress,
-                                      allow_tokenizer_mismatch=job.allow_tokenizer_mismatch)
-    else:
-        model, tokenizer = vlm.model, vlm.tokenizer
-        vlm.before_pruning(SAVE_DTYPES.get(job.save_dtype), score_dense=False)  # checksums of the dense parts
+    vlm, model, tokenizer = load_for_trials(vl, source, dtype, device, job, SAVE_DTYPES.get(job.save_dtype))
     tokenizer_check, tokenizer_notes = tokenizer_record(tokenizer)
     if out is not None:
         from atprune.export import check_saveable
