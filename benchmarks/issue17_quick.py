@@ -1,4 +1,4 @@
-"""Quick-protocol measurements of issue 17 on SmolLM2-135M (CPU): mixed 4:8, Wanda + DSnoT, structured MLP width.
+"""Quick-protocol measurements of issue 17 (CPU; SmolLM2-135M by default, ``--model gemma3-270m`` too): mixed 4:8, Wanda + DSnoT, structured MLP width.
 
     HF_HUB_OFFLINE=1 nice -n 10 python benchmarks/issue17_quick.py --data-dir ../shared/data --out OUT.json \
         --cells nm dsnot structured
@@ -70,11 +70,17 @@ def main() -> int:
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--betas", default=None, help="ATP's beta per sparsity as JSON, e.g. '{\"0.5\": 0.0139}' "
+                    "(default: SmolLM2's quick-protocol held-out betas); a held-out value, never one chosen on test")
+    ap.add_argument("--allocations", nargs="+", default=["uniform", "atp"], help="allocations of the nm / dsnot cells "
+                    "(owl: its official defaults)")
+    ap.add_argument("--methods", nargs="+", default=["wanda"], help="pruners of the dsnot cells")
     ap.add_argument("--widths-from", default=None, help="speed cell: a record of this script with structured cells; "
                     "models of those per-block MLP widths are timed against the dense one, all interleaved")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    betas = {float(k): v for k, v in json.loads(args.betas).items()} if args.betas else HELD_OUT_BETA
     wiki = Path(args.data_dir) / "wikitext-2-raw-v1"
     model, tok = atprune.load_model(args.model, progress=False)
     model.eval()
@@ -108,15 +114,17 @@ def main() -> int:
         print(entry, flush=True)
 
     if "nm" in args.cells:
-        cell("mixed 4:8", method="wanda", sparsity=None, pattern="4:8", allocation="uniform")
-        cell("mixed 4:8", method="wanda", sparsity=None, pattern="4:8", allocation="atp", beta=HELD_OUT_BETA[0.5])
+        for alloc in args.allocations:
+            cell("mixed 4:8", method="wanda", sparsity=None, pattern="4:8", allocation=alloc,
+                 **({"beta": betas[0.5]} if alloc == "atp" else {}))
     if "dsnot" in args.cells:
-        for s in (0.6, 0.7):
-            for alloc in ("uniform", "atp"):
-                beta = HELD_OUT_BETA[s] if alloc == "atp" else None
-                for refine in (None, "dsnot"):
-                    cell("wanda+dsnot" if refine else "wanda", method="wanda", sparsity=s, allocation=alloc, beta=beta,
-                         refine=refine)
+        for method in args.methods:
+            for s in (0.6, 0.7):
+                for alloc in args.allocations:
+                    beta = betas[s] if alloc == "atp" else None
+                    for refine in (None, "dsnot"):
+                        cell(f"{method}+dsnot" if refine else method, method=method, sparsity=s, allocation=alloc,
+                             beta=beta, refine=refine)
     if "speed" in args.cells:  # speed depends on the shapes only: cut the first channels to the recorded widths
         from atprune.models.shrink import shrink_mlp
 
@@ -137,16 +145,16 @@ def main() -> int:
         model.load_state_dict(dense_state)
         params = sum(p.numel() for p in model.parameters())
         for s in (0.2, 0.3, 0.5):
-            for alloc in ("uniform", "atp"):
+            for alloc in args.allocations:
                 m = copy.deepcopy(model)
                 m.load_state_dict(dense_state)
                 beta = None
-                if alloc == "atp":  # not tuned: half the legal maximum for S and 30 blocks
+                if alloc == "atp":  # not tuned: half the legal maximum for S and the model's block count
                     from atprune.allocators.atp import beta_max
 
-                    beta = round(beta_max(s, 30) / 2, 5)
+                    beta = round(beta_max(s, Adapter.for_model(m).num_blocks) / 2, 5)
                 allocator = get_allocator(alloc, beta=beta)
-                rates = allocate(allocator, s, Adapter.for_model(m)).rates
+                rates = allocate(allocator, s, Adapter.for_model(m), windows=calib.windows).rates  # OWL: dense stats
                 t = time.perf_counter()
                 blocks = shrink(m, calib.windows, "wanda-sp", "channels", rates)
                 entry = {"cell": "structured mlp", "method": "wanda-sp", "sparsity": s, "allocation": alloc,

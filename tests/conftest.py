@@ -14,6 +14,12 @@ import atprune  # noqa: F401 - first: it makes torchvision importable next to a 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+# Under pytest-xdist (README's test command runs `-n auto`), the workers share the cores: each takes its share of
+# torch's threads, since two workers with all cores' threads each oversubscribe the CPU (measured here: small-op
+# tests 10x slower). Results do not depend on the thread count.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 DATA_DIR = Path(os.environ.get("ATPRUNE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 WIKITEXT = DATA_DIR / "wikitext-2-raw-v1"
 

@@ -68,8 +68,17 @@ def layer_rates(allocator, sparsity: float, adapter: Adapter, rates) -> tuple[di
 
 
 def offset_statistic(adapter: Adapter, per_layer: tuple[dict[str, float], ...]) -> dict:
-    """For the report: ``attn_rates`` / ``mlp_rates`` (the two rates of every block, from :func:`layer_rates`; a
-    block without that sublayer: its block rate) and ``attn_params`` / ``mlp_params`` (a_i, m_i)."""
+    """For the report of ATP with an attention/MLP offset (docs/search.md; atprune's own rule).
+
+    Args:
+        adapter: the model's adapter (its blocks give the parameter counts).
+        per_layer: one ``{layer name: rate}`` per block, as :func:`layer_rates` returns.
+
+    Returns:
+        ``{"attn_rates", "mlp_rates"}``: one float per block, the rate of its attention and of its MLP layers (a
+        block without that sublayer: the mean of its layer rates); ``{"attn_params", "mlp_params"}``: one int per
+        block, its attention and MLP weight counts (a_i, m_i).
+    """
     sizes = sublayer_sizes(adapter)
     rates = {ATTENTION: [], MLP: []}
     for rates_of_block in per_layer:

@@ -175,7 +175,17 @@ class TrialRunner:
 
     def measure(self, key: tuple, name: str, fn: Callable[[], object]):
         """``fn()`` (a score of the model as it is now, which must hold configuration ``key``), remembered under
-        ``(key, name)``: asked again, the remembered value is returned without calling ``fn``."""
+        ``(key, name)``: asked again, the remembered value is returned without calling ``fn``.
+
+        Args:
+            key: a configuration of :meth:`configuration`.
+            name: what ``fn`` measures (e.g. ``"selection ppl"``); one key may hold several names.
+            fn: the measurement; its return value (a float or a dict) is stored as it is.
+
+        Raises:
+            RuntimeError: ``(key, name)`` is not remembered and the model does not hold ``key`` now (measuring it would
+                score other weights).
+        """
         if (key, name) not in self.scores:
             if key != self.current:
                 raise RuntimeError(f"measure {name!r}: the model holds {self.current}, not {key}")
@@ -197,7 +207,16 @@ class TrialRunner:
         and its selection metric; an illegal value (rates leaving [0, 1)) scores inf. ``select``: score perplexity on
         these windows instead; ``scorer``: ``(name, fn)``, score with ``fn()`` instead (a float, or a dict with
         ``"ppl"``). ``attn_offset``: ATP's attention/MLP offset (recorded when not 0). A configuration scored before
-        the same way is not pruned again (``"cached": True``)."""
+        the same way is not pruned again (``"cached": True``).
+
+        Returns:
+            ``{<option>: beta, "rates": per-block floats, "metric": float, "overall_sparsity": float, "seconds": wall
+            seconds}``, plus ``"attn_offset"`` when not 0 and ``"cached"`` for a remembered configuration; an illegal
+            value gives ``"rates": None``, ``"metric": inf`` and ``"refused"`` (the reason) instead.
+
+        Raises:
+            ConfigError: ``attn_offset`` given for an allocation other than ATP.
+        """
         t0 = time.perf_counter()
         knob = ALLOCATORS.lookup(allocation).tunable
         beta_arg, options = (beta, None) if allocation == "atp" else (None, {knob: beta})
