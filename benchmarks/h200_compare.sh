@@ -18,7 +18,7 @@ data=${DATA:-.dev/data}  # an earlier call may have left the data in /tmp/data
 [ -d /tmp/site/transformers ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .dev/whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-export ATPRUNE_SOURCE_COMMIT=$(cat .dev/commit 2>/dev/null)  # recorded as atprune_commit_declared (the copy's git lags its files)
+export ATPRUNE_SOURCE_COMMIT=$(cat .dev/commit 2>/dev/null || cat /tmp/commit 2>/dev/null)  # recorded as atprune_commit_declared (the copy's git lags its files)
 python3 -c "import transformers, tokenizers, torch; print('transformers', transformers.__version__, 'tokenizers', tokenizers.__version__, 'torch', torch.__version__, torch.cuda.get_device_name(0))"
 echo "commit $(cat .dev/commit 2>/dev/null || cat /tmp/commit 2>/dev/null || echo unknown)"
 python3 -m atprune.cli compare --model "${MODEL:-/tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf}" --methods "$method" --sparsities $sparsities \
