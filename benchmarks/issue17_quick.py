@@ -148,13 +148,14 @@ def main() -> int:
             for alloc in args.allocations:
                 m = copy.deepcopy(model)
                 m.load_state_dict(dense_state)
+                adapter = Adapter.for_model(m)
                 beta = None
                 if alloc == "atp":  # not tuned: half the legal maximum for S and the model's block count
                     from atprune.allocators.atp import beta_max
 
-                    beta = round(beta_max(s, Adapter.for_model(m).num_blocks) / 2, 5)
+                    beta = round(beta_max(s, adapter.num_blocks) / 2, 5)
                 allocator = get_allocator(alloc, beta=beta)
-                rates = allocate(allocator, s, Adapter.for_model(m), windows=calib.windows).rates  # OWL: dense stats
+                rates = allocate(allocator, s, adapter, windows=calib.windows).rates  # OWL: dense statistics
                 t = time.perf_counter()
                 blocks = shrink(m, calib.windows, "wanda-sp", "channels", rates)
                 entry = {"cell": "structured mlp", "method": "wanda-sp", "sparsity": s, "allocation": alloc,

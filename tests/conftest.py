@@ -15,8 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 # Under pytest-xdist (README's test command runs `-n auto`), the workers share the cores: each takes its share of
-# torch's threads, since two workers with all cores' threads each oversubscribe the CPU (measured here: small-op
-# tests 10x slower). Results do not depend on the thread count.
+# torch's threads, since workers with all cores' threads each oversubscribe the CPU (seen here with another
+# process on the two cores: small-op tests 10-16x slower). Results do not depend on the thread count.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
